@@ -1,0 +1,19 @@
+"""Plain-PyTorch reference of every NSA branch: the ground truth the Triton kernels are tested against.
+
+All ops take ``[B, T, heads, dim]`` tensors and optional packed-document ``cu_seqlens``; see each
+function's docstring and DESIGN.md for the exact semantics.
+"""
+from .compressed import compressed_attention
+from .nsa import nsa_attention
+from .selected import selected_attention
+from .selection import overlap_weights, select_blocks
+from .window import window_attention
+
+__all__ = [
+    "compressed_attention",
+    "select_blocks",
+    "selected_attention",
+    "window_attention",
+    "nsa_attention",
+    "overlap_weights",
+]

@@ -1,0 +1,60 @@
+"""Reference selected-block attention (NSA Sec. 3.3.2)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..validation import check_attention_inputs, check_block_idx, check_positive_int
+from .tiles import compute_dtype, default_scale, masked_gqa_attention, query_tiles, run_tile
+
+
+def selected_key_mask(block_idx: torch.Tensor, positions: torch.Tensor, num_keys: int, select_len: int) -> torch.Tensor:
+    """bool ``[B, H, tq, num_keys]``: the document's key ``s`` is visible to query ``t`` iff ``s <= t`` and
+    block ``s // select_len`` is one of the query's indices ``block_idx [B, tq, H, n]`` (negative = empty)."""
+    B, tq, H, _ = block_idx.shape
+    num_blocks = -(-num_keys // select_len)
+    # out-of-range and empty (-1) entries go to an extra slot that no key maps to
+    slot = torch.where((block_idx >= 0) & (block_idx < num_blocks), block_idx.long(), torch.full_like(
+        block_idx, num_blocks, dtype=torch.long))
+    chosen = torch.zeros(B, tq, H, num_blocks + 1, dtype=torch.bool, device=block_idx.device)
+    chosen.scatter_(-1, slot, True)
+    key_pos = torch.arange(num_keys, device=block_idx.device)
+    mask = chosen[..., key_pos // select_len] & (key_pos[None, :] <= positions[:, None])[None, :, None, :]
+    return mask.permute(0, 2, 1, 3)
+
+
+def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor, select_len: int,
+                       scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of each query over the keys of its selected blocks.
+
+    Args:
+        q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]`` (the selection branch's K/V).
+        block_idx: int ``[B, T, H, n]`` document-relative block numbers (block ``j`` = tokens
+            ``[j*select_len, (j+1)*select_len)``), shared by the G query heads of KV head ``h``; negative
+            entries are empty, a repeated index counts once, blocks past the document hold no keys.
+        select_len: selection block length ``l'``.
+    Returns:
+        ``o [B, T, HQ, Dv]``: softmax over the selected blocks' keys ``s <= t``; ``o = 0`` for a query
+        whose selection holds no such key.
+    """
+    check_positive_int("select_len", select_len)
+    dims = check_attention_inputs(q, k, v, cu_seqlens)
+    check_block_idx(block_idx, dims)
+    scale = default_scale(scale, dims.Dk)
+    ct = compute_dtype(q.dtype)
+    q_, k_, v_ = q.to(ct), k.to(ct), v.to(ct)
+
+    def tile_fn(q_tile, k_keys, v_keys, mask):
+        return masked_gqa_attention(q_tile, k_keys, v_keys, mask, scale)[0]
+
+    outs = []
+    for tile in query_tiles(cu_seqlens, dims.T):
+        # the tile's queries can only see their document's keys up to the tile's last query
+        keys = slice(tile.doc_start, tile.t1)
+        mask = selected_key_mask(block_idx[:, tile.t0:tile.t1], tile.local_positions(q.device),
+                                 tile.t1 - tile.doc_start, select_len)
+        outs.append(run_tile(tile_fn, q_[:, tile.t0:tile.t1], k_[:, keys], v_[:, keys], mask))
+    if not outs:
+        return q.new_zeros(dims.B, 0, dims.HQ, dims.Dv)
+    return torch.cat(outs, 1).to(q.dtype)

@@ -1,0 +1,142 @@
+"""Input checks shared by every op: each failure names the offending value."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from .layout import total_compressed_blocks
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class AttnDims(NamedTuple):
+    """Sizes of an attention call: batch, query length, query heads, KV heads, group, key/value dims."""
+    B: int
+    T: int
+    HQ: int
+    H: int
+    G: int
+    Dk: int
+    Dv: int
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_non_negative_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+
+def check_multiple(name: str, value: int, of_name: str, of: int) -> None:
+    if value % of != 0:
+        raise ValueError(f"{name}={value} must be a multiple of {of_name}={of}")
+
+
+def check_compression_geometry(block_len, stride) -> None:
+    check_positive_int("block_len", block_len)
+    check_positive_int("stride", stride)
+    check_multiple("block_len", block_len, "stride", stride)
+
+
+def check_selection_geometry(block_len, stride, select_len, top_n, init_blocks, local_blocks) -> None:
+    check_compression_geometry(block_len, stride)
+    check_positive_int("select_len", select_len)
+    check_multiple("select_len", select_len, "stride", stride)
+    check_positive_int("top_n", top_n)
+    check_non_negative_int("init_blocks", init_blocks)
+    check_non_negative_int("local_blocks", local_blocks)
+    if init_blocks + local_blocks > top_n:
+        raise ValueError(
+            f"init_blocks={init_blocks} + local_blocks={local_blocks} exceeds top_n={top_n}: "
+            "the forced blocks must fit in the selection")
+
+
+def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, seq_len: int) -> None:
+    """``cu_seqlens`` must be int32 ``[N + 1]``, start at 0, end at ``T``, never decrease, with ``B = 1``."""
+    if cu_seqlens is None:
+        return
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        got = f"{cu_seqlens.dtype} tensor of shape {tuple(cu_seqlens.shape)}" if isinstance(
+            cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [N + 1], got {got}")
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens needs at least 2 entries (one document), got {cu_seqlens.tolist()}")
+    if batch != 1:
+        raise ValueError(f"packed documents (cu_seqlens) need batch size B = 1, got B={batch}")
+    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    if first != 0 or last != seq_len:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T={seq_len}, got start {first} and end {last}")
+    if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
+
+
+def _check_tensor(name: str, x, ndim: int, layout: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
+
+
+def check_attention_inputs(q, k, v, cu_seqlens=None, *, compression: Optional[Tuple[int, int]] = None,
+                           k_name: str = "k", v_name: str = "v") -> AttnDims:
+    """Validate ``q [B, T, HQ, Dk]``, ``k [B, S, H, Dk]``, ``v [B, S, H, Dv]`` and ``cu_seqlens``.
+
+    ``S`` must equal ``T``, or with ``compression=(block_len, stride)`` the number of compressed blocks
+    of the batch. Returns the sizes.
+    """
+    _check_tensor("q", q, 4, "[B, T, HQ, Dk]")
+    _check_tensor(k_name, k, 4, "[B, S, H, Dk]")
+    _check_tensor(v_name, v, 4, "[B, S, H, Dv]")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q must be a floating tensor (fp16, bf16, fp32, fp64), got {q.dtype}")
+    for name, x in ((k_name, k), (v_name, v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype {x.dtype} differs from q.dtype {q.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    B, T, HQ, Dk = q.shape
+    Bk, S, H, Dk2 = k.shape
+    if Bk != B:
+        raise ValueError(f"{k_name} has shape {tuple(k.shape)}: expected batch {B} as in q")
+    if compression is None and S != T:
+        raise ValueError(f"{k_name} has shape {tuple(k.shape)}: expected length T={T} on dim 1 as in q")
+    if Dk2 != Dk:
+        raise ValueError(f"{k_name} head dim {Dk2} differs from q head dim {Dk}")
+    if tuple(v.shape[:3]) != (Bk, S, H):
+        raise ValueError(f"{v_name} has shape {tuple(v.shape)}: its first three dims must match "
+                         f"{k_name}'s {(Bk, S, H)}")
+    if H == 0 or HQ % H != 0:
+        raise ValueError(f"query heads HQ={HQ} must be a multiple of KV heads H={H} (GQA group G = HQ / H)")
+    check_cu_seqlens(cu_seqlens, B, T)
+    if cu_seqlens is not None and cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    if compression is not None:
+        block_len, stride = compression
+        expected = total_compressed_blocks(T, block_len, stride, cu_seqlens)
+        if S != expected:
+            raise ValueError(
+                f"{k_name} has shape {tuple(k.shape)}: T={T} with block_len={block_len}, stride={stride} "
+                f"gives {expected} compressed blocks on dim 1")
+    return AttnDims(B, T, HQ, H, HQ // H, Dk, v.shape[-1])
+
+
+def check_block_idx(block_idx, dims: AttnDims) -> None:
+    """``block_idx`` must be an integer tensor ``[B, T, H, n]``."""
+    _check_tensor("block_idx", block_idx, 4, "[B, T, H, n]")
+    if block_idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"block_idx must be int32 or int64, got {block_idx.dtype}")
+    if tuple(block_idx.shape[:3]) != (dims.B, dims.T, dims.H):
+        raise ValueError(f"block_idx has shape {tuple(block_idx.shape)}: expected [B, T, H, n] with "
+                         f"B={dims.B}, T={dims.T}, H={dims.H}")
+
+
+def check_gates(gates, dims: AttnDims) -> None:
+    """``gates`` must be ``[B, T, HQ, 3]`` (compressed, selected, window), in q's dtype."""
+    _check_tensor("gates", gates, 4, "[B, T, HQ, 3]")
+    if tuple(gates.shape) != (dims.B, dims.T, dims.HQ, 3):
+        raise ValueError(f"gates has shape {tuple(gates.shape)}: expected [B, T, HQ, 3] = "
+                         f"[{dims.B}, {dims.T}, {dims.HQ}, 3]")

@@ -1,0 +1,99 @@
+"""``NSAConfig``: every NSA hyper-parameter, with the paper's defaults, validated on construction."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, Optional
+
+from nsa_kernels.validation import check_positive_int, check_selection_geometry
+
+COMPRESSORS = ("mlp", "linear", "mean")
+KV_SHARING = ("separate", "shared")
+
+
+@dataclass(frozen=True)
+class NSAConfig:
+    """Configuration of one :class:`~nsa_dist.attention.NativeSparseAttention` layer.
+
+    Attributes:
+        hidden_size: model width (input and output of the layer).
+        num_heads: query heads ``HQ``; num_kv_heads: KV heads ``H`` (``HQ % H == 0``, group ``G = HQ / H``).
+        head_dim: query/key head dim ``Dk``; v_head_dim: value head dim ``Dv`` (default ``Dk``).
+        block_len, stride: compression block length ``l`` and stride ``d`` (``l % d == 0``; paper 32, 16).
+        select_len, top_n: selection block length ``l'`` (``l' % d == 0``; paper 64) and blocks per query (16).
+        window: sliding-window size ``w`` (512).
+        init_blocks, local_blocks: always-selected leading blocks (1) and most recent blocks (2).
+        compressor: ``"mlp"`` (paper; mean pooling plus a zero-initialised MLP over the block with intra-block
+            position embeddings), ``"linear"`` (one linear map, initialised to mean pooling) or ``"mean"``
+            (parameter-free mean pooling, as flash-linear-attention).
+        compressor_hidden: MLP width of the ``"mlp"`` compressor (default ``4 * Dk``).
+        kv_sharing: ``"separate"`` K/V projections per branch (paper) or ``"shared"`` by all three.
+        rope_theta: rotary base; ``use_rope=False`` disables rotary embeddings.
+        softmax_scale: attention scale (default ``1 / sqrt(Dk)``).
+        qkv_bias: biases on the q/k/v projections.
+    """
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: Optional[int] = None
+    block_len: int = 32
+    stride: int = 16
+    select_len: int = 64
+    top_n: int = 16
+    window: int = 512
+    init_blocks: int = 1
+    local_blocks: int = 2
+    compressor: str = "mlp"
+    compressor_hidden: Optional[int] = None
+    kv_sharing: str = "separate"
+    use_rope: bool = True
+    rope_theta: float = 10000.0
+    softmax_scale: Optional[float] = None
+    qkv_bias: bool = False
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "window"):
+            check_positive_int(name, getattr(self, name))
+        if self.v_head_dim is None:
+            object.__setattr__(self, "v_head_dim", self.head_dim)
+        check_positive_int("v_head_dim", self.v_head_dim)
+        if self.compressor_hidden is None:
+            object.__setattr__(self, "compressor_hidden", 4 * self.head_dim)
+        check_positive_int("compressor_hidden", self.compressor_hidden)
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        check_selection_geometry(self.block_len, self.stride, self.select_len, self.top_n, self.init_blocks,
+                                 self.local_blocks)
+        if self.compressor not in COMPRESSORS:
+            raise ValueError(f"compressor={self.compressor!r} is not one of {COMPRESSORS}")
+        if self.kv_sharing not in KV_SHARING:
+            raise ValueError(f"kv_sharing={self.kv_sharing!r} is not one of {KV_SHARING}")
+        if self.use_rope and self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings (or set use_rope=False)")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
+        if self.softmax_scale is not None and not self.softmax_scale > 0:
+            raise ValueError(f"softmax_scale must be > 0 or None, got {self.softmax_scale!r}")
+
+    @property
+    def group_size(self) -> int:
+        """GQA group ``G = num_heads / num_kv_heads``."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def num_kv_branches(self) -> int:
+        """Number of distinct K/V projections: 3 (compressed, selected, window) or 1 when shared."""
+        return 3 if self.kv_sharing == "separate" else 1
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "NSAConfig":
+        """Build from a mapping (e.g. YAML); unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown NSAConfig keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**values)

@@ -1,0 +1,76 @@
+"""Synthetic long-context retrieval: key-value pairs scattered through noise, queried at the end.
+
+A sequence of length ``T`` is random filler tokens with ``num_pairs`` (key, value) token pairs written
+at random places in its first ``T - 3 * num_pairs`` positions; it ends with one query per pair, in a
+random order: ``QUERY key value``. The model must predict each queried ``value`` right after
+``QUERY key``; only those positions carry a loss, so a model that cannot look back across the
+sequence stays at ``ln(num_values)``. Keys in a sequence are distinct.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class Batch(NamedTuple):
+    """``tokens [B, T]`` input ids; ``targets [B, T]`` next-token labels, ``IGNORE_INDEX`` where no loss."""
+    tokens: torch.Tensor
+    targets: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RetrievalTask:
+    """Token layout: ``[0, num_filler)`` filler, then keys, then values, then the QUERY marker."""
+
+    num_pairs: int = 8
+    num_keys: int = 32
+    num_values: int = 32
+    num_filler: int = 32
+
+    def __post_init__(self):
+        for name in ("num_pairs", "num_keys", "num_values", "num_filler"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.num_pairs > self.num_keys:
+            raise ValueError(f"num_pairs={self.num_pairs} exceeds num_keys={self.num_keys}: keys must be distinct")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_filler + self.num_keys + self.num_values + 1
+
+    @property
+    def query_token(self) -> int:
+        return self.vocab_size - 1
+
+    def min_seq_len(self) -> int:
+        """Shortest sequence that holds the pairs (2 tokens each, non-overlapping) and the queries (3 each)."""
+        return 5 * self.num_pairs
+
+    def sample(self, batch_size: int, seq_len: int, generator: torch.Generator) -> Batch:
+        """A batch of ``batch_size`` independent sequences of ``seq_len`` tokens (CPU tensors)."""
+        if seq_len < self.min_seq_len():
+            raise ValueError(f"seq_len={seq_len} is too short for num_pairs={self.num_pairs}: "
+                             f"need at least {self.min_seq_len()}")
+        P = self.num_pairs
+        context = seq_len - 3 * P
+        tokens = torch.randint(0, self.num_filler, (batch_size, seq_len), generator=generator)
+        targets = torch.full((batch_size, seq_len), IGNORE_INDEX)
+        key_base, value_base = self.num_filler, self.num_filler + self.num_keys
+        for b in range(batch_size):
+            keys = torch.randperm(self.num_keys, generator=generator)[:P] + key_base
+            values = torch.randint(0, self.num_values, (P,), generator=generator) + value_base
+            # P non-overlapping 2-token slots among the context: choose P starts in a shrunk range, spread out
+            starts = torch.sort(torch.randperm(context - P, generator=generator)[:P]).values + torch.arange(P)
+            tokens[b, starts], tokens[b, starts + 1] = keys, values
+            order = torch.randperm(P, generator=generator)
+            q_pos = context + 3 * torch.arange(P)
+            tokens[b, q_pos] = self.query_token
+            tokens[b, q_pos + 1] = keys[order]
+            tokens[b, q_pos + 2] = values[order]
+            targets[b, q_pos + 1] = values[order]  # predicted at the key, i.e. the token before the value
+        return Batch(tokens, targets)

@@ -1,0 +1,107 @@
+"""The training job's configuration: a YAML file with ``model``, ``data`` and ``train`` sections."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import yaml
+
+from .data import RetrievalTask
+from .models import GPTConfig
+
+DATA_KINDS = ("retrieval", "text")
+
+
+def _from_section(cls, values: Optional[Dict[str, Any]], section: str):
+    values = dict(values or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} in section {section!r}; valid keys are {sorted(known)}")
+    return cls(**values)
+
+
+@dataclass
+class DataConfig:
+    """``kind: retrieval`` (synthetic task, see :class:`RetrievalTask`) or ``kind: text`` with ``text_file``."""
+    kind: str = "retrieval"
+    seq_len: int = 512
+    text_file: Optional[str] = None
+    retrieval: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in DATA_KINDS:
+            raise ValueError(f"data.kind={self.kind!r} is not one of {DATA_KINDS}")
+        if self.kind == "text" and not self.text_file:
+            raise ValueError("data.kind='text' needs data.text_file (a path to a plain text file)")
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise ValueError(f"data.seq_len must be an int >= 2, got {self.seq_len!r}")
+        if self.kind == "retrieval":
+            task = _from_section(RetrievalTask, self.retrieval, "data.retrieval")
+            if self.seq_len < task.min_seq_len():
+                raise ValueError(f"data.seq_len={self.seq_len} is too short for {task.num_pairs} retrieval pairs "
+                                 f"(need >= {task.min_seq_len()})")
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation and logging: AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_batches: int = 4
+    log_every: int = 10
+    threads: Optional[int] = None
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "eval_batches", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"train.{name} must be a positive int, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr!r}")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class TrainConfig:
+    """Everything the main job needs; ``model`` fields are :class:`GPTConfig`'s (``vocab_size`` comes from data)."""
+    model: Dict[str, Any]
+    data: DataConfig
+    train: OptimConfig
+    seed: int = 0
+    out_dir: str = "runs/default"
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
+        values = dict(values)
+        unknown = sorted(set(values) - {"model", "data", "train", "seed", "out_dir"})
+        if unknown:
+            raise ValueError(f"unknown top-level config keys {unknown}; valid: model, data, train, seed, out_dir")
+        model = dict(values.get("model") or {})
+        if "vocab_size" in model:
+            raise ValueError("model.vocab_size is set by the data (retrieval task or bytes); remove it from the config")
+        config = cls(model=model, data=_from_section(DataConfig, values.get("data"), "data"),
+                     train=_from_section(OptimConfig, values.get("train"), "train"),
+                     seed=values.get("seed", 0), out_dir=values.get("out_dir", "runs/default"))
+        config.gpt_config(vocab_size=2)  # validate the model section now
+        return config
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        return cls.from_dict(yaml.safe_load(path.read_text()) or {})
+
+    def gpt_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig.from_dict({**self.model, "vocab_size": vocab_size})
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
