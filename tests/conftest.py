@@ -1,4 +1,4 @@
-"""Shared pytest setup: GPU tests skip cleanly without CUDA; every test gets a fresh, reported seed."""
+"""Shared pytest setup: GPU tests skip cleanly without CUDA; fresh, replayable seeds; thread control."""
 import os
 
 import pytest
@@ -15,8 +15,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def seed(request) -> int:
-    """A fresh seed per test (set NSA_TEST_SEED=<seed> to replay one); tests put it in their failure messages."""
-    value = int(os.environ.get("NSA_TEST_SEED", torch.randint(0, 2**31 - 1, ()).item()))
+def seed() -> int:
+    """A fresh seed per test drawn from the OS (``NSA_TEST_SEED=<seed>`` replays one), applied to torch's
+    global RNG; tests put it in their failure messages."""
+    env = os.environ.get("NSA_TEST_SEED")
+    value = int(env) if env else torch.seed() % (2 ** 63)
     torch.manual_seed(value)
     return value
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny tensors: faster, and immune to an oversubscribed CPU (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,50 @@
+"""Host-side helpers shared by every Triton kernel: query-tile tables for (packed) sequences.
+
+Every kernel walks queries in tiles of ``BLOCK_T`` tokens that never cross a document. The host builds
+one int32 table row per tile, and the kernel's ``program_id(0)`` reads its row:
+
+    ``[doc_start, doc_end, tile_start, cmp_start]``
+
+``doc_start``/``doc_end`` are the document's global token range, ``tile_start`` the tile's first global
+query token, ``cmp_start`` the document's first row in the packed compressed K/V. Without
+``cu_seqlens`` there is one document ``[0, T)`` per batch row (``program_id`` over ``B`` handles the
+batch); with ``cu_seqlens`` ``B == 1``. Kernels must multiply row/token indices by strides in int64
+(``tl.int64``) so ``T * H * D`` past 2**31 does not overflow.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from ..layout import compressed_cu_seqlens
+
+TILE_COLUMNS = 4  # doc_start, doc_end, tile_start, cmp_start
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def query_tile_table(cu_seqlens: Optional[torch.Tensor], seq_len: int, block_t: int, device,
+                     block_len: int = 1, stride: int = 1) -> torch.Tensor:
+    """int32 ``[num_tiles, 4]`` table of query tiles (see module docstring), on ``device``.
+
+    ``block_len``/``stride`` (compression geometry) fill the ``cmp_start`` column; pass them for
+    kernels that read compressed K/V.
+    """
+    if cu_seqlens is None:
+        bounds = torch.tensor([0, seq_len], dtype=torch.int32)
+        cmp_bounds = torch.zeros(2, dtype=torch.int32)
+    else:
+        bounds = cu_seqlens.detach().to("cpu", torch.int32)
+        cmp_bounds = compressed_cu_seqlens(bounds, block_len, stride)
+    starts, ends = bounds[:-1].long(), bounds[1:].long()
+    tiles_per_doc = torch.div(ends - starts + block_t - 1, block_t, rounding_mode="floor")
+    doc = torch.repeat_interleave(torch.arange(len(starts)), tiles_per_doc)
+    first_tile = torch.cumsum(tiles_per_doc, 0) - tiles_per_doc
+    tile_in_doc = torch.arange(len(doc)) - first_tile[doc]
+    table = torch.stack([starts[doc], ends[doc], starts[doc] + tile_in_doc * block_t, cmp_bounds[:-1].long()[doc]], 1)
+    return table.to(device=device, dtype=torch.int32).contiguous()
