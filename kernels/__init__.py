@@ -1,9 +1,13 @@
 """nsa_kernels: the NSA ops (compressed, selected and sliding-window attention, block selection).
 
-Knows nothing of ranks or modules. Today every op is the plain-PyTorch reference
-(:mod:`nsa_kernels.reference`); Triton kernels with the same names and signatures take over for
-CUDA tensors as they land.
+Knows nothing of ranks or modules. Each public op has a plain-PyTorch reference
+(:mod:`nsa_kernels.reference`, the ground truth) and a Triton kernel (:mod:`nsa_kernels.triton`) with the
+same name and signature; the functions here pick one per call (:mod:`nsa_kernels.dispatch`): Triton for
+CUDA tensors or under ``TRITON_INTERPRET=1``, else the reference; ``NSA_KERNELS_BACKEND`` or
+:func:`use_backend` force either.
 """
+from . import reference
+from .dispatch import dispatching, selected_backend, use_backend
 from .layout import (
     compressed_block_last_tokens,
     compressed_cu_seqlens,
@@ -12,7 +16,12 @@ from .layout import (
     total_compressed_blocks,
     unfold_blocks,
 )
-from .reference import compressed_attention, nsa_attention, select_blocks, selected_attention, window_attention
+
+compressed_attention = dispatching(reference.compressed_attention)
+select_blocks = dispatching(reference.select_blocks)
+selected_attention = dispatching(reference.selected_attention)
+window_attention = dispatching(reference.window_attention)
+nsa_attention = dispatching(reference.nsa_attention)
 
 __all__ = [
     "compressed_attention",
@@ -20,6 +29,8 @@ __all__ = [
     "selected_attention",
     "window_attention",
     "nsa_attention",
+    "use_backend",
+    "selected_backend",
     "compressed_block_last_tokens",
     "compressed_cu_seqlens",
     "doc_local_positions",

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional
 
-from nsa_kernels.validation import check_positive_int, check_selection_geometry
+from nsa_kernels.validation import check_non_negative_int, check_positive_int, check_selection_geometry
 
 COMPRESSORS = ("mlp", "linear", "mean")
 KV_SHARING = ("separate", "shared")
@@ -20,7 +20,7 @@ class NSAConfig:
         head_dim: query/key head dim ``Dk``; v_head_dim: value head dim ``Dv`` (default ``Dk``).
         block_len, stride: compression block length ``l`` and stride ``d`` (``l % d == 0``; paper 32, 16).
         select_len, top_n: selection block length ``l'`` (``l' % d == 0``; paper 64) and blocks per query (16).
-        window: sliding-window size ``w`` (512).
+        window: sliding-window size ``w`` (512); 0 drops the window branch.
         init_blocks, local_blocks: always-selected leading blocks (1) and most recent blocks (2).
         compressor: ``"mlp"`` (paper; mean pooling plus a zero-initialised MLP over the block with intra-block
             position embeddings), ``"linear"`` (one linear map, initialised to mean pooling) or ``"mean"``
@@ -53,8 +53,9 @@ class NSAConfig:
     qkv_bias: bool = False
 
     def __post_init__(self):
-        for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "window"):
+        for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim"):
             check_positive_int(name, getattr(self, name))
+        check_non_negative_int("window", self.window)
         if self.v_head_dim is None:
             object.__setattr__(self, "v_head_dim", self.head_dim)
         check_positive_int("v_head_dim", self.v_head_dim)

@@ -4,6 +4,15 @@ import os
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through the interpreter; the flag is read when a kernel is defined,
+    # so it is set before any test imports nsa_kernels.triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("NSA_KERNELS_POISON", "1")  # kernel outputs start as NaN: unwritten elements fail
+# Module, model and training tests run the reference ops (fast on the CPU); kernel tests call
+# nsa_kernels.triton.* directly or switch with nsa_kernels.use_backend("triton").
+os.environ.setdefault("NSA_KERNELS_BACKEND", "reference")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

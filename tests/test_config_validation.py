@@ -21,7 +21,7 @@ def test_paper_defaults():
     (dict(block_len=24, stride=16), "block_len=24 must be a multiple of stride=16"),
     (dict(select_len=40), "select_len=40 must be a multiple of stride=16"),
     (dict(top_n=2), "init_blocks=1 + local_blocks=2 exceeds top_n=2"),
-    (dict(window=0), "window must be a positive int, got 0"),
+    (dict(window=-1), "window must be a non-negative int, got -1"),
     (dict(stride=0), "stride must be a positive int, got 0"),
     (dict(init_blocks=-1), "init_blocks must be a non-negative int, got -1"),
     (dict(compressor="conv"), "compressor='conv' is not one of"),

@@ -279,6 +279,17 @@ def test_nsa_attention_is_gated_sum_of_oracle_branches(layout, gname, G, sharing
         _assert_close(got_c, parts[name], f"nsa with one-hot gate {name}", ctx)
 
 
+def test_window_zero_drops_the_window_branch(seed):
+    """window=0 (flash-linear-attention's configuration): o = g_cmp*o_cmp + g_slc*o_slc, window gate ignored."""
+    geo = dict(GEOMETRIES["l16d8s16n4"], window=0)
+    x = _inputs("T100_packed", 4, geo)
+    args = (x["q"], x["k_cmp"], x["v_cmp"], x["k"], x["v"], x["k"], x["v"])
+    _, parts = O.oracle_nsa_attention(*args, x["gates"], cu_seqlens=x["cu"], **dict(geo, window=1))
+    want = x["gates"][..., 0:1] * parts["o_cmp"] + x["gates"][..., 1:2] * parts["o_slc"]
+    got = R.nsa_attention(*args, x["gates"], cu_seqlens=x["cu"], **geo)
+    _assert_close(got, want, "o_nsa(window=0)", f"seed={seed}")
+
+
 # --------------------------------------------------------------------------------------------
 # edge cases
 # --------------------------------------------------------------------------------------------

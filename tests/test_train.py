@@ -10,8 +10,8 @@ from nsa_dist.training_config import TrainConfig
 
 @pytest.mark.parametrize("attention", ["nsa", "dense"])
 def test_short_run_loss_falls_and_outputs_load(tmp_path, attention):
-    """40 steps at T = 256: the answer loss starts near ln(vocab = 97) = 4.57 and must drop by >= 0.8 nats
-    (learning that answers are value tokens alone takes it to ln(32) = 3.47)."""
+    """40 steps of tiny-cpu (T = 256): the answer loss starts near ln(vocab = 65) = 4.17 and must drop by
+    >= 0.8 nats (learning that answers are value tokens alone takes it to ln(16) = 2.77)."""
     out = tmp_path / "run"
     main(["train", "--config", "configs/tiny-cpu.yaml", "--steps", "40", "--out-dir", str(out),
           "--attention", attention, "--no-progress", "--seed", "3"])

@@ -1,15 +1,19 @@
-"""Reference NSA: the three branches combined by their gates (NSA Eq. 5)."""
+"""Reference NSA: the three reference branches combined by their gates (NSA Eq. 5)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 
-from ..validation import check_attention_inputs, check_gates, check_positive_int, check_selection_geometry
+from ..composition import gated_nsa
 from .compressed import compressed_attention
 from .selected import selected_attention
 from .selection import select_blocks
 from .window import window_attention
+
+REFERENCE_OPS = SimpleNamespace(compressed_attention=compressed_attention, select_blocks=select_blocks,
+                                selected_attention=selected_attention, window_attention=window_attention)
 
 
 def nsa_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc: torch.Tensor, v_slc: torch.Tensor,
@@ -27,19 +31,11 @@ def nsa_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_s
             every branch for ``kv_sharing="shared"``).
         gates: ``[B, T, HQ, 3]`` gate values (already through the sigmoid), order compressed, selected, window.
         block_len, stride, select_len, top_n, window, init_blocks, local_blocks: NSA geometry
-            (paper defaults l=32, d=16, l'=64, n=16, w=512, 1 initial and 2 local blocks).
+            (paper defaults l=32, d=16, l'=64, n=16, w=512, 1 initial and 2 local blocks); ``window=0``
+            drops the window branch (flash-linear-attention's configuration).
     Returns:
         ``o [B, T, HQ, Dv]`` in q's dtype. Blocks are selected from the compressed scores without gradient.
     """
-    check_selection_geometry(block_len, stride, select_len, top_n, init_blocks, local_blocks)
-    check_positive_int("window", window)
-    dims = check_attention_inputs(q, k_slc, v_slc, cu_seqlens, k_name="k_slc", v_name="v_slc")
-    check_attention_inputs(q, k_win, v_win, cu_seqlens, k_name="k_win", v_name="v_win")
-    check_gates(gates, dims)
-    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, block_len, stride, scale, cu_seqlens)
-    block_idx = select_blocks(q, k_cmp, lse, block_len, stride, select_len, top_n, init_blocks, local_blocks,
-                              scale, cu_seqlens)
-    o_slc = selected_attention(q, k_slc, v_slc, block_idx, select_len, scale, cu_seqlens)
-    o_win = window_attention(q, k_win, v_win, window, scale, cu_seqlens)
-    g = gates.to(o_cmp.dtype).unsqueeze(-1)
-    return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
+    return gated_nsa(REFERENCE_OPS, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, block_len=block_len,
+                     stride=stride, select_len=select_len, top_n=top_n, window=window, init_blocks=init_blocks,
+                     local_blocks=local_blocks, scale=scale, cu_seqlens=cu_seqlens)

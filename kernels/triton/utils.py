@@ -48,3 +48,18 @@ def query_tile_table(cu_seqlens: Optional[torch.Tensor], seq_len: int, block_t: 
     tile_in_doc = torch.arange(len(doc)) - first_tile[doc]
     table = torch.stack([starts[doc], ends[doc], starts[doc] + tile_in_doc * block_t, cmp_bounds[:-1].long()[doc]], 1)
     return table.to(device=device, dtype=torch.int32).contiguous()
+
+
+def poisoning_outputs() -> bool:
+    """``NSA_KERNELS_POISON=1`` (set by the tests): kernel outputs start as NaN, so an element a kernel
+    forgets to write fails the comparison instead of passing on leftover memory."""
+    return os.environ.get("NSA_KERNELS_POISON", "0") == "1"
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Uninitialised output buffer for a kernel to fill completely (NaN-filled under ``NSA_KERNELS_POISON=1``;
+    integer buffers get -7, a value no kernel writes)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if poisoning_outputs():
+        out.fill_(float("nan") if dtype.is_floating_point else -7)
+    return out
