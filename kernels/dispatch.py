@@ -14,6 +14,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from .triton.utils import triton_interpreting
+
 BACKENDS = ("auto", "triton", "reference")
 TRITON_MODULES = {  # op name -> module of nsa_kernels.triton that defines it
     "compressed_attention": "compressed",
@@ -47,8 +49,7 @@ def selected_backend(q: torch.Tensor) -> str:
     choice = _override or _check_backend(os.environ.get("NSA_KERNELS_BACKEND", "auto"), "NSA_KERNELS_BACKEND")
     if choice != "auto":
         return choice
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return "triton" if (q.is_cuda or interpreting) else "reference"
+    return "triton" if (q.is_cuda or triton_interpreting()) else "reference"
 
 
 @functools.lru_cache(maxsize=None)
