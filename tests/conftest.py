@@ -34,6 +34,13 @@ def seed() -> int:
 
 
 @pytest.fixture
+def device() -> torch.device:
+    """Where kernel tests put their tensors: the GPU when there is one (compiled Triton), else the CPU
+    (Triton's interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
 def one_thread():
     """One intra-op thread for tiny tensors: faster, and immune to an oversubscribed CPU (restored after)."""
     before = torch.get_num_threads()

@@ -28,6 +28,18 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def document_tiles(bounds: torch.Tensor, tile: int):
+    """Split each document of CPU offsets ``bounds [N + 1]`` into tiles of ``tile`` tokens (the last one
+    shorter). Returns CPU int64 ``doc [num_tiles]`` (each tile's document) and ``start [num_tiles]`` (its
+    first global token), documents in order."""
+    starts, ends = bounds[:-1].long(), bounds[1:].long()
+    per_doc = torch.div(ends - starts + tile - 1, tile, rounding_mode="floor")
+    num_tiles = int(per_doc.sum())
+    doc = torch.repeat_interleave(torch.arange(len(starts), device="cpu"), per_doc, output_size=num_tiles)
+    first = torch.cumsum(per_doc, 0) - per_doc
+    return doc, starts[doc] + (torch.arange(num_tiles, device="cpu") - first[doc]) * tile
+
+
 def query_tile_table(cu_seqlens: Optional[torch.Tensor], seq_len: int, block_t: int, device,
                      block_len: int = 1, stride: int = 1) -> torch.Tensor:
     """int32 ``[num_tiles, 4]`` table of query tiles (see module docstring), on ``device``.
@@ -35,18 +47,16 @@ def query_tile_table(cu_seqlens: Optional[torch.Tensor], seq_len: int, block_t: 
     ``block_len``/``stride`` (compression geometry) fill the ``cmp_start`` column; pass them for
     kernels that read compressed K/V.
     """
+    # built on the host (explicit device: a user's torch.set_default_device must not move it)
     if cu_seqlens is None:
-        bounds = torch.tensor([0, seq_len], dtype=torch.int32)
-        cmp_bounds = torch.zeros(2, dtype=torch.int32)
+        bounds = torch.tensor([0, seq_len], dtype=torch.int32, device="cpu")
+        cmp_bounds = torch.zeros(2, dtype=torch.int32, device="cpu")
     else:
         bounds = cu_seqlens.detach().to("cpu", torch.int32)
         cmp_bounds = compressed_cu_seqlens(bounds, block_len, stride)
+    doc, tile_start = document_tiles(bounds, block_t)
     starts, ends = bounds[:-1].long(), bounds[1:].long()
-    tiles_per_doc = torch.div(ends - starts + block_t - 1, block_t, rounding_mode="floor")
-    doc = torch.repeat_interleave(torch.arange(len(starts)), tiles_per_doc)
-    first_tile = torch.cumsum(tiles_per_doc, 0) - tiles_per_doc
-    tile_in_doc = torch.arange(len(doc)) - first_tile[doc]
-    table = torch.stack([starts[doc], ends[doc], starts[doc] + tile_in_doc * block_t, cmp_bounds[:-1].long()[doc]], 1)
+    table = torch.stack([starts[doc], ends[doc], tile_start, cmp_bounds[:-1].long()[doc]], 1)
     return table.to(device=device, dtype=torch.int32).contiguous()
 
 

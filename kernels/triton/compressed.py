@@ -1,0 +1,58 @@
+"""Triton compressed-attention branch (NSA Sec. 3.3.1): the COMPRESSED mode of :mod:`.range_attention`."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..reference.tiles import default_scale
+from ..validation import check_attention_inputs, check_compression_geometry
+from .range_attention import (COMPRESSED, RangeGeometry, check_dtype, prepare_inputs, range_attention_backward,
+                              range_attention_forward)
+
+
+class CompressedAttentionFunction(torch.autograd.Function):
+    """Forward and backward both in Triton; ``lse`` is an output without gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, block_len: int, stride: int, scale: float, cu_seqlens):
+        geom = RangeGeometry(COMPRESSED, block_len=block_len, stride=stride)
+        o, lse, tiles = range_attention_forward(q, k_cmp, v_cmp, geom, scale, cu_seqlens)
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse, tiles, cu_seqlens)
+        ctx.geom, ctx.scale = geom, scale
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):  # dlse: lse has no gradient
+        q, k_cmp, v_cmp, o, lse, tiles, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = range_attention_backward(do, q, k_cmp, v_cmp, o, lse, tiles, ctx.geom, ctx.scale, cu_seqlens)
+        return dq, dk, dv, None, None, None, None
+
+
+def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block_len: int, stride: int,
+                         scale: Optional[float] = None,
+                         cu_seqlens: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every query over the compressed blocks that end at or before it (Triton).
+
+    Same contract as :func:`nsa_kernels.reference.compressed_attention`:
+
+    Args:
+        q: ``[B, T, HQ, Dk]``, fp16 / bf16 / fp32 (fp32 accumulation).
+        k_cmp, v_cmp: ``[B, Nc, H, Dk]`` / ``[B, Nc, H, Dv]``; compressed block ``i`` of a document covers its
+            tokens ``[i*stride, i*stride + block_len)``; with ``cu_seqlens`` packed document after document.
+        block_len, stride: compression block length ``l`` and stride ``d`` (``l % d == 0``).
+        scale: softmax scale, default ``1 / sqrt(Dk)``.
+        cu_seqlens: optional int32 ``[N + 1]`` packed-document offsets (B = 1).
+    Returns:
+        ``o [B, T, HQ, Dv]`` in q's dtype (differentiable w.r.t. q, k_cmp, v_cmp) and ``lse [B, T, HQ]`` fp32
+        (natural log, no gradient). Query at document position ``p`` attends block ``i`` iff
+        ``i*stride + block_len - 1 <= p``; a query that sees no block gets ``o = 0`` and ``lse = -inf``.
+    """
+    check_compression_geometry(block_len, stride)
+    dims = check_attention_inputs(q, k_cmp, v_cmp, cu_seqlens, compression=(block_len, stride),
+                                  k_name="k_cmp", v_name="v_cmp")
+    check_dtype(q, "compressed_attention")
+    scale = default_scale(scale, dims.Dk)
+    q, k_cmp, v_cmp = prepare_inputs(q, k_cmp, v_cmp)
+    return CompressedAttentionFunction.apply(q, k_cmp, v_cmp, block_len, stride, scale, cu_seqlens)

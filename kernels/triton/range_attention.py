@@ -1,0 +1,608 @@
+"""Range attention: flash attention where query ``t`` sees one contiguous range of key rows.
+
+One kernel family serves two NSA branches; the constexpr ``MODE`` says which key rows a query token
+``t`` (global index, in the document ``[doc_start, doc_end)``) sees:
+
+* ``WINDOW`` (sliding window, keys = raw tokens): rows ``[max(doc_start, t - w + 1), t]``.
+* ``COMPRESSED`` (keys = the document's packed compressed rows, starting at ``cmp_start``): with
+  ``p = t - doc_start``, rows ``cmp_start + i`` for ``i < nvis``, ``nvis = 0 if p < l - 1 else
+  (p - l + 1) // d + 1`` (block ``i`` ends at ``i*d + l - 1 <= p``). A query that sees nothing gets
+  ``o = 0`` and ``lse = -inf``.
+
+GQA: a program owns ``BLOCK_T`` query tokens of one KV head and ``GB`` query heads of its group
+(all ``G`` heads unless ``G`` is large), i.e. ``BLOCK_M = BLOCK_T * GB`` rows ordered
+``row = token * GB + head``, so every K/V tile is loaded once for the whole group. A program visits
+only the key tiles that intersect the union of its rows' ranges; tiles inside every row's range skip the
+per-element mask (``MASKED=False``), only the boundary tiles are masked.
+
+Kernels (all grids 1-D, ``program_id = tile * (B * H * chunks) + head``, heads fastest so the programs
+running together share K/V in L2):
+
+* ``_range_fwd_kernel``: online softmax in the log2 domain; writes ``o`` and ``lse`` (natural log, fp32).
+* ``_delta_kernel``: ``delta = rowsum(dO * O)``.
+* ``_range_dq_kernel``: same tiling as forward, recomputes ``P`` from ``lse``, ``dq = scale * dS K``.
+* ``_range_dkdv_kernel``: one program per (key tile, KV head) loops over the query tokens whose ranges can
+  include the tile (window: ``[s, s + w - 1]``; compressed: positions ``>= i*d + l - 1`` up to the document
+  end), all ``G`` heads, accumulating ``dk``/``dv`` in registers: no atomics.
+
+Host side: :func:`range_attention_forward` / :func:`range_attention_backward`, used by the autograd
+Functions of :mod:`.window` and :mod:`.compressed`. Inputs whose last dim is not contiguous are copied
+(``.contiguous()``); any other strides are passed to the kernels. Offsets are 64-bit.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import compressed_cu_seqlens
+from .utils import TILE_COLUMNS, new_output, query_tile_table
+
+WINDOW = 0
+COMPRESSED = 1
+
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------------------
+# device helpers
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _visible_rows(t, doc_start, cmp_start, MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr,
+                  STRIDE: tl.constexpr):
+    """``[lo, hi)``: the key rows query token ``t`` (scalar or tensor, global index) sees."""
+    if MODE == 0:
+        lo = tl.maximum(t - WINDOW + 1, doc_start)
+        hi = t + 1
+    else:
+        p = t - doc_start
+        nvis = tl.where(p >= BLOCK_LEN - 1, tl.maximum(p - BLOCK_LEN + 1, 0) // STRIDE + 1, 0)
+        lo = cmp_start + 0 * t
+        hi = cmp_start + nvis
+    return lo, hi
+
+
+@triton.jit
+def _seeing_queries(s, doc_start, doc_end, cmp_start, MODE: tl.constexpr, WINDOW: tl.constexpr,
+                    BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr):
+    """``[qlo, qhi)``: the query tokens that see key row ``s`` (a row of their document)."""
+    if MODE == 0:
+        qlo = s
+        qhi = tl.minimum(s + WINDOW, doc_end)
+    else:
+        qlo = doc_start + (s - cmp_start) * STRIDE + BLOCK_LEN - 1
+        qhi = doc_end + 0 * s
+    return qlo, qhi
+
+
+@triton.jit
+def _split_range(u0, u1, i0, i1, STEP: tl.constexpr):
+    """Split the union ``[u0, u1)`` of the rows' ranges into masked ``[u0, a)``, unmasked ``[a, b)`` (steps
+    that lie inside the intersection ``[i0, i1)`` of all ranges) and masked ``[b, u1)``."""
+    a = tl.minimum(u0 + tl.cdiv(tl.maximum(i0 - u0, 0), STEP) * STEP, u1)
+    b = a + tl.maximum(i1 - a, 0) // STEP * STEP
+    return a, b
+
+
+@triton.jit
+def _load_rows(ptrs, row_ok, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_MASK: tl.constexpr):
+    """Load a ``[rows, BLOCK_D]`` tile; masked rows and padded columns read 0."""
+    if ROW_MASK:
+        if D == BLOCK_D:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    else:
+        if D == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_rows(ptrs, x, row_ok, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    if D == BLOCK_D:
+        tl.store(ptrs, x, mask=row_ok[:, None])
+    else:
+        tl.store(ptrs, x, mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _program_ids(n_tiles, BHC, H, NGC, REVERSE: tl.constexpr):
+    """``program_id(0) = tile * BHC + head-chunk``: returns (tile, b, h, chunk)."""
+    pid = tl.program_id(0)
+    tile = pid // BHC
+    bhc = pid % BHC
+    if REVERSE:  # heaviest tiles first (compressed: later queries see more rows)
+        tile = n_tiles - 1 - tile
+    gc = bhc % NGC
+    bh = bhc // NGC
+    return tile, bh // H, bh % H, gc
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_start, stride_ks, stride_vs, kv_end, lo, hi, qk_scale,
+              offs_s, offs_dk, offs_dv, MASKED: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+              BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    s = s_start + offs_s
+    s64 = s.to(tl.int64)
+    kv_ok = s < kv_end
+    k = _load_rows(k_base + s64[:, None] * stride_ks + offs_dk[None, :], kv_ok, offs_dk, DK, BLOCK_DK, MASKED)
+    v = _load_rows(v_base + s64[:, None] * stride_vs + offs_dv[None, :], kv_ok, offs_dv, DV, BLOCK_DV, MASKED)
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    if MASKED:
+        vis = (s[None, :] >= lo[:, None]) & (s[None, :] < hi[:, None])
+        qk = tl.where(vis, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet: no -inf - -inf
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(qk - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _range_fwd_kernel(Q, K, V, O, LSE, TILES, n_tiles, BHC, H, T,
+                      sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_t, so_h,
+                      qk_scale,
+                      MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
+                      G: tl.constexpr, GB: tl.constexpr, NGC: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+                      BLOCK_DV: tl.constexpr, PREC: tl.constexpr, REVERSE: tl.constexpr):
+    BLOCK_M: tl.constexpr = BLOCK_T * GB
+    tile, b, h, gc = _program_ids(n_tiles, BHC, H, NGC, REVERSE)
+    row = TILES + tile * 4
+    doc_start = tl.load(row)
+    doc_end = tl.load(row + 1)
+    t0 = tl.load(row + 2)
+    cmp_start = tl.load(row + 3)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    t = t0 + offs_m // GB
+    g = gc * GB + offs_m % GB
+    row_ok = (t < doc_end) & (g < G)
+    hq64 = (h * G + g).to(tl.int64)
+    t64 = t.to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+
+    q = _load_rows(Q + b64 * sq_b + t64[:, None] * sq_t + hq64[:, None] * sq_h + offs_dk[None, :], row_ok,
+                   offs_dk, DK, BLOCK_DK, True)
+    lo, hi = _visible_rows(t, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+    t_last = tl.minimum(t0 + BLOCK_T, doc_end) - 1
+    u0, i1 = _visible_rows(t0, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+    i0, u1 = _visible_rows(t_last, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+    u1 = tl.maximum(u1, u0)
+    a, bnd = _split_range(u0, u1, i0, i1, BLOCK_S)
+
+    k_base = K + b64 * sk_b + h64 * sk_h
+    v_base = V + b64 * sv_b + h64 * sv_h
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s_start in range(u0, a, BLOCK_S):
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_start, sk_s, sv_s, u1, lo, hi, qk_scale,
+                                  offs_s, offs_dk, offs_dv, True, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+    for s_start in range(a, bnd, BLOCK_S):
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_start, sk_s, sv_s, u1, lo, hi, qk_scale,
+                                  offs_s, offs_dk, offs_dv, False, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+    for s_start in range(bnd, u1, BLOCK_S):
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_start, sk_s, sv_s, u1, lo, hi, qk_scale,
+                                  offs_s, offs_dk, offs_dv, True, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    _store_rows(O + b64 * so_b + t64[:, None] * so_t + hq64[:, None] * so_h + offs_dv[None, :],
+                o.to(O.dtype.element_ty), row_ok, offs_dv, DV, BLOCK_DV)
+    tl.store(LSE + (b64 * T + t64) * (H * G) + hq64, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, n_rows, T, HQ, so_b, so_t, so_h, sdo_b, sdo_t, sdo_h,
+                  DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``delta[b, t, hq] = sum_d dO * O`` (fp32), rows flattened as ``(b * T + t) * HQ + hq``."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = r < n_rows
+    hq = r % HQ
+    bt = r // HQ
+    t = bt % T
+    b = bt // T
+    offs_d = tl.arange(0, BLOCK_DV)
+    o = _load_rows(O + (b * so_b + t * so_t + hq * so_h)[:, None] + offs_d[None, :], ok, offs_d, DV, BLOCK_DV, True)
+    do = _load_rows(DO + (b * sdo_b + t * sdo_t + hq * sdo_h)[:, None] + offs_d[None, :], ok, offs_d, DV, BLOCK_DV,
+                    True)
+    tl.store(DELTA + r, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
+
+
+@triton.jit
+def _load_lse2(LSE, DELTA, offs, ok):
+    """``lse * log2(e)`` with ``+inf`` for padded rows and rows that see nothing (so ``P = 0``), and delta."""
+    lse2 = tl.load(LSE + offs, mask=ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    delta = tl.load(DELTA + offs, mask=ok, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, k_base, v_base, s_start, stride_ks, stride_vs, kv_end, lo, hi, qk_scale,
+             offs_s, offs_dk, offs_dv, MASKED: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+             BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    s = s_start + offs_s
+    s64 = s.to(tl.int64)
+    kv_ok = s < kv_end
+    k = _load_rows(k_base + s64[:, None] * stride_ks + offs_dk[None, :], kv_ok, offs_dk, DK, BLOCK_DK, MASKED)
+    v = _load_rows(v_base + s64[:, None] * stride_vs + offs_dv[None, :], kv_ok, offs_dv, DV, BLOCK_DV, MASKED)
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    if MASKED:
+        vis = (s[None, :] >= lo[:, None]) & (s[None, :] < hi[:, None])
+        qk = tl.where(vis, qk, float("-inf"))
+    p = tl.exp2(qk - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+    return dq
+
+
+@triton.jit
+def _range_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TILES, n_tiles, BHC, H, T,
+                     sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_t, sdo_h,
+                     sdq_b, sdq_t, sdq_h, qk_scale, scale,
+                     MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
+                     G: tl.constexpr, GB: tl.constexpr, NGC: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+                     BLOCK_DV: tl.constexpr, PREC: tl.constexpr, REVERSE: tl.constexpr):
+    BLOCK_M: tl.constexpr = BLOCK_T * GB
+    tile, b, h, gc = _program_ids(n_tiles, BHC, H, NGC, REVERSE)
+    row = TILES + tile * 4
+    doc_start = tl.load(row)
+    doc_end = tl.load(row + 1)
+    t0 = tl.load(row + 2)
+    cmp_start = tl.load(row + 3)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    t = t0 + offs_m // GB
+    g = gc * GB + offs_m % GB
+    row_ok = (t < doc_end) & (g < G)
+    hq64 = (h * G + g).to(tl.int64)
+    t64 = t.to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+
+    q = _load_rows(Q + b64 * sq_b + t64[:, None] * sq_t + hq64[:, None] * sq_h + offs_dk[None, :], row_ok,
+                   offs_dk, DK, BLOCK_DK, True)
+    do = _load_rows(DO + b64 * sdo_b + t64[:, None] * sdo_t + hq64[:, None] * sdo_h + offs_dv[None, :], row_ok,
+                    offs_dv, DV, BLOCK_DV, True)
+    lse2, delta = _load_lse2(LSE, DELTA, (b64 * T + t64) * (H * G) + hq64, row_ok)
+
+    lo, hi = _visible_rows(t, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+    t_last = tl.minimum(t0 + BLOCK_T, doc_end) - 1
+    u0, i1 = _visible_rows(t0, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+    i0, u1 = _visible_rows(t_last, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+    u1 = tl.maximum(u1, u0)
+    a, bnd = _split_range(u0, u1, i0, i1, BLOCK_S)
+
+    k_base = K + b64 * sk_b + h64 * sk_h
+    v_base = V + b64 * sv_b + h64 * sv_h
+    dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
+    for s_start in range(u0, a, BLOCK_S):
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, s_start, sk_s, sv_s, u1, lo, hi, qk_scale,
+                      offs_s, offs_dk, offs_dv, True, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+    for s_start in range(a, bnd, BLOCK_S):
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, s_start, sk_s, sv_s, u1, lo, hi, qk_scale,
+                      offs_s, offs_dk, offs_dv, False, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+    for s_start in range(bnd, u1, BLOCK_S):
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, s_start, sk_s, sv_s, u1, lo, hi, qk_scale,
+                      offs_s, offs_dk, offs_dv, True, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+    _store_rows(DQ + b64 * sdq_b + t64[:, None] * sdq_t + hq64[:, None] * sdq_h + offs_dk[None, :],
+                (dq * scale).to(DQ.dtype.element_ty), row_ok, offs_dk, DK, BLOCK_DK)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, t_start, q_end, doc_start, cmp_start,
+               sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk, offs_dv,
+               MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
+               G: tl.constexpr, MASKED: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+               BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    t = t_start + tq
+    row_ok = (t < q_end) & g_ok
+    t64 = t.to(tl.int64)
+    q = _load_rows(Q + b64 * sq_b + t64[:, None] * sq_t + hq64[:, None] * sq_h + offs_dk[None, :], row_ok,
+                   offs_dk, DK, BLOCK_DK, True)
+    do = _load_rows(DO + b64 * sdo_b + t64[:, None] * sdo_t + hq64[:, None] * sdo_h + offs_dv[None, :], row_ok,
+                    offs_dv, DV, BLOCK_DV, True)
+    lse2, delta = _load_lse2(LSE, DELTA, (b64 * T + t64) * (H * G) + hq64, row_ok)
+    qk_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_S, BLOCK_M]
+    if MASKED:
+        lo, hi = _visible_rows(t, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+        vis = (s[:, None] >= lo[None, :]) & (s[:, None] < hi[None, :])
+        qk_t = tl.where(vis, qk_t, float("-inf"))
+    p_t = tl.exp2(qk_t - lse2[None, :])
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _range_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, TILES, n_tiles, BH, H, T,
+                       sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_t, sdo_h,
+                       sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, qk_scale, scale,
+                       MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
+                       G: tl.constexpr, GB: tl.constexpr, NGC: tl.constexpr, BLOCK_TQ: tl.constexpr,
+                       BLOCK_S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+                       BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    BLOCK_M: tl.constexpr = BLOCK_TQ * GB
+    tile, b, h, _ = _program_ids(n_tiles, BH, H, 1, False)
+    row = TILES + tile * 4
+    doc_start = tl.load(row)
+    doc_end = tl.load(row + 1)
+    s0 = tl.load(row + 2)
+    cmp_start = tl.load(row + 3)
+    if MODE == 0:
+        s_end = doc_end
+    else:
+        n = doc_end - doc_start
+        s_end = cmp_start + tl.where(n >= BLOCK_LEN, tl.maximum(n - BLOCK_LEN, 0) // STRIDE + 1, 0)
+
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s = s0 + offs_s
+    s_ok = s < s_end
+    s64 = s.to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    k = _load_rows(K + b64 * sk_b + h64 * sk_h + s64[:, None] * sk_s + offs_dk[None, :], s_ok, offs_dk, DK,
+                   BLOCK_DK, True)
+    v = _load_rows(V + b64 * sv_b + h64 * sv_h + s64[:, None] * sv_s + offs_dv[None, :], s_ok, offs_dv, DV,
+                   BLOCK_DV, True)
+
+    s_last = tl.minimum(s0 + BLOCK_S, s_end) - 1
+    u0, i1 = _seeing_queries(s0, doc_start, doc_end, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+    i0, u1 = _seeing_queries(s_last, doc_start, doc_end, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+    u1 = tl.maximum(u1, u0)
+    a, bnd = _split_range(u0, u1, i0, i1, BLOCK_TQ)
+
+    tq = offs_m // GB
+    dk = tl.zeros([BLOCK_S, BLOCK_DK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_S, BLOCK_DV], dtype=tl.float32)
+    for gc in range(NGC):  # chunks of the group's query heads, one after the other (no atomics)
+        g = gc * GB + offs_m % GB
+        g_ok = g < G
+        hq64 = (h * G + g).to(tl.int64)
+        for t_start in range(u0, a, BLOCK_TQ):
+            dk, dv = _dkdv_step(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, t_start, u1,
+                                doc_start, cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk,
+                                offs_dv, MODE, WINDOW, BLOCK_LEN, STRIDE, G, True, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+        for t_start in range(a, bnd, BLOCK_TQ):
+            dk, dv = _dkdv_step(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, t_start, u1,
+                                doc_start, cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk,
+                                offs_dv, MODE, WINDOW, BLOCK_LEN, STRIDE, G, False, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+        for t_start in range(bnd, u1, BLOCK_TQ):
+            dk, dv = _dkdv_step(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, t_start, u1,
+                                doc_start, cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk,
+                                offs_dv, MODE, WINDOW, BLOCK_LEN, STRIDE, G, True, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+    _store_rows(DK_ + b64 * sdk_b + h64 * sdk_h + s64[:, None] * sdk_s + offs_dk[None, :],
+                (dk * scale).to(DK_.dtype.element_ty), s_ok, offs_dk, DK, BLOCK_DK)
+    _store_rows(DV_ + b64 * sdv_b + h64 * sdv_h + s64[:, None] * sdv_s + offs_dv[None, :],
+                dv.to(DV_.dtype.element_ty), s_ok, offs_dv, DV, BLOCK_DV)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------------------
+
+class RangeGeometry(NamedTuple):
+    """Which key rows each query sees: ``mode`` (WINDOW / COMPRESSED) and its parameters."""
+    mode: int
+    window: int = 1
+    block_len: int = 1
+    stride: int = 1
+
+
+class RangeConfig(NamedTuple):
+    """Block sizes and launch parameters of the three main kernels (see :func:`pick_config`)."""
+    fwd_rows: int      # BLOCK_M of forward and dq: BLOCK_T query tokens * GB heads
+    fwd_keys: int      # BLOCK_S of forward
+    fwd_warps: int
+    fwd_stages: int
+    dq_keys: int       # BLOCK_S of dq (dq uses the forward query tiling)
+    dq_warps: int
+    dq_stages: int
+    dkdv_keys: int     # BLOCK_S of dk/dv
+    dkdv_rows: int     # query rows per dk/dv step: BLOCK_TQ tokens * GB heads
+    dkdv_warps: int
+    dkdv_stages: int
+
+
+#: Set to a dict of :class:`RangeConfig` fields to override the heuristic (tests, tuning).
+CONFIG_OVERRIDE: Optional[dict] = None
+
+
+def _pow2(x: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(x))
+
+
+def pick_config(geom: RangeGeometry, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16) -> RangeConfig:
+    """Block sizes for H100-class GPUs, no autotuning (``geom`` is there for mode-specific choices).
+
+    Half inputs, head dims <= 128: 128-row query tiles (BLOCK_T * GB) with 64-key tiles for forward and dq
+    (a w = 512 window plus BLOCK_T = 8 tokens is 9 key tiles, ~10% waste); dk/dv: 64-key tiles and 64 query
+    rows (G = 16: 4 tokens) per step; 8 warps. Head dims above 128 halve the tiles; fp32 inputs (4-byte
+    operands, tf32x3 dots) use smaller tiles so shared memory fits. Compiled for sm_90 (Triton 3.9 AOT)
+    these fit without register spills for half inputs; 128-key forward tiles reach 255 registers.
+    """
+    big = max(dk, dv) > 128
+    if dtype == torch.float32:
+        cfg = RangeConfig(fwd_rows=32 if big else 64, fwd_keys=32, fwd_warps=8, fwd_stages=1 if big else 2,
+                          dq_keys=32, dq_warps=8, dq_stages=1, dkdv_keys=32, dkdv_rows=32, dkdv_warps=8,
+                          dkdv_stages=1 if big else 2)
+    else:
+        cfg = RangeConfig(
+            fwd_rows=64 if big else 128,
+            fwd_keys=64, fwd_warps=8, fwd_stages=2 if big else 3,
+            dq_keys=32 if big else 64, dq_warps=8, dq_stages=2,
+            dkdv_keys=32 if big else 64, dkdv_rows=64, dkdv_warps=8, dkdv_stages=2,
+        )
+    if CONFIG_OVERRIDE:
+        cfg = cfg._replace(**CONFIG_OVERRIDE)
+    return cfg
+
+
+def _group_split(G: int, rows: int):
+    """``(GB, BLOCK_T, chunks)``: a program holds ``GB`` heads (power of two, ``<= rows``) of ``BLOCK_T``
+    tokens, ``BLOCK_T * GB == rows``; the group's ``G`` heads need ``chunks`` programs/passes."""
+    gb = min(triton.next_power_of_2(G), rows)
+    return gb, rows // gb, triton.cdiv(G, gb)
+
+
+def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: tf32x3 (three tf32 products, ~fp32 accuracy on tensor cores); half inputs ignore this
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def check_dtype(q: torch.Tensor, op: str) -> None:
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"Triton {op} supports fp16, bf16 and fp32 inputs, got {q.dtype} "
+                        f"(use nsa_kernels.reference.{op} for float64)")
+
+
+def _mode_constexprs(geom: RangeGeometry) -> dict:
+    if geom.mode == WINDOW:
+        return dict(MODE=WINDOW, WINDOW=geom.window, BLOCK_LEN=1, STRIDE=1)
+    return dict(MODE=COMPRESSED, WINDOW=1, BLOCK_LEN=geom.block_len, STRIDE=geom.stride)
+
+
+def key_tile_table(geom: RangeGeometry, cu_seqlens: Optional[torch.Tensor], seq_len: int, num_rows: int,
+                   block_s: int, device) -> torch.Tensor:
+    """int32 ``[num_tiles, 4]`` key tiles ``[doc_start, doc_end, row_start, cmp_start]`` that never cross a
+    document: raw tokens (WINDOW, the query table itself) or packed compressed rows (COMPRESSED)."""
+    if geom.mode == WINDOW:
+        return query_tile_table(cu_seqlens, seq_len, block_s, device)
+    if cu_seqlens is None:
+        bounds = torch.tensor([0, seq_len], dtype=torch.long)
+        cmp_bounds = torch.tensor([0, num_rows], dtype=torch.long)
+    else:
+        bounds = cu_seqlens.detach().to("cpu", torch.long)
+        cmp_bounds = compressed_cu_seqlens(bounds.to(torch.int32), geom.block_len, geom.stride).long()
+    c0, c1 = cmp_bounds[:-1], cmp_bounds[1:]
+    per_doc = torch.div(c1 - c0 + block_s - 1, block_s, rounding_mode="floor")
+    doc = torch.repeat_interleave(torch.arange(len(c0)), per_doc)
+    first = torch.cumsum(per_doc, 0) - per_doc
+    j = torch.arange(len(doc)) - first[doc]
+    table = torch.stack([bounds[:-1][doc], bounds[1:][doc], c0[doc] + j * block_s, c0[doc]], 1)
+    return table.to(device=device, dtype=torch.int32).contiguous().reshape(-1, TILE_COLUMNS)
+
+
+def range_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geom: RangeGeometry, scale: float,
+                            cu_seqlens: Optional[torch.Tensor]):
+    """``(o, lse, q_tiles)``: ``o [B, T, HQ, Dv]`` in q's dtype, ``lse [B, T, HQ]`` fp32 (natural log, -inf for
+    queries that see nothing) and the query tile table (reused by backward). Inputs validated by the caller."""
+    B, T, HQ, Dk = q.shape
+    H, Dv = k.shape[2], v.shape[-1]
+    G = HQ // H
+    cfg = pick_config(geom, Dk, Dv, q.dtype)
+    gb, block_t, ngc = _group_split(G, cfg.fwd_rows)
+    o = new_output((B, T, HQ, Dv), q.dtype, q.device)
+    lse = new_output((B, T, HQ), torch.float32, q.device)
+    tiles = query_tile_table(cu_seqlens, T, block_t, q.device, geom.block_len, geom.stride)
+    n_tiles = tiles.shape[0]
+    if n_tiles == 0 or B * H == 0:
+        return o, lse, tiles
+    bhc = B * H * ngc
+    _range_fwd_kernel[(n_tiles * bhc,)](
+        q, k, v, o, lse, tiles, n_tiles, bhc, H, T,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        scale * LOG2E, **_mode_constexprs(geom), G=G, GB=gb, NGC=ngc, BLOCK_T=block_t, BLOCK_S=cfg.fwd_keys,
+        DK=Dk, DV=Dv, BLOCK_DK=_pow2(Dk), BLOCK_DV=_pow2(Dv), PREC=_dot_precision(q.dtype),
+        REVERSE=geom.mode == COMPRESSED, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+    return o, lse, tiles
+
+
+def range_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                             lse: torch.Tensor, q_tiles: torch.Tensor, geom: RangeGeometry, scale: float,
+                             cu_seqlens: Optional[torch.Tensor]):
+    """``(dq, dk, dv)`` of :func:`range_attention_forward`'s ``o`` for the output gradient ``do``."""
+    B, T, HQ, Dk = q.shape
+    S, H, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G = HQ // H
+    cfg = pick_config(geom, Dk, Dv, q.dtype)
+    do = _lastdim_contiguous(do)
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    bdk, bdv, prec = _pow2(Dk), _pow2(Dv), _dot_precision(q.dtype)
+    modes = _mode_constexprs(geom)
+
+    n_rows = B * T * HQ
+    if n_rows == 0:
+        return dq, dk.zero_(), dv.zero_()
+    delta = torch.empty((B, T, HQ), dtype=torch.float32, device=q.device)
+    block_r = 64
+    _delta_kernel[(triton.cdiv(n_rows, block_r),)](
+        o, do, delta, n_rows, T, HQ, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1),
+        do.stride(2), DV=Dv, BLOCK_DV=bdv, BLOCK_R=block_r, num_warps=4)
+
+    gb, block_t, ngc = _group_split(G, cfg.fwd_rows)
+    n_tiles = q_tiles.shape[0]
+    bhc = B * H * ngc
+    _range_dq_kernel[(n_tiles * bhc,)](
+        q, k, v, do, lse, delta, dq, q_tiles, n_tiles, bhc, H, T,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), scale * LOG2E, scale, **modes, G=G, GB=gb, NGC=ngc,
+        BLOCK_T=block_t, BLOCK_S=cfg.dq_keys, DK=Dk, DV=Dv, BLOCK_DK=bdk, BLOCK_DV=bdv, PREC=prec,
+        REVERSE=geom.mode == COMPRESSED, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
+
+    k_tiles = key_tile_table(geom, cu_seqlens, T, S, cfg.dkdv_keys, q.device)
+    n_ktiles = k_tiles.shape[0]
+    if n_ktiles == 0:  # no key rows at all (e.g. every document shorter than a compressed block)
+        return dq, dk, dv
+    gb2, block_tq, ngc2 = _group_split(G, cfg.dkdv_rows)
+    _range_dkdv_kernel[(n_ktiles * B * H,)](
+        q, k, v, do, lse, delta, dk, dv, k_tiles, n_ktiles, B * H, H, T,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        scale * LOG2E, scale, **modes, G=G, GB=gb2, NGC=ngc2, BLOCK_TQ=block_tq, BLOCK_S=cfg.dkdv_keys,
+        DK=Dk, DV=Dv, BLOCK_DK=bdk, BLOCK_DV=bdv, PREC=prec, num_warps=cfg.dkdv_warps,
+        num_stages=cfg.dkdv_stages)
+    return dq, dk, dv
+
+
+def prepare_inputs(*xs: torch.Tensor):
+    """Inputs with a unit-stride last dim (a copy only where it is not); other strides go to the kernels."""
+    return tuple(_lastdim_contiguous(x) for x in xs)
+
+
+__all__ = ["WINDOW", "COMPRESSED", "RangeGeometry", "RangeConfig", "CONFIG_OVERRIDE", "pick_config",
+           "key_tile_table", "range_attention_forward", "range_attention_backward", "prepare_inputs",
+           "check_dtype"]

@@ -1,0 +1,551 @@
+"""Triton selected-block attention (NSA Sec. 3.3.2): forward, dq and dK/dV kernels.
+
+Semantics: :func:`nsa_kernels.reference.selected_attention` (query ``t`` of KV group ``h`` attends to the keys
+``s <= t`` of the selection blocks listed in ``block_idx[b, t, h, :]``). ``block_idx`` may be any integer tensor:
+negative entries, duplicates, blocks past the query (``j * l' > t``) and unsorted rows are all handled exactly as
+the reference does, because the host first canonicalises every row (see :func:`_canonical_rows`).
+
+Design
+------
+* **Forward and dq** (``_fwd_kernel``, ``_dq_kernel``): program = (query tile, batch x KV head). A tile holds
+  ``BQ`` consecutive queries of one document (``query_tile_table``) and the tile's ``ROWS = BQ * G`` rows
+  (padded to a power of two >= 16) are the rows of every ``tl.dot``: query ``t`` and its G query heads. The
+  program walks the *union* of the tile's selected blocks (sorted, deduplicated, built by torch ops on the
+  device: :func:`_tile_unions`), loads each selection block's K/V once for all rows, and masks each row to
+  the blocks its query selected and to causality. ``G >= 16`` gives ``BQ = 1`` (the paper's group-centric
+  kernel: one query, its G heads, n blocks; the union is the query's own list and no membership test runs);
+  ``G = 1, 2, 4`` give ``BQ = 16, 8, 4`` queries per program, so a block shared by neighbouring queries
+  (forced init/local blocks, and in trained models most top-n blocks) is read once for all of them, and the
+  tensor-core tiles stay 16 rows tall instead of being padded from G to 16. Online softmax in base 2 with the
+  log2(e)-scaled scale; the forward stores ``lse`` (base 2, fp32) for backward.
+* **Backward**: ``delta = rowsum(dO * O)`` (``_delta_kernel``); dq recomputes ``P`` from ``lse`` with the
+  forward's structure. dK/dV use the inverted selection: a CSR ``(batch, KV head, block) -> queries`` built
+  with one stable sort of the flattened keys (O(T * H * n) memory, :func:`_invert_selection`); a program
+  per work item (KV head, selection block, chunk of its query list) keeps the block's K/V in registers,
+  loops over its queries in batches (rows = queries x G) and accumulates ``dK [l', Dk]``, ``dV [l', Dv]``
+  in fp32 registers. No atomics: a block whose list fits in one chunk writes its rows once; a block chosen by
+  more queries than one chunk (block 0 is chosen by every query) is split into chunks whose fp32 partials a
+  second kernel (``_reduce_kernel``) sums in a fixed order, so the result is deterministic and no program
+  processes a whole document's queries alone. Bytes: per (query, KV head, selected block) the forward and dq
+  read the block's K/V (``l' * (Dk + Dv)``), the dK/dV kernel reads the query's q/dO rows (``G * (Dk + Dv)``).
+* Host side: inputs are made contiguous (``.contiguous()``), strides are passed, and every batch, token and
+  row index is cast to int64 before it multiplies a stride. fp64 inputs (and bf16 under the CPU interpreter,
+  whose bf16 ``tl.dot`` is wrong) run in fp32. Block sizes come from small heuristics (:func:`_config`), no
+  autotuning; the module constants below are the knobs to sweep on a GPU.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import doc_local_positions
+from ..reference.tiles import default_scale
+from ..validation import check_attention_inputs, check_block_idx, check_positive_int
+from .utils import document_tiles, new_output, query_tile_table, triton_interpreting
+
+LOG2E = 1.4426950408889634
+EMPTY = 2 ** 30  # canonical "no block" entry: sorts after every real index, never equals one
+# Tunables (host heuristics; see _config)
+FWD_MIN_ROWS = 16  # forward / dq: rows per program (queries x G) at least this (tensor-core tile height)
+BWD_ROWS = 64  # dK/dV: rows per batch of queries (queries x G)
+MAX_BLOCK_S = 64  # keys per K/V tile; a longer selection block is walked in chunks
+CHUNK_FACTOR = 2  # dK/dV: a work item takes at most CHUNK_FACTOR * n * l' queries (n * l' = mean per block)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, IDX, UNI, UCNT, TILES,
+                s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
+                T, H, NT, N_IDX, UL, scale_log2,
+                G: tl.constexpr, BQ: tl.constexpr, ROWS: tl.constexpr, NP: tl.constexpr,
+                SEL: tl.constexpr, BS: tl.constexpr, NCH: tl.constexpr,
+                DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    doc_start = tl.load(TILES + tile * 4)
+    doc_end = tl.load(TILES + tile * 4 + 1)
+    tile_start = tl.load(TILES + tile * 4 + 2)
+    last = tl.minimum(tile_start + BQ, doc_end) - 1 - doc_start  # doc position of the tile's last query
+
+    r = tl.arange(0, ROWS)
+    t = tile_start + r // G
+    hq = (h * G + r % G).to(tl.int64)
+    row_ok = (r < BQ * G) & (t < doc_end)
+    pos = t - doc_start
+    t64 = t.to(tl.int64)
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    cs = tl.arange(0, BS)
+    q = tl.load(Q + b * s_qb + t64[:, None] * s_qt + hq[:, None] * s_qh + ck[None, :],
+                mask=row_ok[:, None] & (ck[None, :] < DK), other=0.0)
+    if BQ > 1:
+        ci = tl.arange(0, NP)
+        idx = tl.load(IDX + ((b * T + t64) * H + h)[:, None] * N_IDX + ci[None, :],
+                      mask=row_ok[:, None] & (ci[None, :] < N_IDX), other=-1)
+    ubase = (b * NT + tile) * H + h
+    cnt = tl.load(UCNT + ubase)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+
+    m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BV], dtype=tl.float32)
+    for i in range(0, cnt * NCH):
+        j = tl.load(UNI + ubase * UL + i // NCH)
+        c = (i % NCH) * BS + cs
+        kp = j * SEL + c
+        k_ok = (c < SEL) & (kp <= last)
+        krow = (doc_start + kp).to(tl.int64)
+        kt = tl.load(k_base + krow[:, None] * s_kt + ck[None, :], mask=k_ok[:, None] & (ck[None, :] < DK), other=0.0)
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
+        vis = k_ok[None, :] & (kp[None, :] <= pos[:, None])
+        if BQ > 1:
+            sel = tl.sum((idx == j).to(tl.int32), 1) > 0
+            vis = vis & sel[:, None]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(v_base + krow[:, None] * s_vt + cv[None, :], mask=k_ok[:, None] & (cv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        m_i = m_new
+
+    has = l_i > 0
+    l_safe = tl.where(has, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    tl.store(O + b * s_ob + t64[:, None] * s_ot + hq[:, None] * s_oh + cv[None, :], o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (cv[None, :] < DV))
+    lse = tl.where(has, m_i + tl.log2(l_safe), float("-inf"))
+    tl.store(LSE + (b * T + t64) * (H * G) + hq, lse, mask=row_ok)
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, N_ROWS, DV: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cv = tl.arange(0, BV)
+    mask = (rows[:, None] < N_ROWS) & (cv[None, :] < DV)
+    o = tl.load(O + rows[:, None] * DV + cv[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + rows[:, None] * DV + cv[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < N_ROWS)
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, UNI, UCNT, TILES,
+               s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
+               T, H, NT, N_IDX, UL, scale_log2, scale,
+               G: tl.constexpr, BQ: tl.constexpr, ROWS: tl.constexpr, NP: tl.constexpr,
+               SEL: tl.constexpr, BS: tl.constexpr, NCH: tl.constexpr,
+               DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    # q/dq share strides (contiguous [B, T, HQ, Dk]); do shares o's strides ([B, T, HQ, Dv])
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    doc_start = tl.load(TILES + tile * 4)
+    doc_end = tl.load(TILES + tile * 4 + 1)
+    tile_start = tl.load(TILES + tile * 4 + 2)
+    last = tl.minimum(tile_start + BQ, doc_end) - 1 - doc_start
+
+    r = tl.arange(0, ROWS)
+    t = tile_start + r // G
+    hq = (h * G + r % G).to(tl.int64)
+    row_ok = (r < BQ * G) & (t < doc_end)
+    pos = t - doc_start
+    t64 = t.to(tl.int64)
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    cs = tl.arange(0, BS)
+    q_off = b * s_qb + t64[:, None] * s_qt + hq[:, None] * s_qh + ck[None, :]
+    q_mask = row_ok[:, None] & (ck[None, :] < DK)
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
+    do = tl.load(DO + b * s_ob + t64[:, None] * s_ot + hq[:, None] * s_oh + cv[None, :],
+                 mask=row_ok[:, None] & (cv[None, :] < DV), other=0.0)
+    lrow = (b * T + t64) * (H * G) + hq
+    lse = tl.load(LSE + lrow, mask=row_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)  # such rows see no key: every p below is masked to 0
+    delta = tl.load(DELTA + lrow, mask=row_ok, other=0.0)
+    if BQ > 1:
+        ci = tl.arange(0, NP)
+        idx = tl.load(IDX + ((b * T + t64) * H + h)[:, None] * N_IDX + ci[None, :],
+                      mask=row_ok[:, None] & (ci[None, :] < N_IDX), other=-1)
+    ubase = (b * NT + tile) * H + h
+    cnt = tl.load(UCNT + ubase)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+
+    dq = tl.zeros([ROWS, BK], dtype=tl.float32)
+    for i in range(0, cnt * NCH):
+        j = tl.load(UNI + ubase * UL + i // NCH)
+        c = (i % NCH) * BS + cs
+        kp = j * SEL + c
+        k_ok = (c < SEL) & (kp <= last)
+        krow = (doc_start + kp).to(tl.int64)
+        kt = tl.load(k_base + krow[:, None] * s_kt + ck[None, :], mask=k_ok[:, None] & (ck[None, :] < DK), other=0.0)
+        vt = tl.load(v_base + krow[:, None] * s_vt + cv[None, :], mask=k_ok[:, None] & (cv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
+        vis = k_ok[None, :] & (kp[None, :] <= pos[:, None])
+        if BQ > 1:
+            sel = tl.sum((idx == j).to(tl.int32), 1) > 0
+            vis = vis & sel[:, None]
+        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
+    tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PK, PV, ITEMS, QLIST, BLK,
+                 s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
+                 T, H, NB, scale_log2, scale,
+                 G: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr, LP: tl.constexpr,
+                 BS: tl.constexpr, DKD: tl.constexpr, DVD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 PREC: tl.constexpr):
+    # dk/dv share k/v's strides (contiguous); do shares o's strides
+    item = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    key = tl.load(ITEMS + item * 4)
+    start = tl.load(ITEMS + item * 4 + 1)
+    end = tl.load(ITEMS + item * 4 + 2)
+    slot = tl.load(ITEMS + item * 4 + 3)
+    bh = key // NB
+    gb = key % NB
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    blk_start = tl.load(BLK + gb * 2)
+    blk_end = tl.load(BLK + gb * 2 + 1)
+
+    cs = chunk * BS + tl.arange(0, BS)  # key rows of this program inside the selection block
+    kpos = blk_start + cs
+    k_ok = (cs < SEL) & (kpos < blk_end)
+    krow = kpos.to(tl.int64)
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    k_off = b * s_kb + h * s_kh + krow[:, None] * s_kt + ck[None, :]
+    v_off = b * s_vb + h * s_vh + krow[:, None] * s_vt + cv[None, :]
+    kt = tl.load(K + k_off, mask=k_ok[:, None] & (ck[None, :] < DKD), other=0.0)
+    vt = tl.load(V + v_off, mask=k_ok[:, None] & (cv[None, :] < DVD), other=0.0)
+
+    r = tl.arange(0, ROWS)
+    qi = r // G
+    hq = (h * G + r % G).to(tl.int64)
+    r_ok = r < QB * G
+    dk = tl.zeros([BS, BK], dtype=tl.float32)
+    dv = tl.zeros([BS, BV], dtype=tl.float32)
+    for qs in range(start, end, QB):
+        n = qs + qi
+        ok = r_ok & (n < end)
+        t = tl.load(QLIST + n, mask=ok, other=0)
+        t64 = t.to(tl.int64)
+        q = tl.load(Q + b * s_qb + t64[:, None] * s_qt + hq[:, None] * s_qh + ck[None, :],
+                    mask=ok[:, None] & (ck[None, :] < DKD), other=0.0)
+        do = tl.load(DO + b * s_ob + t64[:, None] * s_ot + hq[:, None] * s_oh + cv[None, :],
+                     mask=ok[:, None] & (cv[None, :] < DVD), other=0.0)
+        lrow = (b * T + t64) * (H * G) + hq
+        lse = tl.load(LSE + lrow, mask=ok, other=0.0)
+        lse = tl.where(lse == float("-inf"), 0.0, lse)
+        delta = tl.load(DELTA + lrow, mask=ok, other=0.0)
+        st = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BS, ROWS]
+        vis = k_ok[:, None] & ok[None, :] & (kpos[:, None] <= t[None, :])
+        p = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
+        dv += tl.dot(p.to(do.dtype), do, input_precision=PREC)
+        dpt = tl.dot(vt, tl.trans(do), input_precision=PREC)
+        ds = p * (dpt - delta[None, :])
+        dk += tl.dot(ds.to(q.dtype), q, input_precision=PREC)
+    dk = dk * scale
+    if slot < 0:
+        tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=k_ok[:, None] & (ck[None, :] < DKD))
+        tl.store(DV + v_off, dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & (cv[None, :] < DVD))
+    else:
+        prow = (slot * LP + cs).to(tl.int64)
+        tl.store(PK + prow[:, None] * DKD + ck[None, :], dk, mask=(cs < SEL)[:, None] & (ck[None, :] < DKD))
+        tl.store(PV + prow[:, None] * DVD + cv[None, :], dv, mask=(cs < SEL)[:, None] & (cv[None, :] < DVD))
+
+
+@triton.jit
+def _reduce_kernel(DK, DV, PK, PV, MULTI, BLK,
+                   s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, H, NB,
+                   SEL: tl.constexpr, LP: tl.constexpr, BS: tl.constexpr, DKD: tl.constexpr, DVD: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    key = tl.load(MULTI + m * 3)
+    p0 = tl.load(MULTI + m * 3 + 1)
+    p1 = tl.load(MULTI + m * 3 + 2)
+    bh = key // NB
+    gb = key % NB
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    blk_start = tl.load(BLK + gb * 2)
+    blk_end = tl.load(BLK + gb * 2 + 1)
+    cs = chunk * BS + tl.arange(0, BS)
+    kpos = blk_start + cs
+    k_ok = (cs < SEL) & (kpos < blk_end)
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    dk = tl.zeros([BS, BK], dtype=tl.float32)
+    dv = tl.zeros([BS, BV], dtype=tl.float32)
+    for p in range(p0, p1):  # fixed order: deterministic
+        prow = (p * LP + cs).to(tl.int64)
+        dk += tl.load(PK + prow[:, None] * DKD + ck[None, :], mask=k_ok[:, None] & (ck[None, :] < DKD), other=0.0)
+        dv += tl.load(PV + prow[:, None] * DVD + cv[None, :], mask=k_ok[:, None] & (cv[None, :] < DVD), other=0.0)
+    krow = kpos.to(tl.int64)
+    tl.store(DK + b * s_kb + h * s_kh + krow[:, None] * s_kt + ck[None, :], dk.to(DK.dtype.element_ty),
+             mask=k_ok[:, None] & (ck[None, :] < DKD))
+    tl.store(DV + b * s_vb + h * s_vh + krow[:, None] * s_vt + cv[None, :], dv.to(DV.dtype.element_ty),
+             mask=k_ok[:, None] & (cv[None, :] < DVD))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------------------
+class _Config(NamedTuple):
+    BQ: int  # queries per forward / dq program
+    ROWS: int  # forward / dq rows (power of two >= BQ * G)
+    QB: int  # queries per dK/dV batch
+    BROWS: int  # dK/dV rows (power of two >= QB * G)
+    BS: int  # keys per K/V tile (forward / dq)
+    NCH: int  # K/V tiles per selection block (forward / dq)
+    BSB: int  # keys per dK/dV program
+    NCHB: int  # dK/dV programs per selection block
+    BK: int
+    BV: int
+    fwd_warps: int
+    bwd_warps: int
+
+
+def _pow2(x: int) -> int:
+    return triton.next_power_of_2(max(int(x), 1))
+
+
+def _config(G: int, Dk: int, Dv: int, select_len: int) -> _Config:
+    """Host heuristic (register counts from ptxas for sm_90 at Dk = Dv = 128: forward ~100, dq ~85-136,
+    dK/dV ~240 with 8 warps, no spills).
+
+    Forward/dq: rows = max(FWD_MIN_ROWS, pow2(G)), BQ = rows // G queries (1 for G >= 16), K/V tiles of
+    min(pow2(l'), MAX_BLOCK_S) keys, 4 warps (8 from 64 rows of 128-wide heads). dK/dV: BWD_ROWS rows per
+    query batch, the whole 64-key block per program (32 keys for Dk > 128, where 64 spills), 8 warps for
+    128-wide heads."""
+    rows = max(FWD_MIN_ROWS, _pow2(G))
+    BK, BV = max(16, _pow2(Dk)), max(16, _pow2(Dv))
+    brows = max(BWD_ROWS, _pow2(G))
+    BS = max(16, min(_pow2(select_len), MAX_BLOCK_S))
+    BSB = min(BS, 32) if BK > 128 else BS
+    wide = max(BK, BV) >= 128
+    return _Config(BQ=rows // G, ROWS=rows, QB=brows // G, BROWS=brows, BS=BS, NCH=-(-select_len // BS),
+                   BSB=BSB, NCHB=-(-select_len // BSB), BK=BK, BV=BV,
+                   fwd_warps=8 if rows >= 64 and wide else 4, bwd_warps=8 if wide else 4)
+
+
+def _canonical_rows(block_idx: torch.Tensor, select_len: int, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
+    """int32 ``[B, T, H, n]``: each row's distinct blocks ``j`` with ``0 <= j`` and ``j * l' <= t`` (the blocks
+    holding a key the query may see), ascending, then :data:`EMPTY`. Same visible keys as the raw row."""
+    B, T, H, n = block_idx.shape
+    pos = doc_local_positions(cu_seqlens, T, block_idx.device)
+    e = block_idx.long()
+    valid = (e >= 0) & (e <= torch.div(pos, select_len, rounding_mode="floor")[None, :, None, None])
+    e = torch.where(valid, e, torch.full_like(e, EMPTY)).to(torch.int32)
+    if n > 1:
+        e = torch.sort(e, dim=-1).values
+        dup = torch.zeros_like(e, dtype=torch.bool)
+        dup[..., 1:] = e[..., 1:] == e[..., :-1]
+        e = torch.sort(e.masked_fill(dup, EMPTY), dim=-1).values
+    return e.contiguous()
+
+
+def _tile_unions(canon: torch.Tensor, tiles: torch.Tensor, BQ: int):
+    """Union of the canonical rows of each tile's queries: int32 ``[B, n_tiles, H, UL]`` ascending, distinct,
+    :data:`EMPTY`-padded, and its length ``[B, n_tiles, H]``. With ``BQ = 1`` the union is the row itself."""
+    B, T, H, n = canon.shape
+    if BQ == 1:  # one tile per token, in token order
+        return canon, (canon < EMPTY).sum(-1, dtype=torch.int32).contiguous()
+    ts = tiles[:, 2].long()[:, None] + torch.arange(BQ, device=canon.device)[None, :]
+    inside = ts < tiles[:, 1].long()[:, None]
+    rows = canon[:, ts.clamp(max=T - 1)]  # [B, NT, BQ, H, n]
+    rows = rows.masked_fill(~inside[None, :, :, None, None], EMPTY)
+    u = rows.permute(0, 1, 3, 2, 4).reshape(B, tiles.shape[0], H, BQ * n)
+    u = torch.sort(u, dim=-1).values
+    dup = torch.zeros_like(u, dtype=torch.bool)
+    dup[..., 1:] = u[..., 1:] == u[..., :-1]
+    u = torch.sort(u.masked_fill(dup, EMPTY), dim=-1).values
+    return u.contiguous(), (u < EMPTY).sum(-1, dtype=torch.int32).contiguous()
+
+
+def _block_table(cu_list, T: int, select_len: int, device):
+    """Global selection blocks of one batch row: int32 ``[NB, 2]`` token ranges ``[start, end)`` (documents in
+    order, block ``j`` of a document = its tokens ``[j*l', (j+1)*l')`` clipped to the document), int64 ``[T]``
+    the global number of each token's document's block 0, and ``NB``."""
+    bounds = torch.tensor(cu_list if cu_list is not None else [0, T], dtype=torch.long, device="cpu")
+    starts, ends = bounds[:-1], bounds[1:]
+    doc, blk_start = document_tiles(bounds, select_len)
+    NB = len(doc)
+    per_doc = torch.bincount(doc, minlength=len(starts))
+    first = torch.cumsum(per_doc, 0) - per_doc  # global number of each document's block 0
+    blk = torch.stack([blk_start, torch.minimum(blk_start + select_len, ends[doc])], 1)
+    tok_base = torch.repeat_interleave(first.to(device), (ends - starts).to(device), output_size=T)
+    return blk.to(device=device, dtype=torch.int32).contiguous(), tok_base, NB
+
+
+def _invert_selection(canon: torch.Tensor, tok_base: torch.Tensor, NB: int, chunk_q: int):
+    """CSR of the selection by block: which queries picked ``(b, h, global block)``.
+
+    Returns ``items`` int32 ``[n_items, 4]`` = (key, start, end, slot) with ``key = (b * H + h) * NB + block``,
+    ``qlist[start:end]`` the item's query tokens (ascending, at most ``chunk_q``; every key, even one nobody
+    picked, has at least one item so every dK/dV row is written), ``slot`` the item's partial-sum row or -1
+    when the key has a single item; ``multi`` int32 ``[n_multi, 3]`` = (key, first slot, end slot) of the keys
+    split into several items; ``qlist`` int32; the number of partial slots.
+    """
+    B, T, H, n = canon.shape
+    dev = canon.device
+    n_keys = B * H * NB
+    valid = canon < EMPTY
+    bh = (torch.arange(B, device=dev)[:, None, None, None] * H + torch.arange(H, device=dev)[None, None, :, None])
+    key = torch.where(valid, bh * NB + tok_base[None, :, None, None] + canon.long(),
+                      torch.full_like(canon, n_keys, dtype=torch.long))
+    sorted_keys, order = torch.sort(key.reshape(-1), stable=True)  # stable: queries stay ascending per key
+    qlist = torch.div(order, H * n, rounding_mode="floor").remainder(T).to(torch.int32)
+    off = torch.searchsorted(sorted_keys, torch.arange(n_keys + 1, device=dev))
+    count = off[1:] - off[:-1]
+    nch = torch.div(count + chunk_q - 1, chunk_q, rounding_mode="floor").clamp_min(1)
+    multi = nch > 1
+    slots = torch.where(multi, nch, torch.zeros_like(nch))
+    n_items, n_slots, n_multi = torch.stack([nch.sum(), slots.sum(), multi.sum()]).tolist()  # one host sync
+    keys = torch.arange(n_keys, device=dev)
+    item_key = torch.repeat_interleave(keys, nch, output_size=n_items)
+    first_item = torch.cumsum(nch, 0) - nch
+    chunk = torch.arange(n_items, device=dev) - first_item[item_key]
+    start = off[item_key] + chunk * chunk_q
+    end = torch.minimum(start + chunk_q, off[item_key + 1])
+    slot_base = torch.cumsum(slots, 0) - slots
+    slot = torch.where(multi[item_key], slot_base[item_key] + chunk, torch.full_like(chunk, -1))
+    items = torch.stack([item_key, start, end, slot], 1).to(torch.int32).contiguous()
+    mkeys = torch.sort(torch.where(multi, keys, torch.full_like(keys, n_keys))).values[:n_multi]
+    multi_tab = torch.stack([mkeys, slot_base[mkeys], slot_base[mkeys] + nch[mkeys]], 1).to(torch.int32).contiguous()
+    return items, multi_tab, qlist, n_slots
+
+
+def _strides3(x: torch.Tensor):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class _SelectedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, select_len, scale, cu_seqlens, cu_list):
+        B, T, HQ, Dk = q.shape
+        H, Dv = k.shape[2], v.shape[-1]
+        G = HQ // H
+        cfg = _config(G, Dk, Dv, select_len)
+        dev = q.device
+        canon = _canonical_rows(block_idx, select_len, cu_seqlens)
+        tiles = query_tile_table(cu_seqlens, T, cfg.BQ, dev)
+        uni, ucnt = _tile_unions(canon, tiles, cfg.BQ)
+        NT, n, UL = tiles.shape[0], canon.shape[-1], uni.shape[-1]
+        o = new_output((B, T, HQ, Dv), q.dtype, dev)
+        lse = new_output((B, T, HQ), torch.float32, dev)
+        _fwd_kernel[(NT, B * H)](
+            q, k, v, o, lse, canon, uni, ucnt, tiles, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
+            T, H, NT, n, UL, scale * LOG2E,
+            G=G, BQ=cfg.BQ, ROWS=cfg.ROWS, NP=_pow2(n), SEL=select_len, BS=cfg.BS, NCH=cfg.NCH,
+            DK=Dk, DV=Dv, BK=cfg.BK, BV=cfg.BV, PREC=_precision(q.dtype), num_warps=cfg.fwd_warps, num_stages=2)
+        ctx.save_for_backward(q, k, v, o, lse, canon, uni, ucnt, tiles)
+        ctx.meta = (select_len, scale, cu_seqlens, cu_list, cfg)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, canon, uni, ucnt, tiles = ctx.saved_tensors
+        select_len, scale, cu_seqlens, cu_list, cfg = ctx.meta
+        B, T, HQ, Dk = q.shape
+        H, Dv = k.shape[2], v.shape[-1]
+        G = HQ // H
+        dev = q.device
+        do = do.to(q.dtype).contiguous()
+        NT, n, UL = tiles.shape[0], canon.shape[-1], uni.shape[-1]
+        prec = _precision(q.dtype)
+
+        delta = new_output((B, T, HQ), torch.float32, dev)
+        n_rows = B * T * HQ
+        BR = 32
+        _delta_kernel[(triton.cdiv(n_rows, BR),)](o, do, delta, n_rows, DV=Dv, BR=BR, BV=cfg.BV, num_warps=4)
+
+        dq = dk = dv = None
+        if ctx.needs_input_grad[0]:
+            dq = new_output(q.shape, q.dtype, dev)
+            _dq_kernel[(NT, B * H)](
+                q, k, v, do, lse, delta, dq, canon, uni, ucnt, tiles,
+                *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do),
+                T, H, NT, n, UL, scale * LOG2E, scale,
+                G=G, BQ=cfg.BQ, ROWS=cfg.ROWS, NP=_pow2(n), SEL=select_len, BS=cfg.BS, NCH=cfg.NCH,
+                DK=Dk, DV=Dv, BK=cfg.BK, BV=cfg.BV, PREC=prec, num_warps=cfg.fwd_warps, num_stages=2)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            blk, tok_base, NB = _block_table(cu_list, T, select_len, dev)
+            chunk_q = max(cfg.QB, int(math.ceil(CHUNK_FACTOR * n * select_len / cfg.QB)) * cfg.QB)
+            items, multi, qlist, n_slots = _invert_selection(canon, tok_base, NB, chunk_q)
+            LP = cfg.NCHB * cfg.BSB
+            dk = new_output(k.shape, k.dtype, dev)
+            dv = new_output(v.shape, v.dtype, dev)
+            pk = torch.empty((max(n_slots, 1), LP, Dk), dtype=torch.float32, device=dev)
+            pv = torch.empty((max(n_slots, 1), LP, Dv), dtype=torch.float32, device=dev)
+            if items.shape[0] > 0:
+                _dkdv_kernel[(items.shape[0], cfg.NCHB)](
+                    q, k, v, do, lse, delta, dk, dv, pk, pv, items, qlist, blk,
+                    *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do),
+                    T, H, NB, scale * LOG2E, scale,
+                    G=G, QB=cfg.QB, ROWS=cfg.BROWS, SEL=select_len, LP=LP, BS=cfg.BSB, DKD=Dk, DVD=Dv,
+                    BK=cfg.BK, BV=cfg.BV, PREC=prec, num_warps=cfg.bwd_warps, num_stages=2)
+            if multi.shape[0] > 0:
+                _reduce_kernel[(multi.shape[0], cfg.NCHB)](
+                    dk, dv, pk, pv, multi, blk, *_strides3(dk), *_strides3(dv), H, NB,
+                    SEL=select_len, LP=LP, BS=cfg.BSB, DKD=Dk, DVD=Dv, BK=cfg.BK, BV=cfg.BV, num_warps=cfg.bwd_warps)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor, select_len: int,
+                       scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of each query over the keys of its selected blocks (Triton forward and backward).
+
+    Same contract as :func:`nsa_kernels.reference.selected_attention`:
+
+    Args:
+        q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]`` (fp16 / bf16 / fp32; fp64, and bf16
+            under the interpreter, run in fp32).
+        block_idx: int ``[B, T, H, n]`` document-relative block numbers (block ``j`` = the document's tokens
+            ``[j*select_len, (j+1)*select_len)``), shared by the G = HQ / H query heads of KV head ``h``;
+            negative entries are empty, a repeated index counts once, blocks past the query hold no visible key;
+            any order is accepted.
+        select_len: selection block length ``l'``; scale: default ``Dk ** -0.5``;
+        cu_seqlens: optional int32 ``[N + 1]`` packed documents (``B = 1``).
+    Returns:
+        ``o [B, T, HQ, Dv]`` in q's dtype: softmax over the selected blocks' keys ``s <= t`` (fp32 accumulation);
+        ``o = 0`` (and zero gradients) for a query whose selection holds no such key. Differentiable in q, k, v.
+    """
+    check_positive_int("select_len", select_len)
+    dims = check_attention_inputs(q, k, v, cu_seqlens)
+    check_block_idx(block_idx, dims)
+    scale = default_scale(scale, dims.Dk)
+    if dims.T == 0:
+        return q.new_zeros(dims.B, 0, dims.HQ, dims.Dv)
+    cu_list = cu_seqlens.tolist() if cu_seqlens is not None else None
+    block_idx = block_idx.to(q.device)
+    if block_idx.shape[-1] == 0:
+        block_idx = torch.full((*block_idx.shape[:3], 1), -1, dtype=torch.int32, device=q.device)
+    dtype = q.dtype
+    if dtype == torch.float64 or (dtype == torch.bfloat16 and triton_interpreting()):
+        # no fp64 kernels; the interpreter (Triton 3.9) multiplies bf16 dot operands as raw uint16
+        q, k, v = q.float(), k.float(), v.float()
+    o = _SelectedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), block_idx, select_len, scale,
+                                 cu_seqlens, cu_list)
+    return o.to(dtype)

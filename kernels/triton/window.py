@@ -1,0 +1,53 @@
+"""Triton sliding-window attention (NSA Sec. 3.3.3): the WINDOW mode of :mod:`.range_attention`."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..reference.tiles import default_scale
+from ..validation import check_attention_inputs, check_positive_int
+from .range_attention import (WINDOW, RangeGeometry, check_dtype, prepare_inputs, range_attention_backward,
+                              range_attention_forward)
+
+
+class WindowAttentionFunction(torch.autograd.Function):
+    """Forward and backward both in Triton; saves ``q, k, v, o, lse`` (O(T * HQ) extra state)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window: int, scale: float, cu_seqlens):
+        geom = RangeGeometry(WINDOW, window=window)
+        o, lse, tiles = range_attention_forward(q, k, v, geom, scale, cu_seqlens)
+        ctx.save_for_backward(q, k, v, o, lse, tiles, cu_seqlens)
+        ctx.geom, ctx.scale = geom, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, tiles, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = range_attention_backward(do, q, k, v, o, lse, tiles, ctx.geom, ctx.scale, cu_seqlens)
+        return dq, dk, dv, None, None, None
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: Optional[float] = None,
+                     cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal attention of query ``t`` over keys ``t - window + 1 ... t`` of its own document (Triton).
+
+    Same contract as :func:`nsa_kernels.reference.window_attention`:
+
+    Args:
+        q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]`` (HQ = G * H, query head ``hq`` reads
+            KV head ``hq // G``), fp16 / bf16 / fp32 (fp32 accumulation).
+        window: ``w >= 1`` (``w = 1``: each query sees only itself).
+        scale: softmax scale, default ``1 / sqrt(Dk)``.
+        cu_seqlens: optional int32 ``[N + 1]`` packed-document offsets (B = 1); windows never cross documents.
+    Returns:
+        ``o [B, T, HQ, Dv]`` in q's dtype, differentiable w.r.t. q, k and v.
+    """
+    check_positive_int("window", window)
+    dims = check_attention_inputs(q, k, v, cu_seqlens)
+    check_dtype(q, "window_attention")
+    scale = default_scale(scale, dims.Dk)
+    q, k, v = prepare_inputs(q, k, v)
+    # a window longer than the sequence is the whole (causal) document: clamp so the constexpr stays small
+    return WindowAttentionFunction.apply(q, k, v, min(window, max(dims.T, 1)), scale, cu_seqlens)
