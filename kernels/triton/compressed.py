@@ -7,7 +7,7 @@ import torch
 
 from ..reference.tiles import default_scale
 from ..validation import check_attention_inputs, check_compression_geometry
-from .range_attention import (COMPRESSED, RangeGeometry, check_dtype, prepare_inputs, range_attention_backward,
+from .range_attention import (COMPRESSED, RangeGeometry, prepare_inputs, range_attention_backward,
                               range_attention_forward)
 
 
@@ -38,7 +38,7 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
     Same contract as :func:`nsa_kernels.reference.compressed_attention`:
 
     Args:
-        q: ``[B, T, HQ, Dk]``, fp16 / bf16 / fp32 (fp32 accumulation).
+        q: ``[B, T, HQ, Dk]``, fp16 / bf16 / fp32 (fp32 accumulation; fp64 runs in fp32).
         k_cmp, v_cmp: ``[B, Nc, H, Dk]`` / ``[B, Nc, H, Dv]``; compressed block ``i`` of a document covers its
             tokens ``[i*stride, i*stride + block_len)``; with ``cu_seqlens`` packed document after document.
         block_len, stride: compression block length ``l`` and stride ``d`` (``l % d == 0``).
@@ -52,7 +52,8 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
     check_compression_geometry(block_len, stride)
     dims = check_attention_inputs(q, k_cmp, v_cmp, cu_seqlens, compression=(block_len, stride),
                                   k_name="k_cmp", v_name="v_cmp")
-    check_dtype(q, "compressed_attention")
     scale = default_scale(scale, dims.Dk)
+    dtype = q.dtype
     q, k_cmp, v_cmp = prepare_inputs(q, k_cmp, v_cmp)
-    return CompressedAttentionFunction.apply(q, k_cmp, v_cmp, block_len, stride, scale, cu_seqlens)
+    o, lse = CompressedAttentionFunction.apply(q, k_cmp, v_cmp, block_len, stride, scale, cu_seqlens)
+    return o.to(dtype), lse

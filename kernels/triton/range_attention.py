@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ..layout import compressed_cu_seqlens
-from .utils import TILE_COLUMNS, new_output, query_tile_table
+from .utils import TILE_COLUMNS, document_tiles, kernel_dtype, new_output, query_tile_table
 
 WINDOW = 0
 COMPRESSED = 1
@@ -488,10 +488,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def check_dtype(q: torch.Tensor, op: str) -> None:
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"Triton {op} supports fp16, bf16 and fp32 inputs, got {q.dtype} "
-                        f"(use nsa_kernels.reference.{op} for float64)")
 
 
 def _mode_constexprs(geom: RangeGeometry) -> dict:
@@ -507,17 +503,13 @@ def key_tile_table(geom: RangeGeometry, cu_seqlens: Optional[torch.Tensor], seq_
     if geom.mode == WINDOW:
         return query_tile_table(cu_seqlens, seq_len, block_s, device)
     if cu_seqlens is None:
-        bounds = torch.tensor([0, seq_len], dtype=torch.long)
-        cmp_bounds = torch.tensor([0, num_rows], dtype=torch.long)
+        bounds = torch.tensor([0, seq_len], dtype=torch.long, device="cpu")
+        cmp_bounds = torch.tensor([0, num_rows], dtype=torch.long, device="cpu")
     else:
         bounds = cu_seqlens.detach().to("cpu", torch.long)
         cmp_bounds = compressed_cu_seqlens(bounds.to(torch.int32), geom.block_len, geom.stride).long()
-    c0, c1 = cmp_bounds[:-1], cmp_bounds[1:]
-    per_doc = torch.div(c1 - c0 + block_s - 1, block_s, rounding_mode="floor")
-    doc = torch.repeat_interleave(torch.arange(len(c0)), per_doc)
-    first = torch.cumsum(per_doc, 0) - per_doc
-    j = torch.arange(len(doc)) - first[doc]
-    table = torch.stack([bounds[:-1][doc], bounds[1:][doc], c0[doc] + j * block_s, c0[doc]], 1)
+    doc, row_start = document_tiles(cmp_bounds, block_s)  # tiles of each document's compressed rows
+    table = torch.stack([bounds[:-1][doc], bounds[1:][doc], row_start, cmp_bounds[:-1][doc]], 1)
     return table.to(device=device, dtype=torch.int32).contiguous().reshape(-1, TILE_COLUMNS)
 
 
@@ -599,10 +591,10 @@ def range_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 
 def prepare_inputs(*xs: torch.Tensor):
-    """Inputs with a unit-stride last dim (a copy only where it is not); other strides go to the kernels."""
-    return tuple(_lastdim_contiguous(x) for x in xs)
+    """Inputs in the kernel dtype (:func:`.utils.kernel_dtype`) with a unit-stride last dim (a copy only where
+    needed); other strides go to the kernels."""
+    return tuple(_lastdim_contiguous(x.to(kernel_dtype(x.dtype))) for x in xs)
 
 
 __all__ = ["WINDOW", "COMPRESSED", "RangeGeometry", "RangeConfig", "CONFIG_OVERRIDE", "pick_config",
-           "key_tile_table", "range_attention_forward", "range_attention_backward", "prepare_inputs",
-           "check_dtype"]
+           "key_tile_table", "range_attention_forward", "range_attention_backward", "prepare_inputs"]

@@ -45,7 +45,7 @@ import triton.language as tl
 from ..layout import doc_local_positions
 from ..reference.tiles import default_scale
 from ..validation import check_attention_inputs, check_block_idx, check_positive_int
-from .utils import document_tiles, new_output, query_tile_table, triton_interpreting
+from .utils import document_tiles, kernel_dtype, new_output, query_tile_table
 
 LOG2E = 1.4426950408889634
 EMPTY = 2 ** 30  # canonical "no block" entry: sorts after every real index, never equals one
@@ -543,9 +543,7 @@ def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
     if block_idx.shape[-1] == 0:
         block_idx = torch.full((*block_idx.shape[:3], 1), -1, dtype=torch.int32, device=q.device)
     dtype = q.dtype
-    if dtype == torch.float64 or (dtype == torch.bfloat16 and triton_interpreting()):
-        # no fp64 kernels; the interpreter (Triton 3.9) multiplies bf16 dot operands as raw uint16
-        q, k, v = q.float(), k.float(), v.float()
+    q, k, v = (x.to(kernel_dtype(dtype)) for x in (q, k, v))
     o = _SelectedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), block_idx, select_len, scale,
                                  cu_seqlens, cu_list)
     return o.to(dtype)

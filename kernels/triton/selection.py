@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ..reference.tiles import default_scale
 from ..validation import check_attention_inputs, check_selection_geometry
-from .utils import new_output, query_tile_table, triton_interpreting
+from .utils import kernel_dtype, new_output, query_tile_table
 
 LOG2E = 1.4426950408889634
 # budgets of the heuristic: elements of the [M, BN] score tile, bytes of the [M, Dk] query tile of one pass
@@ -320,11 +320,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, block
     if dims.T == 0:
         return out
     cfg = selection_config(dims.G, dims.Dk, block_len, stride, select_len, top_n, min(q.element_size(), 4))
-    if q.dtype == torch.float64 or (q.dtype == torch.bfloat16 and triton_interpreting()):
-        # fp64 is scored in fp32, the kernel's accumulation type; Triton's CPU interpreter multiplies the raw
-        # bits of bf16 dot operands, so there bf16 goes in as fp32 (exact; the GPU accumulates in fp32 too)
-        q, k_cmp = q.float(), k_cmp.float()
-    q, k_cmp = q.contiguous(), k_cmp.contiguous()
+    q, k_cmp = (x.to(kernel_dtype(x.dtype)).contiguous() for x in (q, k_cmp))
     lse = lse.to(device=q.device, dtype=torch.float32).contiguous()
     tiles = query_tile_table(cu_seqlens, dims.T, cfg["BLOCK_T"], q.device, block_len, stride)
     if k_cmp.shape[1] == 0:  # no compressed block anywhere: give the kernel a valid (never read) pointer

@@ -60,6 +60,15 @@ def query_tile_table(cu_seqlens: Optional[torch.Tensor], seq_len: int, block_t: 
     return table.to(device=device, dtype=torch.int32).contiguous()
 
 
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute on for inputs of ``dtype`` (outputs are cast back): fp64 runs in fp32
+    (there are no fp64 kernels), and under the CPU interpreter bf16 runs in fp32 too, because the
+    interpreter's bf16 ``tl.dot`` multiplies raw bits (Triton 3.9); the GPU accumulates bf16 in fp32 anyway."""
+    if dtype == torch.float64 or (dtype == torch.bfloat16 and triton_interpreting()):
+        return torch.float32
+    return dtype
+
+
 def poisoning_outputs() -> bool:
     """``NSA_KERNELS_POISON=1`` (set by the tests): kernel outputs start as NaN, so an element a kernel
     forgets to write fails the comparison instead of passing on leftover memory."""

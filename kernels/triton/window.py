@@ -7,7 +7,7 @@ import torch
 
 from ..reference.tiles import default_scale
 from ..validation import check_attention_inputs, check_positive_int
-from .range_attention import (WINDOW, RangeGeometry, check_dtype, prepare_inputs, range_attention_backward,
+from .range_attention import (WINDOW, RangeGeometry, prepare_inputs, range_attention_backward,
                               range_attention_forward)
 
 
@@ -37,7 +37,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
 
     Args:
         q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]`` (HQ = G * H, query head ``hq`` reads
-            KV head ``hq // G``), fp16 / bf16 / fp32 (fp32 accumulation).
+            KV head ``hq // G``), fp16 / bf16 / fp32 (fp32 accumulation; fp64 runs in fp32).
         window: ``w >= 1`` (``w = 1``: each query sees only itself).
         scale: softmax scale, default ``1 / sqrt(Dk)``.
         cu_seqlens: optional int32 ``[N + 1]`` packed-document offsets (B = 1); windows never cross documents.
@@ -46,8 +46,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     """
     check_positive_int("window", window)
     dims = check_attention_inputs(q, k, v, cu_seqlens)
-    check_dtype(q, "window_attention")
     scale = default_scale(scale, dims.Dk)
+    dtype = q.dtype
     q, k, v = prepare_inputs(q, k, v)
     # a window longer than the sequence is the whole (causal) document: clamp so the constexpr stays small
-    return WindowAttentionFunction.apply(q, k, v, min(window, max(dims.T, 1)), scale, cu_seqlens)
+    return WindowAttentionFunction.apply(q, k, v, min(window, max(dims.T, 1)), scale, cu_seqlens).to(dtype)

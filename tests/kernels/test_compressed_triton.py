@@ -31,7 +31,7 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 SMALL_TILES = dict(fwd_rows=8, fwd_keys=16, dq_keys=16, dkdv_keys=16, dkdv_rows=8)
 
 
-def _inputs(B, T, H, G, dk, dv, block_len, stride, cu=None, dtype=torch.float32, device="cpu"):
+def _inputs(B, T, H, G, dk, dv, block_len, stride, cu=None, dtype=torch.float32, device=None):
     nc = total_compressed_blocks(T, block_len, stride, cu)
     q = torch.randn(B, T, H * G, dk, dtype=dtype, device=device)
     k = torch.randn(B, nc, H, dk, dtype=dtype, device=device)

@@ -28,7 +28,7 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 SMALL_TILES = dict(fwd_rows=8, fwd_keys=16, dq_keys=16, dkdv_keys=16, dkdv_rows=8)
 
 
-def _inputs(B, T, H, G, dk, dv, dtype=torch.float32, device="cpu"):
+def _inputs(B, T, H, G, dk, dv, dtype=torch.float32, device=None):
     q = torch.randn(B, T, H * G, dk, dtype=dtype, device=device)
     k = torch.randn(B, T, H, dk, dtype=dtype, device=device)
     v = torch.randn(B, T, H, dv, dtype=dtype, device=device)
@@ -132,10 +132,12 @@ def test_errors_match_reference(bad):
     assert errors[0] == errors[1]
 
 
-def test_float64_refused():
-    q, k, v = _inputs(1, 8, 1, 1, 16, 16, dtype=torch.float64)
-    with pytest.raises(TypeError, match="float64"):
-        window_attention(q, k, v, 3)
+def test_float64_runs_in_fp32(seed):
+    """fp64 inputs (which the reference takes) run through the fp32 kernels and come back as fp64."""
+    q, k, v = _inputs(1, 40, 2, 2, 16, 8, dtype=torch.float64)
+    o = window_attention(q, k, v, 9)
+    assert o.dtype == torch.float64
+    torch.testing.assert_close(o, R.window_attention(q, k, v, 9), rtol=1e-4, atol=1e-4, msg=lambda m: f"seed={seed}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------------------- GPU
