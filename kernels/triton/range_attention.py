@@ -484,8 +484,9 @@ def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: tf32x3 (three tf32 products, ~fp32 accuracy on tensor cores); half inputs ignore this
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    # fp32 inputs: exact IEEE dots. tf32x3 compiled, but on Triton 3.6 (H100) the dq kernel built with it
+    # faulted with an illegal memory access (2026-11-23); half inputs ignore this setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 
