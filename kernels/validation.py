@@ -140,3 +140,10 @@ def check_gates(gates, dims: AttnDims) -> None:
     if tuple(gates.shape) != (dims.B, dims.T, dims.HQ, 3):
         raise ValueError(f"gates has shape {tuple(gates.shape)}: expected [B, T, HQ, 3] = "
                          f"[{dims.B}, {dims.T}, {dims.HQ}, 3]")
+
+
+def check_lse(lse, dims: AttnDims) -> None:
+    """``lse`` (from ``compressed_attention``) must be a tensor ``[B, T, HQ]``."""
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (dims.B, dims.T, dims.HQ):
+        got = tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
+        raise ValueError(f"lse must be [B, T, HQ] = [{dims.B}, {dims.T}, {dims.HQ}], got {got}")

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..validation import check_attention_inputs, check_selection_geometry
+from ..validation import check_attention_inputs, check_lse, check_selection_geometry
 from .compressed import compressed_block_visibility, compressed_doc_ranges
 from .tiles import compute_dtype, default_scale, query_tiles
 
@@ -76,9 +76,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, block
     check_selection_geometry(block_len, stride, select_len, top_n, init_blocks, local_blocks)
     dims = check_attention_inputs(q, k_cmp, k_cmp, cu_seqlens, compression=(block_len, stride), k_name="k_cmp",
                                   v_name="k_cmp")
-    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (dims.B, dims.T, dims.HQ):
-        got = tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
-        raise ValueError(f"lse must be [B, T, HQ] = [{dims.B}, {dims.T}, {dims.HQ}], got {got}")
+    check_lse(lse, dims)
     scale = default_scale(scale, dims.Dk)
     ct = compute_dtype(q.dtype)
     q_, k_, lse_ = q.to(ct), k_cmp.to(ct), lse.to(ct)

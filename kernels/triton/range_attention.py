@@ -151,6 +151,35 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_start, stride_ks, stride_vs, k
 
 
 @triton.jit
+def _query_tile(TILES, n_tiles, BHC, H, NGC, REVERSE: tl.constexpr, MODE: tl.constexpr, WINDOW: tl.constexpr,
+                BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr, G: tl.constexpr, GB: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
+    """This program's rows (``BLOCK_T`` tokens x ``GB`` heads of one KV head) and the key rows they visit.
+
+    Returns int64 batch ``b64`` and KV head ``h64``, per-row token ``t64``, query head ``hq64``, ``row_ok``,
+    per-row visible range ``[lo, hi)``, and the tile's key range ``[u0, u1)`` split at ``a <= bnd`` into
+    masked ``[u0, a)``, unmasked ``[a, bnd)`` and masked ``[bnd, u1)`` (see :func:`_split_range`)."""
+    tile, b, h, gc = _program_ids(n_tiles, BHC, H, NGC, REVERSE)
+    row = TILES + tile * 4
+    doc_start = tl.load(row)
+    doc_end = tl.load(row + 1)
+    t0 = tl.load(row + 2)
+    cmp_start = tl.load(row + 3)
+    offs_m = tl.arange(0, BLOCK_T * GB)
+    t = t0 + offs_m // GB
+    g = gc * GB + offs_m % GB
+    row_ok = (t < doc_end) & (g < G)
+    lo, hi = _visible_rows(t, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+    t_last = tl.minimum(t0 + BLOCK_T, doc_end) - 1
+    u0, i1 = _visible_rows(t0, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+    i0, u1 = _visible_rows(t_last, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+    u1 = tl.maximum(u1, u0)
+    a, bnd = _split_range(u0, u1, i0, i1, BLOCK_S)
+    return (b.to(tl.int64), h.to(tl.int64), t.to(tl.int64), (h * G + g).to(tl.int64), row_ok, lo, hi, u0, u1,
+            a, bnd)
+
+
+@triton.jit
 def _range_fwd_kernel(Q, K, V, O, LSE, TILES, n_tiles, BHC, H, T,
                       sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_t, so_h,
                       qk_scale,
@@ -159,33 +188,14 @@ def _range_fwd_kernel(Q, K, V, O, LSE, TILES, n_tiles, BHC, H, T,
                       BLOCK_S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
                       BLOCK_DV: tl.constexpr, PREC: tl.constexpr, REVERSE: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_T * GB
-    tile, b, h, gc = _program_ids(n_tiles, BHC, H, NGC, REVERSE)
-    row = TILES + tile * 4
-    doc_start = tl.load(row)
-    doc_end = tl.load(row + 1)
-    t0 = tl.load(row + 2)
-    cmp_start = tl.load(row + 3)
-
-    offs_m = tl.arange(0, BLOCK_M)
     offs_s = tl.arange(0, BLOCK_S)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    t = t0 + offs_m // GB
-    g = gc * GB + offs_m % GB
-    row_ok = (t < doc_end) & (g < G)
-    hq64 = (h * G + g).to(tl.int64)
-    t64 = t.to(tl.int64)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
+    b64, h64, t64, hq64, row_ok, lo, hi, u0, u1, a, bnd = _query_tile(
+        TILES, n_tiles, BHC, H, NGC, REVERSE, MODE, WINDOW, BLOCK_LEN, STRIDE, G, GB, BLOCK_T, BLOCK_S)
 
     q = _load_rows(Q + b64 * sq_b + t64[:, None] * sq_t + hq64[:, None] * sq_h + offs_dk[None, :], row_ok,
                    offs_dk, DK, BLOCK_DK, True)
-    lo, hi = _visible_rows(t, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
-    t_last = tl.minimum(t0 + BLOCK_T, doc_end) - 1
-    u0, i1 = _visible_rows(t0, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
-    i0, u1 = _visible_rows(t_last, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
-    u1 = tl.maximum(u1, u0)
-    a, bnd = _split_range(u0, u1, i0, i1, BLOCK_S)
 
     k_base = K + b64 * sk_b + h64 * sk_h
     v_base = V + b64 * sv_b + h64 * sv_h
@@ -270,24 +280,11 @@ def _range_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TILES, n_tiles, BHC, H, T,
                      BLOCK_S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
                      BLOCK_DV: tl.constexpr, PREC: tl.constexpr, REVERSE: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_T * GB
-    tile, b, h, gc = _program_ids(n_tiles, BHC, H, NGC, REVERSE)
-    row = TILES + tile * 4
-    doc_start = tl.load(row)
-    doc_end = tl.load(row + 1)
-    t0 = tl.load(row + 2)
-    cmp_start = tl.load(row + 3)
-
-    offs_m = tl.arange(0, BLOCK_M)
     offs_s = tl.arange(0, BLOCK_S)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    t = t0 + offs_m // GB
-    g = gc * GB + offs_m % GB
-    row_ok = (t < doc_end) & (g < G)
-    hq64 = (h * G + g).to(tl.int64)
-    t64 = t.to(tl.int64)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
+    b64, h64, t64, hq64, row_ok, lo, hi, u0, u1, a, bnd = _query_tile(
+        TILES, n_tiles, BHC, H, NGC, REVERSE, MODE, WINDOW, BLOCK_LEN, STRIDE, G, GB, BLOCK_T, BLOCK_S)
 
     q = _load_rows(Q + b64 * sq_b + t64[:, None] * sq_t + hq64[:, None] * sq_h + offs_dk[None, :], row_ok,
                    offs_dk, DK, BLOCK_DK, True)
@@ -295,12 +292,6 @@ def _range_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TILES, n_tiles, BHC, H, T,
                     offs_dv, DV, BLOCK_DV, True)
     lse2, delta = _load_lse2(LSE, DELTA, (b64 * T + t64) * (H * G) + hq64, row_ok)
 
-    lo, hi = _visible_rows(t, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
-    t_last = tl.minimum(t0 + BLOCK_T, doc_end) - 1
-    u0, i1 = _visible_rows(t0, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
-    i0, u1 = _visible_rows(t_last, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
-    u1 = tl.maximum(u1, u0)
-    a, bnd = _split_range(u0, u1, i0, i1, BLOCK_S)
 
     k_base = K + b64 * sk_b + h64 * sk_h
     v_base = V + b64 * sv_b + h64 * sv_h

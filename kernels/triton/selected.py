@@ -60,6 +60,39 @@ CHUNK_FACTOR = 2  # dK/dV: a work item takes at most CHUNK_FACTOR * n * l' queri
 # kernels
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
+def _row_indices(IDX, b, T, t64, H, h, N_IDX, row_ok, BQ: tl.constexpr, ROWS: tl.constexpr, NP: tl.constexpr):
+    """``[ROWS, NP]`` selected block numbers of each row's query, needed only when a program packs several
+    queries (``BQ > 1``; otherwise a placeholder the compiler drops)."""
+    ci = tl.arange(0, NP)
+    if BQ > 1:
+        idx = tl.load(IDX + ((b * T + t64) * H + h)[:, None] * N_IDX + ci[None, :],
+                      mask=row_ok[:, None] & (ci[None, :] < N_IDX), other=-1)
+    else:
+        idx = tl.zeros([ROWS, NP], dtype=tl.int32)
+    return idx
+
+
+@triton.jit
+def _key_slice(k_base, v_base, blocks, i, cs, ck, cv, doc_start, last, pos, idx, s_kt, s_vt,
+               SEL: tl.constexpr, BS: tl.constexpr, NCH: tl.constexpr, BQ: tl.constexpr,
+               DK: tl.constexpr, DV: tl.constexpr):
+    """Step ``i`` of a program's walk over its selected blocks (``blocks``, ascending): K ``[BS, BK]`` and V
+    ``[BS, BV]`` of slice ``i % NCH`` of block ``blocks[i // NCH]``, and the ``[ROWS, BS]`` visibility (key in
+    the document and causal for the row's query, and, when queries are packed, selected by that query)."""
+    j = tl.load(blocks + i // NCH)
+    c = (i % NCH) * BS + cs
+    kp = j * SEL + c
+    k_ok = (c < SEL) & (kp <= last)
+    krow = (doc_start + kp).to(tl.int64)
+    kt = tl.load(k_base + krow[:, None] * s_kt + ck[None, :], mask=k_ok[:, None] & (ck[None, :] < DK), other=0.0)
+    vt = tl.load(v_base + krow[:, None] * s_vt + cv[None, :], mask=k_ok[:, None] & (cv[None, :] < DV), other=0.0)
+    vis = k_ok[None, :] & (kp[None, :] <= pos[:, None])
+    if BQ > 1:
+        vis = vis & (tl.sum((idx == j).to(tl.int32), 1) > 0)[:, None]
+    return kt, vt, vis
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, IDX, UNI, UCNT, TILES,
                 s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
                 T, H, NT, N_IDX, UL, scale_log2,
@@ -86,10 +119,7 @@ def _fwd_kernel(Q, K, V, O, LSE, IDX, UNI, UCNT, TILES,
     cs = tl.arange(0, BS)
     q = tl.load(Q + b * s_qb + t64[:, None] * s_qt + hq[:, None] * s_qh + ck[None, :],
                 mask=row_ok[:, None] & (ck[None, :] < DK), other=0.0)
-    if BQ > 1:
-        ci = tl.arange(0, NP)
-        idx = tl.load(IDX + ((b * T + t64) * H + h)[:, None] * N_IDX + ci[None, :],
-                      mask=row_ok[:, None] & (ci[None, :] < N_IDX), other=-1)
+    idx = _row_indices(IDX, b, T, t64, H, h, N_IDX, row_ok, BQ, ROWS, NP)
     ubase = (b * NT + tile) * H + h
     cnt = tl.load(UCNT + ubase)
     k_base = K + b * s_kb + h * s_kh
@@ -99,23 +129,14 @@ def _fwd_kernel(Q, K, V, O, LSE, IDX, UNI, UCNT, TILES,
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, BV], dtype=tl.float32)
     for i in range(0, cnt * NCH):
-        j = tl.load(UNI + ubase * UL + i // NCH)
-        c = (i % NCH) * BS + cs
-        kp = j * SEL + c
-        k_ok = (c < SEL) & (kp <= last)
-        krow = (doc_start + kp).to(tl.int64)
-        kt = tl.load(k_base + krow[:, None] * s_kt + ck[None, :], mask=k_ok[:, None] & (ck[None, :] < DK), other=0.0)
+        kt, vt, vis = _key_slice(k_base, v_base, UNI + ubase * UL, i, cs, ck, cv, doc_start, last, pos, idx, s_kt,
+                                 s_vt, SEL, BS, NCH, BQ, DK, DV)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
-        vis = k_ok[None, :] & (kp[None, :] <= pos[:, None])
-        if BQ > 1:
-            sel = tl.sum((idx == j).to(tl.int32), 1) > 0
-            vis = vis & sel[:, None]
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + krow[:, None] * s_vt + cv[None, :], mask=k_ok[:, None] & (cv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         m_i = m_new
 
@@ -173,10 +194,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, UNI, UCNT, TILES,
     lse = tl.load(LSE + lrow, mask=row_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)  # such rows see no key: every p below is masked to 0
     delta = tl.load(DELTA + lrow, mask=row_ok, other=0.0)
-    if BQ > 1:
-        ci = tl.arange(0, NP)
-        idx = tl.load(IDX + ((b * T + t64) * H + h)[:, None] * N_IDX + ci[None, :],
-                      mask=row_ok[:, None] & (ci[None, :] < N_IDX), other=-1)
+    idx = _row_indices(IDX, b, T, t64, H, h, N_IDX, row_ok, BQ, ROWS, NP)
     ubase = (b * NT + tile) * H + h
     cnt = tl.load(UCNT + ubase)
     k_base = K + b * s_kb + h * s_kh
@@ -184,18 +202,9 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, UNI, UCNT, TILES,
 
     dq = tl.zeros([ROWS, BK], dtype=tl.float32)
     for i in range(0, cnt * NCH):
-        j = tl.load(UNI + ubase * UL + i // NCH)
-        c = (i % NCH) * BS + cs
-        kp = j * SEL + c
-        k_ok = (c < SEL) & (kp <= last)
-        krow = (doc_start + kp).to(tl.int64)
-        kt = tl.load(k_base + krow[:, None] * s_kt + ck[None, :], mask=k_ok[:, None] & (ck[None, :] < DK), other=0.0)
-        vt = tl.load(v_base + krow[:, None] * s_vt + cv[None, :], mask=k_ok[:, None] & (cv[None, :] < DV), other=0.0)
+        kt, vt, vis = _key_slice(k_base, v_base, UNI + ubase * UL, i, cs, ck, cv, doc_start, last, pos, idx, s_kt,
+                                 s_vt, SEL, BS, NCH, BQ, DK, DV)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
-        vis = k_ok[None, :] & (kp[None, :] <= pos[:, None])
-        if BQ > 1:
-            sel = tl.sum((idx == j).to(tl.int32), 1) > 0
-            vis = vis & sel[:, None]
         p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
         ds = p * (dp - delta[:, None])

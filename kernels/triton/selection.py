@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ..reference.tiles import default_scale
-from ..validation import check_attention_inputs, check_selection_geometry
+from ..validation import check_attention_inputs, check_lse, check_selection_geometry
 from .utils import kernel_dtype, new_output, query_tile_table
 
 LOG2E = 1.4426950408889634
@@ -312,9 +312,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, block
     check_selection_geometry(block_len, stride, select_len, top_n, init_blocks, local_blocks)
     dims = check_attention_inputs(q, k_cmp, k_cmp, cu_seqlens, compression=(block_len, stride), k_name="k_cmp",
                                   v_name="k_cmp")
-    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (dims.B, dims.T, dims.HQ):
-        got = tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
-        raise ValueError(f"lse must be [B, T, HQ] = [{dims.B}, {dims.T}, {dims.HQ}], got {got}")
+    check_lse(lse, dims)
     scale = default_scale(scale, dims.Dk)
     out = new_output((dims.B, dims.T, dims.H, top_n), torch.int32, q.device)
     if dims.T == 0:
