@@ -114,6 +114,22 @@ def _softmax_attend(qvec: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     return o, float(top + torch.log(z))
 
 
+def _masked_attention(q, k, v, scale: Optional[float], cu_seqlens: Optional[torch.Tensor], key_mask):
+    """``(o [B, T, HQ, Dv], lse [B, T, HQ])``: each query head attends its KV head's keys where
+    ``key_mask(b, t, h)`` (bool ``[S]`` over all keys) is True; inputs already float64."""
+    B, T, HQ, Dk = q.shape
+    H = k.shape[2]
+    scale = 1.0 / math.sqrt(Dk) if scale is None else scale
+    o = torch.zeros(B, T, HQ, v.shape[-1], dtype=torch.float64)
+    lse = torch.full((B, T, HQ), NEG_INF, dtype=torch.float64)
+    for b, t, _, _, _, _ in _queries(B, T, cu_seqlens):
+        masks = [key_mask(b, t, h) for h in range(H)]
+        for hq in range(HQ):
+            h = _kv_head(hq, HQ, H)
+            o[b, t, hq], lse[b, t, hq] = _softmax_attend(q[b, t, hq], k[b, :, h], v[b, :, h], masks[h], scale)
+    return o, lse
+
+
 def _f64(*xs):
     return [x.detach().to(torch.float64) for x in xs]
 
@@ -145,18 +161,10 @@ def oracle_compressed_attention(q, k_cmp, v_cmp, block_len: int, stride: int, sc
     ``o = 0`` and ``lse = -inf`` for a query that sees no block.
     """
     q, k_cmp, v_cmp = _f64(q, k_cmp, v_cmp)
-    B, T, HQ, Dk = q.shape
-    H = k_cmp.shape[2]
-    scale = 1.0 / math.sqrt(Dk) if scale is None else scale
+    T = q.shape[1]
     assert k_cmp.shape[1] == oracle_compressed_offsets(T, block_len, stride, cu_seqlens)[-1]
-    o = torch.zeros(B, T, HQ, v_cmp.shape[-1], dtype=torch.float64)
-    lse = torch.full((B, T, HQ), NEG_INF, dtype=torch.float64)
-    for b, t, _, _, _, _ in _queries(B, T, cu_seqlens):
-        mask = oracle_compressed_mask(T, block_len, stride, cu_seqlens, t)
-        for hq in range(HQ):
-            h = _kv_head(hq, HQ, H)
-            o[b, t, hq], lse[b, t, hq] = _softmax_attend(q[b, t, hq], k_cmp[b, :, h], v_cmp[b, :, h], mask, scale)
-    return o, lse
+    return _masked_attention(q, k_cmp, v_cmp, scale, cu_seqlens,
+                             lambda b, t, h: oracle_compressed_mask(T, block_len, stride, cu_seqlens, t))
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,16 +308,9 @@ def oracle_selected_attention(q, k, v, block_idx, select_len: int, scale: Option
                               cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Selected-attention branch ``[B, T, HQ, Dv]`` (float64); ``o = 0`` where no key is selected."""
     q, k, v = _f64(q, k, v)
-    B, T, HQ, Dk = q.shape
-    H = k.shape[2]
-    scale = 1.0 / math.sqrt(Dk) if scale is None else scale
-    o = torch.zeros(B, T, HQ, v.shape[-1], dtype=torch.float64)
-    for b, t, _, _, _, _ in _queries(B, T, cu_seqlens):
-        masks = [oracle_selected_mask(T, select_len, cu_seqlens, t, block_idx[b, t, h].tolist()) for h in range(H)]
-        for hq in range(HQ):
-            h = _kv_head(hq, HQ, H)
-            o[b, t, hq], _ = _softmax_attend(q[b, t, hq], k[b, :, h], v[b, :, h], masks[h], scale)
-    return o
+    T = q.shape[1]
+    return _masked_attention(q, k, v, scale, cu_seqlens, lambda b, t, h: oracle_selected_mask(
+        T, select_len, cu_seqlens, t, block_idx[b, t, h].tolist()))[0]
 
 
 def oracle_window_mask(seq_len: int, window: int, cu_seqlens: Optional[torch.Tensor], t: int) -> torch.Tensor:
@@ -326,16 +327,9 @@ def oracle_window_attention(q, k, v, window: int, scale: Optional[float] = None,
                             cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sliding-window branch ``[B, T, HQ, Dv]`` (float64)."""
     q, k, v = _f64(q, k, v)
-    B, T, HQ, Dk = q.shape
-    H = k.shape[2]
-    scale = 1.0 / math.sqrt(Dk) if scale is None else scale
-    o = torch.zeros(B, T, HQ, v.shape[-1], dtype=torch.float64)
-    for b, t, _, _, _, _ in _queries(B, T, cu_seqlens):
-        mask = oracle_window_mask(T, window, cu_seqlens, t)
-        for hq in range(HQ):
-            h = _kv_head(hq, HQ, H)
-            o[b, t, hq], _ = _softmax_attend(q[b, t, hq], k[b, :, h], v[b, :, h], mask, scale)
-    return o
+    T = q.shape[1]
+    return _masked_attention(q, k, v, scale, cu_seqlens,
+                             lambda b, t, h: oracle_window_mask(T, window, cu_seqlens, t))[0]
 
 
 # --------------------------------------------------------------------------------------------
