@@ -135,15 +135,21 @@ def run(args) -> Dict:
         }
         if have_fla:
             cases["fla-core parallel_nsa"] = lambda: make_fla_case(T, HQ, H, D, dtype, device)
+        small_g = f"nsa paper, G = {args.small_group} (HQ {H * args.small_group})"
+        if args.small_group:
+            cases[small_g] = lambda: make_nsa_case(PAPER, T, H * args.small_group, H, D, dtype, device)
         dense = dense_flops(T, HQ, D)
         flops = {PAPER.name: nsa_flops(PAPER, T, HQ, D), FLA_CONFIG.name: nsa_flops(FLA_CONFIG, T, HQ, D),
-                 "fla-core parallel_nsa": nsa_flops(FLA_CONFIG, T, HQ, D)}
+                 "fla-core parallel_nsa": nsa_flops(FLA_CONFIG, T, HQ, D),
+                 small_g: nsa_flops(PAPER, T, H * args.small_group, D)}
         with nsa_kernels.use_backend("triton"):
             for name, make in cases.items():
                 times = time_case(make, args.modes)
                 parts = flops.get(name, {"dense": dense})
                 fwd_f, both_f = sum(parts.values()), fwd_bwd_flops(parts) if name in flops else 3.5 * dense
-                row = {"T": T, "method": name, **times, "flop_ratio_to_dense": fwd_f / dense,
+                heads = H * args.small_group if name == small_g else HQ
+                row = {"T": T, "method": name, "HQ": heads, **times,
+                       "flop_ratio_to_dense": fwd_f / (dense * heads / HQ),
                        "tflops_fwd": fwd_f / times["fwd"] / 1e9 if times.get("fwd") else None,
                        "tflops_fwd_bwd": both_f / times["fwd+bwd"] / 1e9 if times.get("fwd+bwd") else None}
                 rows.append(row)
@@ -158,12 +164,15 @@ def table(result: Dict) -> str:
     cudnn = {(r["T"], m): r.get(m) for r in result["rows"] if r["method"].startswith("sdpa cudnn")
              for m in ("fwd", "fwd+bwd")}
     fmt = lambda x, spec=".1f": "-" if x is None else format(x, spec)
-    lines = ["| T | method | fwd ms | fwd+bwd ms | fwd vs cuDNN | fwd+bwd vs cuDNN | TFLOP/s fwd | TFLOP/s fwd+bwd "
-             "| FLOPs / dense |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| T | method | fwd ms | fwd+bwd ms | fwd vs cuDNN | fwd+bwd vs cuDNN | fwd+bwd ms per query head "
+             "| TFLOP/s fwd | TFLOP/s fwd+bwd | FLOPs / dense |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         ratio = lambda m: (cudnn[(r["T"], m)] / r[m]) if r.get(m) and cudnn.get((r["T"], m)) else None
+        per_head = r["fwd+bwd"] / r.get("HQ", result["HQ"]) if r.get("fwd+bwd") else None
+        same_heads = r.get("HQ", result["HQ"]) == result["HQ"]
         lines.append(f"| {r['T'] // 1024}k | {r['method']} | {fmt(r.get('fwd'))} | {fmt(r.get('fwd+bwd'))} | "
-                     f"{fmt(ratio('fwd'), '.2f')}x | {fmt(ratio('fwd+bwd'), '.2f')}x | {fmt(r.get('tflops_fwd'))} | "
+                     + (f"{fmt(ratio('fwd'), '.2f')}x | {fmt(ratio('fwd+bwd'), '.2f')}x | " if same_heads else "- | - | ")
+                     + f"{fmt(per_head, '.2f')} | {fmt(r.get('tflops_fwd'))} | "
                      f"{fmt(r.get('tflops_fwd_bwd'))} | {fmt(r['flop_ratio_to_dense'], '.3f')} |"
                      + (f" {r['error']}" if r.get("error") else ""))
     return "\n".join(lines)
@@ -193,6 +202,8 @@ def main(argv=None) -> None:
     parser.add_argument("--heads", type=int, default=64)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--small-group", type=int, default=4,
+                        help="also time the paper configuration with HQ = H * this (G = 4: HQ 16); 0 = off")
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     parser.add_argument("--out", default="benchmarks/results/kernels", help="output path stem (.json, .png)")
     args = parser.parse_args(argv)

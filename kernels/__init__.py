@@ -22,6 +22,7 @@ select_blocks = dispatching(reference.select_blocks)
 selected_attention = dispatching(reference.selected_attention)
 window_attention = dispatching(reference.window_attention)
 nsa_attention = dispatching(reference.nsa_attention)
+gate_combine = dispatching(reference.gate_combine)
 
 __all__ = [
     "compressed_attention",
@@ -29,6 +30,7 @@ __all__ = [
     "selected_attention",
     "window_attention",
     "nsa_attention",
+    "gate_combine",
     "use_backend",
     "selected_backend",
     "compressed_block_last_tokens",

@@ -14,8 +14,8 @@ def gated_nsa(ops: SimpleNamespace, q: torch.Tensor, k_cmp: torch.Tensor, v_cmp:
               block_len: int, stride: int, select_len: int, top_n: int, window: int, init_blocks: int,
               local_blocks: int, scale: Optional[float], cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
     """``g_cmp * o_cmp + g_slc * o_slc + g_win * o_win`` computed with ``ops`` (a namespace holding
-    ``compressed_attention``, ``select_blocks``, ``selected_attention`` and ``window_attention`` of one
-    implementation). Arguments as :func:`nsa_kernels.reference.nsa_attention`; ``window=0`` drops the window
+    ``compressed_attention``, ``select_blocks``, ``selected_attention``, ``window_attention`` and ``gate_combine``
+    of one implementation). Arguments as :func:`nsa_kernels.reference.nsa_attention`; ``window=0`` drops the window
     branch (its gate is ignored)."""
     check_selection_geometry(block_len, stride, select_len, top_n, init_blocks, local_blocks)
     check_non_negative_int("window", window)
@@ -26,8 +26,5 @@ def gated_nsa(ops: SimpleNamespace, q: torch.Tensor, k_cmp: torch.Tensor, v_cmp:
     block_idx = ops.select_blocks(q, k_cmp, lse, block_len, stride, select_len, top_n, init_blocks, local_blocks,
                                   scale, cu_seqlens)
     o_slc = ops.selected_attention(q, k_slc, v_slc, block_idx, select_len, scale, cu_seqlens)
-    g = gates.to(o_cmp.dtype).unsqueeze(-1)
-    o = g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc
-    if window > 0:
-        o = o + g[..., 2, :] * ops.window_attention(q, k_win, v_win, window, scale, cu_seqlens)
-    return o
+    o_win = ops.window_attention(q, k_win, v_win, window, scale, cu_seqlens) if window > 0 else None
+    return ops.gate_combine(gates, o_cmp, o_slc, o_win)

@@ -23,6 +23,7 @@ TRITON_MODULES = {  # op name -> module of nsa_kernels.triton that defines it
     "selected_attention": "selected",
     "window_attention": "window",
     "nsa_attention": "nsa",
+    "gate_combine": "gate_combine",
 }
 _override: Optional[str] = None
 

@@ -5,7 +5,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .layout import total_compressed_blocks
+from .layout import compressed_cu_seqlens, total_compressed_blocks
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -55,23 +55,56 @@ def check_selection_geometry(block_len, stride, select_len, top_n, init_blocks, 
             "the forced blocks must fit in the selection")
 
 
+def _check_offsets(name: str, offsets, end_name: str, end: Optional[int]) -> None:
+    """``offsets`` must be int32 ``[N + 1]`` (N >= 1), start at 0, end at ``end`` (unless None), never decrease."""
+    if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.int32 or offsets.dim() != 1:
+        got = f"{offsets.dtype} tensor of shape {tuple(offsets.shape)}" if isinstance(
+            offsets, torch.Tensor) else type(offsets).__name__
+        raise ValueError(f"{name} must be a 1-D int32 tensor [N + 1], got {got}")
+    if offsets.numel() < 2:
+        raise ValueError(f"{name} needs at least 2 entries (one segment), got {offsets.tolist()}")
+    first, last = int(offsets[0]), int(offsets[-1])
+    if end is None and first != 0:
+        raise ValueError(f"{name} must start at 0, got start {first}")
+    if end is not None and (first != 0 or last != end):
+        raise ValueError(f"{name} must start at 0 and end at {end_name}={end}, got start {first} and end {last}")
+    if bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"{name} must be non-decreasing, got {offsets.tolist()}")
+
+
 def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, seq_len: int) -> None:
     """``cu_seqlens`` must be int32 ``[N + 1]``, start at 0, end at ``T``, never decrease, with ``B = 1``."""
     if cu_seqlens is None:
         return
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-        got = f"{cu_seqlens.dtype} tensor of shape {tuple(cu_seqlens.shape)}" if isinstance(
-            cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
-        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [N + 1], got {got}")
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens needs at least 2 entries (one document), got {cu_seqlens.tolist()}")
+    _check_offsets("cu_seqlens", cu_seqlens, "T", seq_len)
     if batch != 1:
         raise ValueError(f"packed documents (cu_seqlens) need batch size B = 1, got B={batch}")
-    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
-    if first != 0 or last != seq_len:
-        raise ValueError(f"cu_seqlens must start at 0 and end at T={seq_len}, got start {first} and end {last}")
-    if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
+
+
+def check_cu_seqlens_k(cu_seqlens_k: torch.Tensor, cu_seqlens: Optional[torch.Tensor], key_rows: Optional[int],
+                       device: torch.device) -> None:
+    """Key segments of a call whose ``cu_seqlens`` (already checked) describes the query segments.
+
+    ``cu_seqlens_k`` must be int32 ``[N + 1]`` like ``cu_seqlens`` (same ``N``, so ``B = 1``), on q's device,
+    start at 0, end at ``key_rows`` (the raw key axis length; ``None`` for the compressed ops, whose row
+    count is checked by the caller) and never decrease; key segment ``n`` must be at least as long as
+    query segment ``n`` (queries are bottom-right aligned in their key segment).
+    """
+    if cu_seqlens is None:
+        raise ValueError("cu_seqlens_k (key segments) needs cu_seqlens (the query segments, B = 1), got "
+                         "cu_seqlens=None")
+    _check_offsets("cu_seqlens_k", cu_seqlens_k, "T_k", key_rows)
+    if cu_seqlens_k.numel() != cu_seqlens.numel():
+        raise ValueError(f"cu_seqlens_k has {cu_seqlens_k.numel()} entries but cu_seqlens has "
+                         f"{cu_seqlens.numel()}: one key segment per query segment")
+    if cu_seqlens_k.device != device:
+        raise ValueError(f"cu_seqlens_k is on {cu_seqlens_k.device} but q is on {device}")
+    len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    len_q = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    for n, (lk, lq) in enumerate(zip(len_k, len_q)):
+        if lk < lq:
+            raise ValueError(f"key segment n={n} has length L_k={lk} < query segment length L_q={lq}: every "
+                             "key segment must hold its queries (cu_seqlens_k vs cu_seqlens)")
 
 
 def _check_tensor(name: str, x, ndim: int, layout: str) -> None:
@@ -81,12 +114,16 @@ def _check_tensor(name: str, x, ndim: int, layout: str) -> None:
         raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
 
 
-def check_attention_inputs(q, k, v, cu_seqlens=None, *, compression: Optional[Tuple[int, int]] = None,
-                           k_name: str = "k", v_name: str = "v") -> AttnDims:
-    """Validate ``q [B, T, HQ, Dk]``, ``k [B, S, H, Dk]``, ``v [B, S, H, Dv]`` and ``cu_seqlens``.
+def check_attention_inputs(q, k, v, cu_seqlens=None, *, cu_seqlens_k: Optional[torch.Tensor] = None,
+                           compression: Optional[Tuple[int, int]] = None, k_name: str = "k",
+                           v_name: str = "v") -> AttnDims:
+    """Validate ``q [B, T, HQ, Dk]``, ``k [B, S, H, Dk]``, ``v [B, S, H, Dv]``, ``cu_seqlens`` and ``cu_seqlens_k``.
 
-    ``S`` must equal ``T``, or with ``compression=(block_len, stride)`` the number of compressed blocks
-    of the batch. Returns the sizes.
+    Without ``cu_seqlens_k`` the key segments are the query segments: ``S`` must equal ``T``, or with
+    ``compression=(block_len, stride)`` the number of compressed blocks of the batch. With ``cu_seqlens_k``
+    (see :func:`check_cu_seqlens_k`) ``S`` must equal ``cu_seqlens_k[-1]``, or with ``compression`` the
+    compressed rows of the key segments, ``compressed_cu_seqlens(cu_seqlens_k, block_len, stride)[-1]``.
+    Returns the sizes (``T`` is the query length).
     """
     _check_tensor("q", q, 4, "[B, T, HQ, Dk]")
     _check_tensor(k_name, k, 4, "[B, S, H, Dk]")
@@ -102,7 +139,7 @@ def check_attention_inputs(q, k, v, cu_seqlens=None, *, compression: Optional[Tu
     Bk, S, H, Dk2 = k.shape
     if Bk != B:
         raise ValueError(f"{k_name} has shape {tuple(k.shape)}: expected batch {B} as in q")
-    if compression is None and S != T:
+    if compression is None and cu_seqlens_k is None and S != T:
         raise ValueError(f"{k_name} has shape {tuple(k.shape)}: expected length T={T} on dim 1 as in q")
     if Dk2 != Dk:
         raise ValueError(f"{k_name} head dim {Dk2} differs from q head dim {Dk}")
@@ -114,18 +151,30 @@ def check_attention_inputs(q, k, v, cu_seqlens=None, *, compression: Optional[Tu
     check_cu_seqlens(cu_seqlens, B, T)
     if cu_seqlens is not None and cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    if cu_seqlens_k is not None:
+        check_cu_seqlens_k(cu_seqlens_k, cu_seqlens, S if compression is None else None, q.device)
     if compression is not None:
-        block_len, stride = compression
-        expected = total_compressed_blocks(T, block_len, stride, cu_seqlens)
-        if S != expected:
-            raise ValueError(
-                f"{k_name} has shape {tuple(k.shape)}: T={T} with block_len={block_len}, stride={stride} "
-                f"gives {expected} compressed blocks on dim 1")
+        _check_compressed_rows(k_name, k, T, cu_seqlens, cu_seqlens_k, compression)
     return AttnDims(B, T, HQ, H, HQ // H, Dk, v.shape[-1])
 
 
+def _check_compressed_rows(k_name: str, k: torch.Tensor, T: int, cu_seqlens, cu_seqlens_k,
+                           compression: Tuple[int, int]) -> None:
+    """Compressed K's dim 1 must hold the compressed blocks of the key segments (or of the query layout)."""
+    block_len, stride = compression
+    if cu_seqlens_k is None:
+        expected = total_compressed_blocks(T, block_len, stride, cu_seqlens)
+        layout = f"T={T}"
+    else:
+        expected = int(compressed_cu_seqlens(cu_seqlens_k, block_len, stride)[-1])
+        layout = f"key segments cu_seqlens_k={cu_seqlens_k.tolist()}"
+    if k.shape[1] != expected:
+        raise ValueError(f"{k_name} has shape {tuple(k.shape)}: {layout} with block_len={block_len}, "
+                         f"stride={stride} gives {expected} compressed blocks on dim 1")
+
+
 def check_block_idx(block_idx, dims: AttnDims) -> None:
-    """``block_idx`` must be an integer tensor ``[B, T, H, n]``."""
+    """``block_idx`` must be an integer tensor ``[B, T, H, n]`` (``T`` = query rows, also with key segments)."""
     _check_tensor("block_idx", block_idx, 4, "[B, T, H, n]")
     if block_idx.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"block_idx must be int32 or int64, got {block_idx.dtype}")

@@ -1,9 +1,11 @@
 """Plain-PyTorch reference of every NSA branch: the ground truth the Triton kernels are tested against.
 
-All ops take ``[B, T, heads, dim]`` tensors and optional packed-document ``cu_seqlens``; see each
-function's docstring and DESIGN.md for the exact semantics.
+All ops take ``[B, T, heads, dim]`` tensors, optional packed-document ``cu_seqlens`` and (the four branch
+ops) optional key segments ``cu_seqlens_k``; see each function's docstring and DESIGN.md for the exact
+semantics.
 """
 from .compressed import compressed_attention
+from .gate_combine import gate_combine
 from .nsa import nsa_attention
 from .selected import selected_attention
 from .selection import overlap_weights, select_blocks
@@ -15,5 +17,6 @@ __all__ = [
     "selected_attention",
     "window_attention",
     "nsa_attention",
+    "gate_combine",
     "overlap_weights",
 ]

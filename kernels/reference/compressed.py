@@ -7,17 +7,19 @@ import torch
 
 from ..layout import compressed_cu_seqlens
 from ..validation import check_attention_inputs, check_compression_geometry
-from .tiles import compute_dtype, default_scale, masked_gqa_attention, query_tiles, run_tile
+from .tiles import compute_dtype, default_scale, key_segment_offsets, masked_gqa_attention, query_tiles, run_tile
 
 
 def compressed_block_visibility(positions: torch.Tensor, num_blocks: int, block_len: int, stride: int) -> torch.Tensor:
-    """bool ``[tq, num_blocks]``: query at document position ``t`` sees block ``i`` iff ``i*stride + block_len - 1 <= t``."""
+    """bool ``[tq, num_blocks]``: query at position ``t`` (from its document / key segment start) sees block
+    ``i`` iff ``i*stride + block_len - 1 <= t``."""
     block_end = torch.arange(num_blocks, device=positions.device) * stride + block_len - 1
     return block_end[None, :] <= positions[:, None]
 
 
 def compressed_doc_ranges(cu_seqlens: Optional[torch.Tensor], num_cmp: int, block_len: int, stride: int):
-    """Per document, the ``(start, end)`` rows of its blocks in the packed compressed K/V."""
+    """Per document (or key segment: pass ``cu_seqlens_k``), the ``(start, end)`` rows of its blocks in the
+    packed compressed K/V."""
     if cu_seqlens is None:
         return [(0, num_cmp)]
     offsets = compressed_cu_seqlens(cu_seqlens, block_len, stride).tolist()
@@ -25,8 +27,8 @@ def compressed_doc_ranges(cu_seqlens: Optional[torch.Tensor], num_cmp: int, bloc
 
 
 def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block_len: int, stride: int,
-                         scale: Optional[float] = None,
-                         cu_seqlens: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                         scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                         cu_seqlens_k: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query over the compressed blocks that end at or before it.
 
     Args:
@@ -37,25 +39,31 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
         block_len, stride: compression block length ``l`` and stride ``d`` (``l % d == 0``).
         scale: softmax scale, default ``1 / sqrt(Dk)``.
         cu_seqlens: optional int32 ``[N + 1]`` packed-document offsets (B = 1).
+        cu_seqlens_k: optional int32 ``[N + 1]`` key segments on the raw token axis (needs ``cu_seqlens``,
+            which then describes N query segments; ``L_k[n] >= L_q[n]``). Query ``j`` of segment ``n`` sits at
+            position ``L_k[n] - L_q[n] + j`` of key segment ``n`` (bottom-right aligned) and blocks are
+            numbered from the key segment start; k_cmp / v_cmp hold ``num_compressed_blocks(L_k[n])`` rows
+            per key segment, packed (``Nc = compressed_cu_seqlens(cu_seqlens_k, l, d)[-1]``). Default: the
+            key segments are the documents of ``cu_seqlens``.
     Returns:
         ``o [B, T, HQ, Dv]`` in q's dtype and ``lse [B, T, HQ]`` (fp32, fp64 for fp64 inputs, no gradient):
-        query ``t`` attends block ``i`` iff ``i*stride + block_len - 1 <= t`` (document positions).
-        A query that sees no block gets ``o = 0`` and ``lse = -inf``.
+        query at position ``t`` attends block ``i`` iff ``i*stride + block_len - 1 <= t`` (positions in its
+        document, or key segment). A query that sees no block gets ``o = 0`` and ``lse = -inf``.
     """
     check_compression_geometry(block_len, stride)
-    dims = check_attention_inputs(q, k_cmp, v_cmp, cu_seqlens, compression=(block_len, stride),
-                                  k_name="k_cmp", v_name="v_cmp")
+    dims = check_attention_inputs(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_k=cu_seqlens_k,
+                                  compression=(block_len, stride), k_name="k_cmp", v_name="v_cmp")
     scale = default_scale(scale, dims.Dk)
     ct = compute_dtype(q.dtype)
     q_, k_, v_ = q.to(ct), k_cmp.to(ct), v_cmp.to(ct)
-    ranges = compressed_doc_ranges(cu_seqlens, k_cmp.shape[1], block_len, stride)
+    ranges = compressed_doc_ranges(key_segment_offsets(cu_seqlens, cu_seqlens_k), k_cmp.shape[1], block_len, stride)
 
-    def tile_fn(q_tile, k_doc, v_doc, mask):
-        return masked_gqa_attention(q_tile, k_doc, v_doc, mask, scale)
+    def tile_fn(q_tile, k_seg, v_seg, mask):
+        return masked_gqa_attention(q_tile, k_seg, v_seg, mask, scale)
 
     outs, lses = [], []
-    for tile in query_tiles(cu_seqlens, dims.T):
-        c0, c1 = ranges[tile.doc_index]
+    for tile in query_tiles(cu_seqlens, dims.T, cu_seqlens_k):
+        c0, c1 = ranges[tile.segment]
         mask = compressed_block_visibility(tile.local_positions(q.device), c1 - c0, block_len, stride)
         o, lse = run_tile(tile_fn, q_[:, tile.t0:tile.t1], k_[:, c0:c1], v_[:, c0:c1], mask)
         outs.append(o)

@@ -10,8 +10,9 @@ from .tiles import compute_dtype, default_scale, masked_gqa_attention, query_til
 
 
 def selected_key_mask(block_idx: torch.Tensor, positions: torch.Tensor, num_keys: int, select_len: int) -> torch.Tensor:
-    """bool ``[B, H, tq, num_keys]``: the document's key ``s`` is visible to query ``t`` iff ``s <= t`` and
-    block ``s // select_len`` is one of the query's indices ``block_idx [B, tq, H, n]`` (negative = empty)."""
+    """bool ``[B, H, tq, num_keys]``: key ``s`` (position in the document / key segment) is visible to the query
+    at position ``t`` iff ``s <= t`` and block ``s // select_len`` is one of the query's indices
+    ``block_idx [B, tq, H, n]`` (negative = empty)."""
     B, tq, H, _ = block_idx.shape
     num_blocks = -(-num_keys // select_len)
     # out-of-range and empty (-1) entries go to an extra slot that no key maps to
@@ -25,7 +26,8 @@ def selected_key_mask(block_idx: torch.Tensor, positions: torch.Tensor, num_keys
 
 
 def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor, select_len: int,
-                       scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                       cu_seqlens_k: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of each query over the keys of its selected blocks.
 
     Args:
@@ -34,12 +36,20 @@ def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
             ``[j*select_len, (j+1)*select_len)``), shared by the G query heads of KV head ``h``; negative
             entries are empty, a repeated index counts once, blocks past the document hold no keys.
         select_len: selection block length ``l'``.
+        scale: softmax scale, default ``1 / sqrt(Dk)``.
+        cu_seqlens: optional int32 ``[N + 1]`` packed-document offsets (B = 1).
+        cu_seqlens_k: optional int32 ``[N + 1]`` key segments (needs ``cu_seqlens``, which then describes N
+            query segments; ``L_k[n] >= L_q[n]``): k, v are ``[1, T_k, H, D]`` with
+            ``T_k = cu_seqlens_k[-1]``, the key segments packed one after another, and block_idx stays
+            ``[1, T, H, n]`` (one row per query) with blocks numbered from the key segment start. Query ``j``
+            of segment ``n`` sits at position ``L_k[n] - L_q[n] + j`` of key segment ``n`` (bottom-right
+            aligned); causality uses these positions. Default: the key segments are the documents.
     Returns:
-        ``o [B, T, HQ, Dv]``: softmax over the selected blocks' keys ``s <= t``; ``o = 0`` for a query
-        whose selection holds no such key.
+        ``o [B, T, HQ, Dv]``: softmax over the selected blocks' keys ``s <= t`` (positions in the document,
+        or key segment); ``o = 0`` for a query whose selection holds no such key.
     """
     check_positive_int("select_len", select_len)
-    dims = check_attention_inputs(q, k, v, cu_seqlens)
+    dims = check_attention_inputs(q, k, v, cu_seqlens, cu_seqlens_k=cu_seqlens_k)
     check_block_idx(block_idx, dims)
     scale = default_scale(scale, dims.Dk)
     ct = compute_dtype(q.dtype)
@@ -49,11 +59,11 @@ def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
         return masked_gqa_attention(q_tile, k_keys, v_keys, mask, scale)[0]
 
     outs = []
-    for tile in query_tiles(cu_seqlens, dims.T):
-        # the tile's queries can only see their document's keys up to the tile's last query
-        keys = slice(tile.doc_start, tile.t1)
-        mask = selected_key_mask(block_idx[:, tile.t0:tile.t1], tile.local_positions(q.device),
-                                 tile.t1 - tile.doc_start, select_len)
+    for tile in query_tiles(cu_seqlens, dims.T, cu_seqlens_k):
+        # the tile's queries can only see their key segment's keys up to the tile's last query
+        keys = tile.key_rows()
+        mask = selected_key_mask(block_idx[:, tile.t0:tile.t1], tile.local_positions(q.device), tile.end_pos,
+                                 select_len)
         outs.append(run_tile(tile_fn, q_[:, tile.t0:tile.t1], k_[:, keys], v_[:, keys], mask))
     if not outs:
         return q.new_zeros(dims.B, 0, dims.HQ, dims.Dv)

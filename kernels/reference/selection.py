@@ -7,7 +7,7 @@ import torch
 
 from ..validation import check_attention_inputs, check_lse, check_selection_geometry
 from .compressed import compressed_block_visibility, compressed_doc_ranges
-from .tiles import compute_dtype, default_scale, query_tiles
+from .tiles import compute_dtype, default_scale, key_segment_offsets, query_tiles
 
 
 def overlap_weights(num_cmp: int, num_sel: int, block_len: int, stride: int, select_len: int,
@@ -58,15 +58,22 @@ def pick_blocks(scores: torch.Tensor, positions: torch.Tensor, select_len: int, 
 @torch.no_grad()
 def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, block_len: int, stride: int,
                   select_len: int, top_n: int, init_blocks: int = 1, local_blocks: int = 2,
-                  scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                  cu_seqlens_k: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Indices of the selection blocks each query attends to, shared by the query heads of a KV group.
 
     Args:
         q: ``[B, T, HQ, Dk]``; k_cmp: ``[B, Nc, H, Dk]`` compressed keys (as for ``compressed_attention``).
-        lse: ``[B, T, HQ]`` log-sum-exp returned by ``compressed_attention`` for the same q, k_cmp, scale.
+        lse: ``[B, T, HQ]`` log-sum-exp returned by ``compressed_attention`` for the same q, k_cmp, scale
+            and segments.
         block_len, stride: compression geometry ``l``, ``d``; select_len: selection block ``l'``
             (``l' % d == 0``); top_n: blocks per query; init_blocks / local_blocks: forced leading blocks
             and forced most recent candidates (``init_blocks + local_blocks <= top_n``).
+        cu_seqlens: optional int32 ``[N + 1]`` packed-document offsets (B = 1).
+        cu_seqlens_k: optional int32 ``[N + 1]`` key segments, exactly as for ``compressed_attention``
+            (k_cmp packed per key segment, queries bottom-right aligned); the returned block numbers are
+            then counted from each key segment's start and the query position ``t`` below is the position
+            in its key segment.
     Returns:
         int32 ``[B, T, H, top_n]``. Block ``j`` (document-relative, tokens ``[j*l', (j+1)*l')``) scores
         ``s_j = sum_{heads of group} sum_i w_ij p_i`` with ``p_i = exp(q k_i * scale - lse)`` over the
@@ -74,18 +81,18 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, block
         :func:`pick_blocks`. Not differentiable.
     """
     check_selection_geometry(block_len, stride, select_len, top_n, init_blocks, local_blocks)
-    dims = check_attention_inputs(q, k_cmp, k_cmp, cu_seqlens, compression=(block_len, stride), k_name="k_cmp",
-                                  v_name="k_cmp")
+    dims = check_attention_inputs(q, k_cmp, k_cmp, cu_seqlens, cu_seqlens_k=cu_seqlens_k,
+                                  compression=(block_len, stride), k_name="k_cmp", v_name="k_cmp")
     check_lse(lse, dims)
     scale = default_scale(scale, dims.Dk)
     ct = compute_dtype(q.dtype)
     q_, k_, lse_ = q.to(ct), k_cmp.to(ct), lse.to(ct)
-    ranges = compressed_doc_ranges(cu_seqlens, k_cmp.shape[1], block_len, stride)
+    ranges = compressed_doc_ranges(key_segment_offsets(cu_seqlens, cu_seqlens_k), k_cmp.shape[1], block_len, stride)
     out = torch.full((dims.B, dims.T, dims.H, top_n), -1, dtype=torch.int32, device=q.device)
-    for tile in query_tiles(cu_seqlens, dims.T):
-        c0, c1 = ranges[tile.doc_index]
+    for tile in query_tiles(cu_seqlens, dims.T, cu_seqlens_k):
+        c0, c1 = ranges[tile.segment]
         pos = tile.local_positions(q.device)
-        num_sel = -(-(tile.doc_end - tile.doc_start) // select_len)
+        num_sel = -(-tile.key_len // select_len)
         tq = tile.t1 - tile.t0
         qg = q_[:, tile.t0:tile.t1].reshape(dims.B, tq, dims.H, dims.G, dims.Dk)
         logits = torch.einsum("bqhgd,bshd->bhgqs", qg, k_[:, c0:c1]) * scale

@@ -1,8 +1,8 @@
 """Building blocks of the plain-PyTorch reference: query tiles and masked GQA softmax attention.
 
-The reference walks each document in tiles of ``QUERY_TILE`` queries and attends only to the keys
-a tile can see, so memory is O(QUERY_TILE * T * HQ), never O(T^2). Under autograd each tile is
-recomputed in backward (activation checkpointing) so backward memory stays at the same bound.
+The reference walks each query segment (document) in tiles of ``QUERY_TILE`` queries and attends only
+to the keys a tile can see, so memory is O(QUERY_TILE * keys * HQ), never O(T^2). Under autograd each
+tile is recomputed in backward (activation checkpointing) so backward memory stays at the same bound.
 """
 from __future__ import annotations
 
@@ -17,23 +17,53 @@ QUERY_TILE = 128
 
 
 class QueryTile(NamedTuple):
-    """Queries ``[t0, t1)`` (global token indices) of the document ``[doc_start, doc_end)``."""
-    doc_index: int
-    doc_start: int
-    doc_end: int
+    """Queries ``[t0, t1)`` (rows of q) of query segment ``segment`` and where they sit in its key segment.
+
+    The key segment is rows ``[key_start, key_start + key_len)`` of the raw K/V; every NSA position is
+    counted from its start. Queries are bottom-right aligned: query ``t0`` sits at position ``first_pos``
+    (``key_len - L_q + t0 - q_start``), query ``t`` at ``first_pos + t - t0``. Without key segments the key
+    segment is the query's own document (``key_start = doc start``, ``first_pos = t0 - doc start``).
+    """
+    segment: int
+    key_start: int
+    key_len: int
+    first_pos: int
     t0: int
     t1: int
 
+    @property
+    def end_pos(self) -> int:
+        """One past the position of the tile's last query: its causal keys are positions ``< end_pos``."""
+        return self.first_pos + self.t1 - self.t0
+
     def local_positions(self, device) -> torch.Tensor:
-        """int64 ``[t1 - t0]``: the tile's query positions counted from the document start."""
-        return torch.arange(self.t0 - self.doc_start, self.t1 - self.doc_start, device=device)
+        """int64 ``[t1 - t0]``: the tile's query positions counted from the key segment start."""
+        return torch.arange(self.first_pos, self.end_pos, device=device)
+
+    def key_rows(self, first: int = 0) -> slice:
+        """Rows of the raw K/V holding the key segment's positions ``[first, end_pos)``."""
+        return slice(self.key_start + first, self.key_start + self.end_pos)
 
 
-def query_tiles(cu_seqlens: Optional[torch.Tensor], seq_len: int, tile: int = QUERY_TILE) -> Iterator[QueryTile]:
-    """Tiles covering every token once, in order, never crossing a document boundary."""
-    for n, (start, end) in enumerate(document_spans(cu_seqlens, seq_len)):
-        for t0 in range(start, end, tile):
-            yield QueryTile(n, start, end, t0, min(t0 + tile, end))
+def key_segment_offsets(cu_seqlens: Optional[torch.Tensor],
+                        cu_seqlens_k: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Offsets of the key segments: ``cu_seqlens_k`` when given, else the query segments ``cu_seqlens``."""
+    return cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+
+
+def query_tiles(cu_seqlens: Optional[torch.Tensor], seq_len: int, cu_seqlens_k: Optional[torch.Tensor] = None,
+                tile: int = QUERY_TILE) -> Iterator[QueryTile]:
+    """Tiles covering every query row once, in order, never crossing a segment boundary.
+
+    Query segment ``n`` is ``cu_seqlens[n] : cu_seqlens[n + 1]`` (the whole ``seq_len`` without packing), its
+    key segment ``cu_seqlens_k[n] : cu_seqlens_k[n + 1]`` (the same rows without ``cu_seqlens_k``).
+    """
+    q_spans = document_spans(cu_seqlens, seq_len)
+    k_spans = q_spans if cu_seqlens_k is None else document_spans(cu_seqlens_k, int(cu_seqlens_k[-1]))
+    for n, ((q_start, q_end), (k_start, k_end)) in enumerate(zip(q_spans, k_spans)):
+        shift = (k_end - k_start) - (q_end - q_start)  # position of the segment's first query
+        for t0 in range(q_start, q_end, tile):
+            yield QueryTile(n, k_start, k_end - k_start, shift + t0 - q_start, t0, min(t0 + tile, q_end))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

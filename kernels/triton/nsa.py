@@ -8,12 +8,14 @@ import torch
 
 from ..composition import gated_nsa
 from .compressed import compressed_attention
+from .gate_combine import gate_combine
 from .selected import selected_attention
 from .selection import select_blocks
 from .window import window_attention
 
 TRITON_OPS = SimpleNamespace(compressed_attention=compressed_attention, select_blocks=select_blocks,
-                             selected_attention=selected_attention, window_attention=window_attention)
+                             selected_attention=selected_attention, window_attention=window_attention,
+                             gate_combine=gate_combine)
 
 
 def nsa_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc: torch.Tensor, v_slc: torch.Tensor,
