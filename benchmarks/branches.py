@@ -21,9 +21,9 @@ import torch
 import nsa_kernels
 
 try:  # run as a script (python benchmarks/branches.py) or as a module
-    from kernels import FLA_CONFIG, PAPER, Geometry, bench
+    from kernels import FLA_CONFIG, PAPER, Geometry, add_shape_arguments, bench
 except ImportError:
-    from benchmarks.kernels import FLA_CONFIG, PAPER, Geometry, bench
+    from benchmarks.kernels import FLA_CONFIG, PAPER, Geometry, add_shape_arguments, bench
 
 GEOMETRIES = {"paper": PAPER, "fla": FLA_CONFIG}
 
@@ -91,9 +91,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqlens", type=int, nargs="+", default=[65536])
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="paper")
-    parser.add_argument("--heads", type=int, default=64)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=128)
+    add_shape_arguments(parser)
     parser.add_argument("--profile", action="store_true", help="also print the per-kernel split")
     parser.add_argument("--out", default=None, help="write the results to <out>.json")
     args = parser.parse_args(argv)

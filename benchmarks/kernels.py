@@ -196,12 +196,17 @@ def plot(result: Dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seqlens", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--heads`` (HQ, default 64), ``--kv-heads`` (H, default 4), ``--dim`` (D, default 128): the benchmarks' shape."""
     parser.add_argument("--heads", type=int, default=64)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=128)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
+    add_shape_arguments(parser)
     parser.add_argument("--small-group", type=int, default=4,
                         help="also time the paper configuration with HQ = H * this (G = 4: HQ 16); 0 = off")
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])

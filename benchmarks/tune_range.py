@@ -20,6 +20,11 @@ import torch
 import nsa_kernels
 from nsa_kernels.triton import range_attention
 
+try:  # run as a script (python benchmarks/...) or as a module
+    from kernels import add_shape_arguments
+except ImportError:
+    from benchmarks.kernels import add_shape_arguments
+
 GROUPS = {
     "fwd": dict(fwd_rows=[64, 128], fwd_keys=[32, 64, 128], fwd_warps=[4, 8], fwd_stages=[2, 3, 4]),
     "dq": dict(dq_keys=[32, 64, 128], dq_warps=[4, 8], dq_stages=[1, 2, 3]),
@@ -66,9 +71,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--branch", choices=["compressed", "window"], default="compressed")
     parser.add_argument("--seqlen", type=int, default=65536)
-    parser.add_argument("--heads", type=int, default=64)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=128)
+    add_shape_arguments(parser)
     parser.add_argument("--budget-s", type=float, default=240)
     parser.add_argument("--groups", nargs="+", choices=sorted(GROUPS), default=list(GROUPS),
                         help="field groups to sweep, in order")

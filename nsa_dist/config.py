@@ -6,6 +6,9 @@ from typing import Any, Dict, Optional
 
 from nsa_kernels.validation import check_non_negative_int, check_positive_int, check_selection_geometry
 
+from .parallel.layout import check_layout_kind
+from .parallel.nsa import check_selection_exchange
+
 COMPRESSORS = ("mlp", "linear", "mean")
 KV_SHARING = ("separate", "shared")
 
@@ -30,6 +33,11 @@ class NSAConfig:
         rope_theta: rotary base; ``use_rope=False`` disables rotary embeddings.
         softmax_scale: attention scale (default ``1 / sqrt(Dk)``).
         qkv_bias: biases on the q/k/v projections.
+        cp_layout: sequence layout under context parallelism, ``"zigzag"`` (Megatron's, ``2P`` chunks) or
+            ``"contiguous"`` (``P`` chunks); used only when the layer gets a ``cp_group``.
+        cp_selection_exchange: how selected blocks reach their queries under context parallelism: ``"auto"``
+            (the cheaper in bytes), ``"sparse"`` (fetch only the selected blocks) or ``"allgather"`` (all raw
+            selection K/V).
     """
 
     hidden_size: int
@@ -51,6 +59,8 @@ class NSAConfig:
     rope_theta: float = 10000.0
     softmax_scale: Optional[float] = None
     qkv_bias: bool = False
+    cp_layout: str = "zigzag"
+    cp_selection_exchange: str = "auto"
 
     def __post_init__(self):
         for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim"):
@@ -76,6 +86,8 @@ class NSAConfig:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
         if self.softmax_scale is not None and not self.softmax_scale > 0:
             raise ValueError(f"softmax_scale must be > 0 or None, got {self.softmax_scale!r}")
+        check_layout_kind(self.cp_layout, "cp_layout")
+        check_selection_exchange(self.cp_selection_exchange, "cp_selection_exchange")
 
     @property
     def group_size(self) -> int:

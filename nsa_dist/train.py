@@ -1,9 +1,11 @@
-"""The main job: train the compact GPT (NSA or dense attention) on one process, CPU or GPU.
+"""The main job: train the compact GPT (NSA or dense attention) on one process, CPU or GPU, or context-parallel
+over ``--cp N`` local gloo processes on the CPU.
 
 ``nsa-dist train --config configs/tiny-cpu.yaml`` (or ``python -m nsa_dist.train --config ...``) shows a
 progress bar with loss, accuracy and tokens/s, evaluates on held-out batches before and after
 training, and writes ``checkpoint.pt`` (loadable with ``torch.load(weights_only=True)``) and
-``metrics.json`` to ``out_dir``.
+``metrics.json`` to ``out_dir``. With ``--cp N`` every rank draws the same batches and keeps its shard of each
+sequence (the NSA layers' ``cp_layout``); losses and gradients are summed over the ranks and rank 0 reports.
 """
 from __future__ import annotations
 
@@ -16,11 +18,15 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .attention import NativeSparseAttention
 from .data import IGNORE_INDEX, Batch, ByteTextDataset, RetrievalTask
 from .models import GPT
+from .parallel.local_group import run_local_group
+from .parallel.training import ContextParallelGroup
 from .training_config import TrainConfig
 
 
@@ -38,13 +44,17 @@ def make_dataset(config: TrainConfig):
     return RetrievalTask(**config.data.retrieval)
 
 
-def loss_and_accuracy(model: GPT, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over the labelled positions and the fraction predicted exactly (argmax)."""
-    logits = model(batch.tokens)
-    labelled = batch.targets != IGNORE_INDEX
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
-    correct = (logits.argmax(-1) == batch.targets) & labelled
-    return loss, correct.sum() / labelled.sum().clamp_min(1)
+def loss_and_accuracy(model: GPT, batch: Batch, cp: ContextParallelGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the mean cross-entropy over the batch's labelled positions and of the fraction
+    predicted exactly (argmax); summed over the context-parallel group (``cp.sum``) they are the batch's values."""
+    targets = cp.shard(batch.targets)
+    logits = model(cp.shard(batch.tokens))
+    labelled = targets != IGNORE_INDEX
+    count = (batch.targets != IGNORE_INDEX).sum().clamp_min(1)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum") / count
+    correct = (logits.argmax(-1) == targets) & labelled
+    return loss, correct.sum() / count
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -56,27 +66,60 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def batch_loss(model: GPT, batch: Batch, device: torch.device, cp: ContextParallelGroup) -> tuple:
+    """``(loss share, accuracy share, [loss, accuracy] of the whole batch)``: the shares carry gradients, the
+    batch values are summed over the group."""
+    loss, acc = loss_and_accuracy(model, Batch(batch.tokens.to(device), batch.targets.to(device)), cp)
+    return loss, acc, cp.sum(torch.stack([loss.detach(), acc.detach()]).float()).tolist()
+
+
 @torch.no_grad()
-def evaluate(model: GPT, batches: List[Batch], device: torch.device) -> Dict[str, float]:
+def evaluate(model: GPT, batches: List[Batch], device: torch.device, cp: ContextParallelGroup) -> Dict[str, float]:
     """Mean loss and accuracy over fixed held-out batches."""
     model.eval()
-    losses, accs = [], []
-    for batch in batches:
-        loss, acc = loss_and_accuracy(model, Batch(batch.tokens.to(device), batch.targets.to(device)))
-        losses.append(loss.item())
-        accs.append(acc.item())
+    values = [batch_loss(model, batch, device, cp)[2] for batch in batches]
     model.train()
-    return {"loss": sum(losses) / len(losses), "accuracy": sum(accs) / len(accs)}
+    return {"loss": sum(v[0] for v in values) / len(values), "accuracy": sum(v[1] for v in values) / len(values)}
+
+
+def use_context_parallel(model: GPT, group) -> None:
+    """Make every NSA layer of ``model`` context-parallel over ``group`` (``TrainConfig`` rejects dense
+    attention with ``train.cp > 1``)."""
+    for module in model.modules():
+        if isinstance(module, NativeSparseAttention):
+            module.cp_group = group
 
 
 def train(config: TrainConfig, device: Optional[str] = None, progress: bool = True) -> Dict:
-    """Train per ``config`` and return the metrics written to ``<out_dir>/metrics.json``."""
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Train per ``config`` and return the metrics written to ``<out_dir>/metrics.json`` (with ``train.cp > 1``
+    on that many local gloo processes on the CPU, rank 0 reporting)."""
+    cp = config.train.cp
+    if cp == 1:
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return train_on(config, dev, progress, ContextParallelGroup())
+    if device not in (None, "cpu"):
+        raise ValueError(f"--cp {cp} runs local gloo processes on the CPU; --device {device!r} is not supported")
+    threads = max(1, (config.train.threads or torch.get_num_threads()) // cp)
+    return run_local_group(_train_rank, cp, config, progress, threads=threads)[0]
+
+
+def _train_rank(rank: int, world_size: int, config: TrainConfig, progress: bool) -> Dict:
+    """One process of ``train --cp N`` (in the gloo group that :func:`run_local_group` set up)."""
+    nsa = config.gpt_config(vocab_size=2).nsa_config()
+    group = ContextParallelGroup(dist.group.WORLD, nsa.cp_layout, nsa.select_len)
+    return train_on(config, torch.device("cpu"), progress and rank == 0, group)
+
+
+def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: ContextParallelGroup) -> Dict:
+    """The training loop of one process of context-parallel group ``cp`` (a single process: ``cp.group=None``);
+    rank 0 writes the checkpoint and metrics. Returns the metrics."""
     torch.manual_seed(config.seed)
     dataset = make_dataset(config)
     model = GPT(config.gpt_config(dataset.vocab_size)).to(dev)
+    if cp.group is not None:
+        use_context_parallel(model, cp.group)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.train.weight_decay},
@@ -87,7 +130,7 @@ def train(config: TrainConfig, device: Optional[str] = None, progress: bool = Tr
     seq_len, batch_size = config.data.seq_len, config.train.batch_size
     eval_batches = [dataset.sample(batch_size, seq_len, eval_gen) for _ in range(config.train.eval_batches)]
 
-    initial = evaluate(model, eval_batches, dev)
+    initial = evaluate(model, eval_batches, dev, cp)
     history = []
     start = time.perf_counter()
     tokens_seen = 0
@@ -98,15 +141,16 @@ def train(config: TrainConfig, device: Optional[str] = None, progress: bool = Tr
         batch = dataset.sample(batch_size, seq_len, train_gen)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        loss, acc = loss_and_accuracy(model, Batch(batch.tokens.to(dev), batch.targets.to(dev)))
+        loss, acc, (loss_value, acc_value) = batch_loss(model, batch, dev, cp)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        cp.sum_gradients(model.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}")
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step}")
         optimizer.step()
         tokens_seen += batch.tokens.numel()
-        window.append(StepStats(loss.item(), acc.item(), batch.tokens.numel()))
+        window.append(StepStats(loss_value, acc_value, batch.tokens.numel()))
         if (step + 1) % config.train.log_every == 0 or step + 1 == config.train.steps:
             elapsed = time.perf_counter() - start
             record = {"step": step + 1, "loss": sum(s.loss for s in window) / len(window),
@@ -117,16 +161,17 @@ def train(config: TrainConfig, device: Optional[str] = None, progress: bool = Tr
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}",
                             tok_s=f"{record['tokens_per_s']:.0f}")
     train_time = time.perf_counter() - start
-    final = evaluate(model, eval_batches, dev)
-
+    final = evaluate(model, eval_batches, dev, cp)
+    metrics = {"attention": model.config.attention, "parameters": model.num_parameters(),
+               "device": str(dev), "cp": cp.world_size, "steps": config.train.steps, "tokens": tokens_seen,
+               "train_time_s": train_time, "tokens_per_s": tokens_seen / train_time,
+               "initial_eval": initial, "final_eval": final, "history": history}
+    if cp.rank != 0:
+        return metrics
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": config.train.steps,
                 "model_config": model.config.to_dict(), "train_config": config.to_dict()}, out / "checkpoint.pt")
-    metrics = {"attention": model.config.attention, "parameters": model.num_parameters(),
-               "device": str(dev), "steps": config.train.steps, "tokens": tokens_seen,
-               "train_time_s": train_time, "tokens_per_s": tokens_seen / train_time,
-               "initial_eval": initial, "final_eval": final, "history": history}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -139,6 +184,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", choices=["nsa", "dense"], help="override model.attention")
     parser.add_argument("--seed", type=int, help="override seed")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--cp", type=int, help="context-parallel ranks: override train.cp (local gloo processes on "
+                        "the CPU, each holding T/cp tokens of every sequence; NSA attention only)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only the summary)")
 
 
@@ -156,10 +203,14 @@ def run_from_args(args: argparse.Namespace) -> Dict:
         raw["model"]["attention"] = args.attention
     if args.seed is not None:
         raw["seed"] = args.seed
+    if args.cp is not None:
+        raw["train"]["cp"] = args.cp
     config = TrainConfig.from_dict(raw)
     metrics = train(config, device=args.device, progress=not args.no_progress)
     i, f = metrics["initial_eval"], metrics["final_eval"]
-    print(f"done: {metrics['steps']} steps in {metrics['train_time_s']:.1f} s, {metrics['tokens_per_s']:.0f} tokens/s; "
+    ranks = f" on {metrics['cp']} context-parallel ranks" if metrics["cp"] > 1 else ""
+    print(f"done{ranks}: {metrics['steps']} steps in {metrics['train_time_s']:.1f} s, "
+          f"{metrics['tokens_per_s']:.0f} tokens/s; "
           f"eval loss {i['loss']:.3f} -> {f['loss']:.3f}, accuracy {i['accuracy']:.3f} -> {f['accuracy']:.3f}; "
           f"wrote {config.out_dir}/checkpoint.pt and metrics.json")
     return metrics

@@ -9,6 +9,7 @@ import yaml
 
 from .data import RetrievalTask
 from .models import GPTConfig
+from .parallel.layout import CPLayout
 
 DATA_KINDS = ("retrieval", "text")
 
@@ -46,7 +47,11 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimisation and logging: AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
+    """Optimisation and logging: AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``.
+
+    ``cp``: context-parallel ranks, run as local gloo processes on the CPU, each holding ``T / cp`` tokens of every
+    sequence (NSA attention only); ``threads`` are shared among them.
+    """
     steps: int = 300
     batch_size: int = 8
     lr: float = 3e-3
@@ -58,9 +63,10 @@ class OptimConfig:
     eval_batches: int = 4
     log_every: int = 10
     threads: Optional[int] = None
+    cp: int = 1
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_batches", "log_every"):
+        for name in ("steps", "batch_size", "eval_batches", "log_every", "cp"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"train.{name} must be a positive int, got {value!r}")
@@ -90,7 +96,7 @@ class TrainConfig:
         config = cls(model=model, data=_from_section(DataConfig, values.get("data"), "data"),
                      train=_from_section(OptimConfig, values.get("train"), "train"),
                      seed=values.get("seed", 0), out_dir=values.get("out_dir", "runs/default"))
-        config.gpt_config(vocab_size=2)  # validate the model section now
+        config.check_context_parallel()  # validates the model section too
         return config
 
     @classmethod
@@ -99,6 +105,17 @@ class TrainConfig:
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
         return cls.from_dict(yaml.safe_load(path.read_text()) or {})
+
+    def check_context_parallel(self) -> None:
+        """With ``train.cp > 1`` the model must use NSA and ``data.seq_len`` must split into the CP layout."""
+        model = self.gpt_config(vocab_size=2)
+        if self.train.cp == 1:
+            return
+        if model.attention != "nsa":
+            raise ValueError(f"train.cp={self.train.cp} needs model.attention='nsa' (dense attention has no "
+                             f"context parallelism), got {model.attention!r}")
+        nsa = model.nsa_config()
+        CPLayout(self.train.cp, self.data.seq_len, nsa.cp_layout, nsa.select_len)
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig.from_dict({**self.model, "vocab_size": vocab_size})

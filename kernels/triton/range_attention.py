@@ -1,13 +1,15 @@
 """Range attention: flash attention where query ``t`` sees one contiguous range of key rows.
 
 One kernel family serves two NSA branches; the constexpr ``MODE`` says which key rows a query token
-``t`` (global index, in the document ``[doc_start, doc_end)``) sees:
+``t`` (global row of q, in the query segment ``[q_start, q_end)``) sees. Its position in its key segment is
+``p = t - q_start + shift`` (bottom-right aligned, see :mod:`.utils`; ``shift = 0`` and the key segment is the
+document without ``cu_seqlens_k``), and the raw key row of that position is ``kr = t + koff``,
+``koff = k_start + shift - q_start``:
 
-* ``WINDOW`` (sliding window, keys = raw tokens): rows ``[max(doc_start, t - w + 1), t]``.
-* ``COMPRESSED`` (keys = the document's packed compressed rows, starting at ``cmp_start``): with
-  ``p = t - doc_start``, rows ``cmp_start + i`` for ``i < nvis``, ``nvis = 0 if p < l - 1 else
-  (p - l + 1) // d + 1`` (block ``i`` ends at ``i*d + l - 1 <= p``). A query that sees nothing gets
-  ``o = 0`` and ``lse = -inf``.
+* ``WINDOW`` (sliding window, keys = raw tokens): rows ``[max(k_start, kr - w + 1), kr]``.
+* ``COMPRESSED`` (keys = the key segment's packed compressed rows, starting at ``cmp_start``): rows
+  ``cmp_start + i`` for ``i < nvis``, ``nvis = 0 if p < l - 1 else (p - l + 1) // d + 1`` (block ``i``
+  ends at ``i*d + l - 1 <= p``). A query that sees nothing gets ``o = 0`` and ``lse = -inf``.
 
 GQA: a program owns ``BLOCK_T`` query tokens of one KV head and ``GB`` query heads of its group
 (all ``G`` heads unless ``G`` is large), i.e. ``BLOCK_M = BLOCK_T * GB`` rows ordered
@@ -21,9 +23,12 @@ running together share K/V in L2):
 * ``_range_fwd_kernel``: online softmax in the log2 domain; writes ``o`` and ``lse`` (natural log, fp32).
 * ``_delta_kernel``: ``delta = rowsum(dO * O)``.
 * ``_range_dq_kernel``: same tiling as forward, recomputes ``P`` from ``lse``, ``dq = scale * dS K``.
-* ``_range_dkdv_kernel``: one program per (key tile, KV head) loops over the query tokens whose ranges can
-  include the tile (window: ``[s, s + w - 1]``; compressed: positions ``>= i*d + l - 1`` up to the document
-  end), all ``G`` heads, accumulating ``dk``/``dv`` in registers: no atomics.
+* ``_range_dkdv_kernel``: one program per (work item, KV head) loops over query tokens whose ranges can
+  include the item's key tile (the inverse map, clipped to the segment's queries: window: positions
+  ``[s, s + w - 1]``, one item per tile; compressed: positions ``>= i*d + l - 1`` up to the segment end, cut
+  into chunks of tokens, one item each: :func:`dkdv_work_items`), all ``G`` heads, accumulating
+  ``dk``/``dv`` in fp32 registers. Window items store their rows; compressed items store fp32 partials that
+  ``_range_reduce_kernel`` sums per key tile in item order: no atomics, deterministic.
 
 Host side: :func:`range_attention_forward` / :func:`range_attention_backward`, used by the autograd
 Functions of :mod:`.window` and :mod:`.compressed`. Inputs whose last dim is not contiguous are copied
@@ -37,8 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import compressed_cu_seqlens
-from .utils import TILE_COLUMNS, document_tiles, kernel_dtype, new_output, query_tile_table
+from .tile_loads import load_tile, tile_row
+from .utils import kernel_dtype, new_output, query_tile_table, tile_table
 
 WINDOW = 0
 COMPRESSED = 1
@@ -51,30 +56,33 @@ LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _visible_rows(t, doc_start, cmp_start, MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr,
+def _visible_rows(kr, k_start, cmp_start, MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr,
                   STRIDE: tl.constexpr):
-    """``[lo, hi)``: the key rows query token ``t`` (scalar or tensor, global index) sees."""
+    """``[lo, hi)``: the key rows a query sees whose own position is raw key row ``kr`` (scalar or tensor,
+    ``t + koff``) of the key segment starting at row ``k_start``."""
     if MODE == 0:
-        lo = tl.maximum(t - WINDOW + 1, doc_start)
-        hi = t + 1
+        lo = tl.maximum(kr - WINDOW + 1, k_start)
+        hi = kr + 1
     else:
-        p = t - doc_start
+        p = kr - k_start
         nvis = tl.where(p >= BLOCK_LEN - 1, tl.maximum(p - BLOCK_LEN + 1, 0) // STRIDE + 1, 0)
-        lo = cmp_start + 0 * t
+        lo = cmp_start + 0 * kr
         hi = cmp_start + nvis
     return lo, hi
 
 
 @triton.jit
-def _seeing_queries(s, doc_start, doc_end, cmp_start, MODE: tl.constexpr, WINDOW: tl.constexpr,
+def _seeing_queries(s, q_start, q_end, k_start, koff, cmp_start, MODE: tl.constexpr, WINDOW: tl.constexpr,
                     BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr):
-    """``[qlo, qhi)``: the query tokens that see key row ``s`` (a row of their document)."""
+    """``[qlo, qhi)``: the query tokens (rows of q) that see key row ``s`` of their key segment: the inverse of
+    :func:`_visible_rows` (query row ``t`` has position row ``t + koff``), clipped to ``[q_start, q_end)``; empty
+    (``qhi <= qlo``) when no query of the segment sees it."""
     if MODE == 0:
-        qlo = s
-        qhi = tl.minimum(s + WINDOW, doc_end)
+        qlo = tl.maximum(s - koff, q_start)
+        qhi = tl.minimum(s - koff + WINDOW, q_end)
     else:
-        qlo = doc_start + (s - cmp_start) * STRIDE + BLOCK_LEN - 1
-        qhi = doc_end + 0 * s
+        qlo = tl.maximum(k_start - koff + (s - cmp_start) * STRIDE + BLOCK_LEN - 1, q_start)
+        qhi = q_end + 0 * s
     return qlo, qhi
 
 
@@ -160,19 +168,16 @@ def _query_tile(TILES, n_tiles, BHC, H, NGC, REVERSE: tl.constexpr, MODE: tl.con
     per-row visible range ``[lo, hi)``, and the tile's key range ``[u0, u1)`` split at ``a <= bnd`` into
     masked ``[u0, a)``, unmasked ``[a, bnd)`` and masked ``[bnd, u1)`` (see :func:`_split_range`)."""
     tile, b, h, gc = _program_ids(n_tiles, BHC, H, NGC, REVERSE)
-    row = TILES + tile * 4
-    doc_start = tl.load(row)
-    doc_end = tl.load(row + 1)
-    t0 = tl.load(row + 2)
-    cmp_start = tl.load(row + 3)
+    q_start, q_end, t0, cmp_start, k_start, shift = tile_row(TILES, tile)
+    koff = k_start + shift - q_start  # query row t -> raw key row of its position
     offs_m = tl.arange(0, BLOCK_T * GB)
     t = t0 + offs_m // GB
     g = gc * GB + offs_m % GB
-    row_ok = (t < doc_end) & (g < G)
-    lo, hi = _visible_rows(t, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
-    t_last = tl.minimum(t0 + BLOCK_T, doc_end) - 1
-    u0, i1 = _visible_rows(t0, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
-    i0, u1 = _visible_rows(t_last, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+    row_ok = (t < q_end) & (g < G)
+    lo, hi = _visible_rows(t + koff, k_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+    t_last = tl.minimum(t0 + BLOCK_T, q_end) - 1
+    u0, i1 = _visible_rows(t0 + koff, k_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+    i0, u1 = _visible_rows(t_last + koff, k_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
     u1 = tl.maximum(u1, u0)
     a, bnd = _split_range(u0, u1, i0, i1, BLOCK_S)
     return (b.to(tl.int64), h.to(tl.int64), t.to(tl.int64), (h * G + g).to(tl.int64), row_ok, lo, hi, u0, u1,
@@ -310,7 +315,7 @@ def _range_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TILES, n_tiles, BHC, H, T,
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, t_start, q_end, doc_start, cmp_start,
+def _dkdv_step(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, t_start, q_end, koff, k_start, cmp_start,
                sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk, offs_dv,
                MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
                G: tl.constexpr, MASKED: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
@@ -325,7 +330,7 @@ def _dkdv_step(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, t_
     lse2, delta = _load_lse2(LSE, DELTA, (b64 * T + t64) * (H * G) + hq64, row_ok)
     qk_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_S, BLOCK_M]
     if MASKED:
-        lo, hi = _visible_rows(t, doc_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+        lo, hi = _visible_rows(t + koff, k_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
         vis = (s[:, None] >= lo[None, :]) & (s[:, None] < hi[None, :])
         qk_t = tl.where(vis, qk_t, float("-inf"))
     p_t = tl.exp2(qk_t - lse2[None, :])
@@ -337,25 +342,49 @@ def _dkdv_step(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, t_
 
 
 @triton.jit
-def _range_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, TILES, n_tiles, BH, H, T,
+def _key_rows_end(q_start, q_end, cmp_start, k_start, shift, MODE: tl.constexpr, BLOCK_LEN: tl.constexpr,
+                  STRIDE: tl.constexpr):
+    """End row of the key segment (``L_k = q_end - q_start + shift`` rows): its raw rows (WINDOW) or its
+    packed compressed blocks (COMPRESSED, ``max(0, (L_k - l) // d + 1)`` of them)."""
+    n = q_end - q_start + shift
+    if MODE == 0:
+        end = k_start + n
+    else:
+        end = cmp_start + tl.where(n >= BLOCK_LEN, tl.maximum(n - BLOCK_LEN, 0) // STRIDE + 1, 0)
+    return end
+
+
+@triton.jit
+def _store_kv_grads(DK_, DV_, dk, dv, b64, h64, s64, s_ok, sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, scale,
+                    offs_dk, offs_dv, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+                    BLOCK_DV: tl.constexpr):
+    """Store fp32 accumulators ``dk * scale`` and ``dv`` into rows ``s64`` of the gradient tensors."""
+    _store_rows(DK_ + b64 * sdk_b + h64 * sdk_h + s64[:, None] * sdk_s + offs_dk[None, :],
+                (dk * scale).to(DK_.dtype.element_ty), s_ok, offs_dk, DK, BLOCK_DK)
+    _store_rows(DV_ + b64 * sdv_b + h64 * sdv_h + s64[:, None] * sdv_s + offs_dv[None, :],
+                dv.to(DV_.dtype.element_ty), s_ok, offs_dv, DV, BLOCK_DV)
+
+
+@triton.jit
+def _range_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, ITEMS, n_items, BH, H, T,
                        sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_t, sdo_h,
                        sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, qk_scale, scale,
                        MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
                        G: tl.constexpr, GB: tl.constexpr, NGC: tl.constexpr, BLOCK_TQ: tl.constexpr,
                        BLOCK_S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
-                       BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+                       BLOCK_DV: tl.constexpr, PREC: tl.constexpr, PARTIAL: tl.constexpr):
+    """One program per (work item, batch x KV head): the item's ``BLOCK_S`` key rows against the query tokens
+    ``[q_lo, q_hi)`` of their seeing range. ``PARTIAL``: store the unscaled fp32 sums in the item's slot of
+    ``DK_``/``DV_`` (``[n_items * BH, BLOCK_S, BLOCK_D]``, summed by ``_range_reduce_kernel``), else the
+    final ``dk``/``dv`` rows."""
     BLOCK_M: tl.constexpr = BLOCK_TQ * GB
-    tile, b, h, _ = _program_ids(n_tiles, BH, H, 1, False)
-    row = TILES + tile * 4
-    doc_start = tl.load(row)
-    doc_end = tl.load(row + 1)
-    s0 = tl.load(row + 2)
-    cmp_start = tl.load(row + 3)
-    if MODE == 0:
-        s_end = doc_end
-    else:
-        n = doc_end - doc_start
-        s_end = cmp_start + tl.where(n >= BLOCK_LEN, tl.maximum(n - BLOCK_LEN, 0) // STRIDE + 1, 0)
+    item, b, h, _ = _program_ids(n_items, BH, H, 1, False)
+    row = ITEMS + item * 8  # the key tile's row, then q_lo, q_hi (see dkdv_work_items)
+    q_start, q_end, s0, cmp_start, k_start, shift = load_tile(row)
+    q_lo = tl.load(row + 6)
+    q_hi = tl.load(row + 7)
+    koff = k_start + shift - q_start
+    s_end = _key_rows_end(q_start, q_end, cmp_start, k_start, shift, MODE, BLOCK_LEN, STRIDE)
 
     offs_s = tl.arange(0, BLOCK_S)
     offs_m = tl.arange(0, BLOCK_M)
@@ -372,10 +401,12 @@ def _range_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, TILES, n_tiles, BH, H,
                    BLOCK_DV, True)
 
     s_last = tl.minimum(s0 + BLOCK_S, s_end) - 1
-    u0, i1 = _seeing_queries(s0, doc_start, doc_end, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
-    i0, u1 = _seeing_queries(s_last, doc_start, doc_end, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
-    u1 = tl.maximum(u1, u0)
-    a, bnd = _split_range(u0, u1, i0, i1, BLOCK_TQ)
+    u0, i1 = _seeing_queries(s0, q_start, q_end, k_start, koff, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+    i0, u1 = _seeing_queries(s_last, q_start, q_end, k_start, koff, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+    # the item's share of the queries: clamp the union and the intersection of the rows' ranges
+    u0 = tl.maximum(u0, q_lo)
+    u1 = tl.maximum(tl.minimum(u1, q_hi), u0)
+    a, bnd = _split_range(u0, u1, tl.maximum(i0, u0), tl.minimum(i1, u1), BLOCK_TQ)
 
     tq = offs_m // GB
     dk = tl.zeros([BLOCK_S, BLOCK_DK], dtype=tl.float32)
@@ -386,20 +417,51 @@ def _range_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, TILES, n_tiles, BH, H,
         hq64 = (h * G + g).to(tl.int64)
         for t_start in range(u0, a, BLOCK_TQ):
             dk, dv = _dkdv_step(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, t_start, u1,
-                                doc_start, cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk,
+                                koff, k_start, cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk,
                                 offs_dv, MODE, WINDOW, BLOCK_LEN, STRIDE, G, True, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
         for t_start in range(a, bnd, BLOCK_TQ):
             dk, dv = _dkdv_step(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, t_start, u1,
-                                doc_start, cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk,
+                                koff, k_start, cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk,
                                 offs_dv, MODE, WINDOW, BLOCK_LEN, STRIDE, G, False, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
         for t_start in range(bnd, u1, BLOCK_TQ):
             dk, dv = _dkdv_step(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, t_start, u1,
-                                doc_start, cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk,
+                                koff, k_start, cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk,
                                 offs_dv, MODE, WINDOW, BLOCK_LEN, STRIDE, G, True, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
-    _store_rows(DK_ + b64 * sdk_b + h64 * sdk_h + s64[:, None] * sdk_s + offs_dk[None, :],
-                (dk * scale).to(DK_.dtype.element_ty), s_ok, offs_dk, DK, BLOCK_DK)
-    _store_rows(DV_ + b64 * sdv_b + h64 * sdv_h + s64[:, None] * sdv_s + offs_dv[None, :],
-                dv.to(DV_.dtype.element_ty), s_ok, offs_dv, DV, BLOCK_DV)
+    if PARTIAL:
+        slot = (item * BH + b * H + h).to(tl.int64) * BLOCK_S + offs_s
+        tl.store(DK_ + slot[:, None] * BLOCK_DK + offs_dk[None, :], dk)
+        tl.store(DV_ + slot[:, None] * BLOCK_DV + offs_dv[None, :], dv)
+    else:
+        _store_kv_grads(DK_, DV_, dk, dv, b64, h64, s64, s_ok, sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, scale,
+                        offs_dk, offs_dv, DK, DV, BLOCK_DK, BLOCK_DV)
+
+
+@triton.jit
+def _range_reduce_kernel(PK, PV, DK_, DV_, KTILES, TILE_ITEMS, BH, H, sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h,
+                         scale, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr, BLOCK_S: tl.constexpr,
+                         DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """``dk``/``dv`` of one key tile and (batch, KV head): the sum of its work items' partials, in item order
+    (deterministic), times ``scale`` for ``dk``."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    q_start, q_end, s0, cmp_start, k_start, shift = tile_row(KTILES, tile)
+    s_end = _key_rows_end(q_start, q_end, cmp_start, k_start, shift, 1, BLOCK_LEN, STRIDE)  # MODE = COMPRESSED
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dk = tl.zeros([BLOCK_S, BLOCK_DK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_S, BLOCK_DV], dtype=tl.float32)
+    for item in range(tl.load(TILE_ITEMS + tile), tl.load(TILE_ITEMS + tile + 1)):
+        slot = (item * BH + bh).to(tl.int64) * BLOCK_S + offs_s
+        dk += tl.load(PK + slot[:, None] * BLOCK_DK + offs_dk[None, :])
+        dv += tl.load(PV + slot[:, None] * BLOCK_DV + offs_dv[None, :])
+    s = s0 + offs_s
+    s_ok = s < s_end
+    s64 = s.to(tl.int64)
+    _store_kv_grads(DK_, DV_, dk, dv, b64, h64, s64, s_ok, sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, scale,
+                    offs_dk, offs_dv, DK, DV, BLOCK_DK, BLOCK_DV)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -431,6 +493,9 @@ class RangeConfig(NamedTuple):
 
 #: Set to a dict of :class:`RangeConfig` fields to override the heuristic (tests, tuning).
 CONFIG_OVERRIDE: Optional[dict] = None
+#: Compressed dK/dV: query tokens per work item (at least), and at most this many items per key tile.
+DKDV_QUERY_CHUNK = 4096
+DKDV_MAX_CHUNKS = 16
 
 
 def _pow2(x: int, least: int = 16) -> int:
@@ -438,11 +503,11 @@ def _pow2(x: int, least: int = 16) -> int:
 
 
 def pick_config(geom: RangeGeometry, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16) -> RangeConfig:
-    """Block sizes for H100-class GPUs, no autotuning (``geom`` is there for mode-specific choices).
+    """Block sizes for H100-class GPUs, no autotuning.
 
-    Half inputs, head dims <= 128: 128-row query tiles (BLOCK_T * GB) with 64-key tiles for forward and dq
-    (a w = 512 window plus BLOCK_T = 8 tokens is 9 key tiles, ~10% waste); dk/dv: 64-key tiles and 64 query
-    rows (G = 16: 4 tokens) per step; 8 warps. Head dims above 128 halve the tiles; fp32 inputs (4-byte
+    Half inputs, head dims <= 128: 128-row query tiles (BLOCK_T * GB) with 128-key (compressed) or 32-key
+    (window) tiles for forward and dq; dk/dv: 64-key tiles and 64 query rows (G = 16: 4 tokens) per step;
+    8 warps (4 for compressed dk/dv). Head dims above 128 halve the tiles; fp32 inputs (4-byte
     operands, tf32x3 dots) use smaller tiles so shared memory fits. Compiled for sm_90 (Triton 3.9 AOT)
     these fit without register spills for half inputs; 128-key forward tiles reach 255 registers.
     """
@@ -452,11 +517,16 @@ def pick_config(geom: RangeGeometry, dk: int, dv: int, dtype: torch.dtype = torc
                           dq_keys=32, dq_warps=8, dq_stages=1, dkdv_keys=32, dkdv_rows=32, dkdv_warps=8,
                           dkdv_stages=1 if big else 2)
     else:
+        # measured on an H100 at T = 64k, G = 16 (benchmarks/tune_range.py, 2026-11-23): compressed keys run
+        # best in 128-key tiles, window keys (a 512-token range) in 32-key tiles; the compressed dK/dV
+        # kernel with 4 warps (50.7 ms fwd+bwd against 70.8 ms with 8)
+        keys = 64 if big else (128 if geom.mode == COMPRESSED else 32)
         cfg = RangeConfig(
             fwd_rows=64 if big else 128,
-            fwd_keys=64, fwd_warps=8, fwd_stages=2 if big else 3,
-            dq_keys=32 if big else 64, dq_warps=8, dq_stages=2,
-            dkdv_keys=32 if big else 64, dkdv_rows=64, dkdv_warps=8, dkdv_stages=2,
+            fwd_keys=keys, fwd_warps=8, fwd_stages=2 if big else 3,
+            dq_keys=32 if big else keys, dq_warps=8, dq_stages=2,
+            dkdv_keys=32 if big else 64, dkdv_rows=64, dkdv_warps=4 if geom.mode == COMPRESSED else 8,
+            dkdv_stages=2,
         )
     if CONFIG_OVERRIDE:
         cfg = cfg._replace(**CONFIG_OVERRIDE)
@@ -488,27 +558,49 @@ def _mode_constexprs(geom: RangeGeometry) -> dict:
     return dict(MODE=COMPRESSED, WINDOW=1, BLOCK_LEN=geom.block_len, STRIDE=geom.stride)
 
 
-def key_tile_table(geom: RangeGeometry, cu_seqlens: Optional[torch.Tensor], seq_len: int, num_rows: int,
-                   block_s: int, device) -> torch.Tensor:
-    """int32 ``[num_tiles, 4]`` key tiles ``[doc_start, doc_end, row_start, cmp_start]`` that never cross a
-    document: raw tokens (WINDOW, the query table itself) or packed compressed rows (COMPRESSED)."""
+def key_tile_table(geom: RangeGeometry, cu_seqlens: Optional[torch.Tensor], seq_len: int, block_s: int,
+                   cu_seqlens_k: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """CPU int64 ``[num_tiles, 6]`` key tiles (rows as in :mod:`.utils`, ``tile_start`` = the tile's first key
+    row) that never cross a key segment: raw key rows (WINDOW) or packed compressed rows (COMPRESSED)."""
+    over = "compressed" if geom.mode == COMPRESSED else "keys"
+    return tile_table(cu_seqlens, seq_len, block_s, cu_seqlens_k=cu_seqlens_k, block_len=geom.block_len,
+                      stride=geom.stride, over=over)[0]
+
+
+def dkdv_work_items(geom: RangeGeometry, k_tiles: torch.Tensor, seq_len: int):
+    """Split the dK/dV work of each key tile over the query tokens that see it.
+
+    Returns CPU int64 ``items [n_items, 8]`` = the tile's row (:func:`key_tile_table`) plus the query tokens
+    ``[q_lo, q_hi)`` the item covers, and ``tile_items [num_tiles + 1]`` (tile
+    ``i``'s items are ``tile_items[i]:tile_items[i+1]``), or ``tile_items = None`` when every tile is one item.
+    A window tile is seen by at most ``BLOCK_S + w - 1`` queries: one item each. A compressed tile is seen by
+    every later query of its segment (the first tiles by almost all ``T``): its range is cut into chunks of
+    ``max(DKDV_QUERY_CHUNK, T / DKDV_MAX_CHUNKS)`` tokens, so the programs carry similar work and a long
+    sequence fills the GPU; the partial sums are reduced in a fixed order (deterministic, no atomics)."""
+    n_tiles = k_tiles.shape[0]
     if geom.mode == WINDOW:
-        return query_tile_table(cu_seqlens, seq_len, block_s, device)
-    if cu_seqlens is None:
-        bounds = torch.tensor([0, seq_len], dtype=torch.long, device="cpu")
-        cmp_bounds = torch.tensor([0, num_rows], dtype=torch.long, device="cpu")
-    else:
-        bounds = cu_seqlens.detach().to("cpu", torch.long)
-        cmp_bounds = compressed_cu_seqlens(bounds.to(torch.int32), geom.block_len, geom.stride).long()
-    doc, row_start = document_tiles(cmp_bounds, block_s)  # tiles of each document's compressed rows
-    table = torch.stack([bounds[:-1][doc], bounds[1:][doc], row_start, cmp_bounds[:-1][doc]], 1)
-    return table.to(device=device, dtype=torch.int32).contiguous().reshape(-1, TILE_COLUMNS)
+        everything = torch.tensor([[0, 2 ** 31 - 1]], dtype=torch.long, device="cpu").expand(n_tiles, 2)
+        return torch.cat([k_tiles, everything], 1), None
+    q_start, q_end, row_start, cmp_start, _, shift = k_tiles.unbind(1)
+    # the first query row whose position i*d + l - 1 (i: the tile's first block) sees the tile
+    first_query = torch.maximum(q_start - shift + (row_start - cmp_start) * geom.stride + geom.block_len - 1,
+                                q_start)
+    chunk = max(DKDV_QUERY_CHUNK, -(-seq_len // DKDV_MAX_CHUNKS))
+    chunks = torch.clamp(-torch.div(first_query - q_end, chunk, rounding_mode="floor"), min=1)
+    # host tables: explicit CPU devices (a user's torch.set_default_device must not move them)
+    tile = torch.repeat_interleave(torch.arange(n_tiles, device="cpu"), chunks)
+    tile_items = torch.zeros(n_tiles + 1, dtype=torch.long, device="cpu")
+    tile_items[1:] = torch.cumsum(chunks, 0)
+    q_lo = first_query[tile] + (torch.arange(tile.numel(), device="cpu") - tile_items[:-1][tile]) * chunk
+    items = torch.cat([k_tiles[tile], torch.stack([q_lo, q_lo + chunk], 1)], 1)
+    return items, tile_items
 
 
 def range_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geom: RangeGeometry, scale: float,
-                            cu_seqlens: Optional[torch.Tensor]):
+                            cu_seqlens: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor] = None):
     """``(o, lse, q_tiles)``: ``o [B, T, HQ, Dv]`` in q's dtype, ``lse [B, T, HQ]`` fp32 (natural log, -inf for
-    queries that see nothing) and the query tile table (reused by backward). Inputs validated by the caller."""
+    queries that see nothing) and the query tile table (reused by backward). Inputs validated by the caller;
+    ``cu_seqlens_k``: optional key segments (see :mod:`.utils`)."""
     B, T, HQ, Dk = q.shape
     H, Dv = k.shape[2], v.shape[-1]
     G = HQ // H
@@ -516,7 +608,7 @@ def range_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
     gb, block_t, ngc = _group_split(G, cfg.fwd_rows)
     o = new_output((B, T, HQ, Dv), q.dtype, q.device)
     lse = new_output((B, T, HQ), torch.float32, q.device)
-    tiles = query_tile_table(cu_seqlens, T, block_t, q.device, geom.block_len, geom.stride)
+    tiles = query_tile_table(cu_seqlens, T, block_t, q.device, geom.block_len, geom.stride, cu_seqlens_k)
     n_tiles = tiles.shape[0]
     if n_tiles == 0 or B * H == 0:
         return o, lse, tiles
@@ -533,10 +625,10 @@ def range_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
 
 def range_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                              lse: torch.Tensor, q_tiles: torch.Tensor, geom: RangeGeometry, scale: float,
-                             cu_seqlens: Optional[torch.Tensor]):
+                             cu_seqlens: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor] = None):
     """``(dq, dk, dv)`` of :func:`range_attention_forward`'s ``o`` for the output gradient ``do``."""
     B, T, HQ, Dk = q.shape
-    S, H, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    H, Dv = k.shape[2], v.shape[-1]
     G = HQ // H
     cfg = pick_config(geom, Dk, Dv, q.dtype)
     do = _lastdim_contiguous(do)
@@ -566,19 +658,31 @@ def range_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         BLOCK_T=block_t, BLOCK_S=cfg.dq_keys, DK=Dk, DV=Dv, BLOCK_DK=bdk, BLOCK_DV=bdv, PREC=prec,
         REVERSE=geom.mode == COMPRESSED, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
 
-    k_tiles = key_tile_table(geom, cu_seqlens, T, S, cfg.dkdv_keys, q.device)
-    n_ktiles = k_tiles.shape[0]
-    if n_ktiles == 0:  # no key rows at all (e.g. every document shorter than a compressed block)
+    k_tiles = key_tile_table(geom, cu_seqlens, T, cfg.dkdv_keys, cu_seqlens_k)
+    if k_tiles.shape[0] == 0:  # no key rows at all (e.g. every document shorter than a compressed block)
         return dq, dk, dv
+    items, tile_items = dkdv_work_items(geom, k_tiles, T)
+    partial = tile_items is not None
+    if partial:  # fp32 partial sums per (item, batch x KV head), reduced per key tile below
+        dk_out = torch.empty((items.shape[0] * B * H, cfg.dkdv_keys, bdk), dtype=torch.float32, device=q.device)
+        dv_out = torch.empty((items.shape[0] * B * H, cfg.dkdv_keys, bdv), dtype=torch.float32, device=q.device)
+    else:
+        dk_out, dv_out = dk, dv
     gb2, block_tq, ngc2 = _group_split(G, cfg.dkdv_rows)
-    _range_dkdv_kernel[(n_ktiles * B * H,)](
-        q, k, v, do, lse, delta, dk, dv, k_tiles, n_ktiles, B * H, H, T,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+    _range_dkdv_kernel[(items.shape[0] * B * H,)](
+        q, k, v, do, lse, delta, dk_out, dv_out, items.to(device=q.device, dtype=torch.int32), items.shape[0],
+        B * H, H, T, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         scale * LOG2E, scale, **modes, G=G, GB=gb2, NGC=ngc2, BLOCK_TQ=block_tq, BLOCK_S=cfg.dkdv_keys,
-        DK=Dk, DV=Dv, BLOCK_DK=bdk, BLOCK_DV=bdv, PREC=prec, num_warps=cfg.dkdv_warps,
+        DK=Dk, DV=Dv, BLOCK_DK=bdk, BLOCK_DV=bdv, PREC=prec, PARTIAL=partial, num_warps=cfg.dkdv_warps,
         num_stages=cfg.dkdv_stages)
+    if partial:
+        _range_reduce_kernel[(k_tiles.shape[0], B * H)](
+            dk_out, dv_out, dk, dv, k_tiles.to(device=q.device, dtype=torch.int32),
+            tile_items.to(device=q.device, dtype=torch.int32), B * H, H, dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2), scale, BLOCK_LEN=geom.block_len, STRIDE=geom.stride,
+            BLOCK_S=cfg.dkdv_keys, DK=Dk, DV=Dv, BLOCK_DK=bdk, BLOCK_DV=bdv, num_warps=4)
     return dq, dk, dv
 
 
@@ -589,4 +693,4 @@ def prepare_inputs(*xs: torch.Tensor):
 
 
 __all__ = ["WINDOW", "COMPRESSED", "RangeGeometry", "RangeConfig", "CONFIG_OVERRIDE", "pick_config",
-           "key_tile_table", "range_attention_forward", "range_attention_backward", "prepare_inputs"]
+           "key_tile_table", "dkdv_work_items", "range_attention_forward", "range_attention_backward", "prepare_inputs"]

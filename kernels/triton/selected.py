@@ -1,14 +1,17 @@
 """Triton selected-block attention (NSA Sec. 3.3.2): forward, dq and dK/dV kernels.
 
 Semantics: :func:`nsa_kernels.reference.selected_attention` (query ``t`` of KV group ``h`` attends to the keys
-``s <= t`` of the selection blocks listed in ``block_idx[b, t, h, :]``). ``block_idx`` may be any integer tensor:
+``s <= t`` of the selection blocks listed in ``block_idx[b, t, h, :]``; positions and blocks count from the start
+of the query's key segment, ``t`` = query row ``- q_start + shift`` and key position ``p`` = K row
+``k_start + p``, see :mod:`.utils`; without ``cu_seqlens_k`` the key segment is the document). ``block_idx`` may be
+any integer tensor:
 negative entries, duplicates, blocks past the query (``j * l' > t``) and unsorted rows are all handled exactly as
 the reference does, because the host first canonicalises every row (see :func:`_canonical_rows`).
 
 Design
 ------
 * **Forward and dq** (``_fwd_kernel``, ``_dq_kernel``): program = (query tile, batch x KV head). A tile holds
-  ``BQ`` consecutive queries of one document (``query_tile_table``) and the tile's ``ROWS = BQ * G`` rows
+  ``BQ`` consecutive queries of one segment (``query_tile_table``) and the tile's ``ROWS = BQ * G`` rows
   (padded to a power of two >= 16) are the rows of every ``tl.dot``: query ``t`` and its G query heads. The
   program walks the *union* of the tile's selected blocks (sorted, deduplicated, built by torch ops on the
   device: :func:`_tile_unions`), loads each selection block's K/V once for all rows, and masks each row to
@@ -42,10 +45,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import doc_local_positions
 from ..reference.tiles import default_scale
 from ..validation import check_attention_inputs, check_block_idx, check_positive_int
-from .utils import document_tiles, kernel_dtype, new_output, query_tile_table
+from .tile_loads import tile_row
+from .utils import kernel_dtype, new_output, query_positions, query_tile_table, segment_offsets, tile_table
 
 LOG2E = 1.4426950408889634
 EMPTY = 2 ** 30  # canonical "no block" entry: sorts after every real index, never equals one
@@ -73,23 +76,38 @@ def _row_indices(IDX, b, T, t64, H, h, N_IDX, row_ok, BQ: tl.constexpr, ROWS: tl
 
 
 @triton.jit
-def _key_slice(k_base, v_base, blocks, i, cs, ck, cv, doc_start, last, pos, idx, s_kt, s_vt,
+def _key_slice(k_base, v_base, blocks, i, cs, ck, cv, k_start, last, pos, idx, s_kt, s_vt,
                SEL: tl.constexpr, BS: tl.constexpr, NCH: tl.constexpr, BQ: tl.constexpr,
                DK: tl.constexpr, DV: tl.constexpr):
     """Step ``i`` of a program's walk over its selected blocks (``blocks``, ascending): K ``[BS, BK]`` and V
-    ``[BS, BV]`` of slice ``i % NCH`` of block ``blocks[i // NCH]``, and the ``[ROWS, BS]`` visibility (key in
-    the document and causal for the row's query, and, when queries are packed, selected by that query)."""
+    ``[BS, BV]`` of slice ``i % NCH`` of block ``blocks[i // NCH]`` of the key segment starting at K row
+    ``k_start``, and the ``[ROWS, BS]`` visibility (key up to the tile's last position ``last`` and causal for
+    the row's query at position ``pos``, and, when queries are packed, selected by that query)."""
     j = tl.load(blocks + i // NCH)
     c = (i % NCH) * BS + cs
     kp = j * SEL + c
     k_ok = (c < SEL) & (kp <= last)
-    krow = (doc_start + kp).to(tl.int64)
+    krow = (k_start + kp).to(tl.int64)
     kt = tl.load(k_base + krow[:, None] * s_kt + ck[None, :], mask=k_ok[:, None] & (ck[None, :] < DK), other=0.0)
     vt = tl.load(v_base + krow[:, None] * s_vt + cv[None, :], mask=k_ok[:, None] & (cv[None, :] < DV), other=0.0)
     vis = k_ok[None, :] & (kp[None, :] <= pos[:, None])
     if BQ > 1:
         vis = vis & (tl.sum((idx == j).to(tl.int32), 1) > 0)[:, None]
     return kt, vt, vis
+
+
+@triton.jit
+def _tile_queries(TILES, tile, h, BQ: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr):
+    """The rows of a forward / dq program: query ``t = tile_start + r // G``, head ``hq`` (int64), ``row_ok``, the
+    query's position ``pos`` in its key segment, the tile's last position ``last`` and the key segment's
+    first K row ``k_start``."""
+    q_start, q_end, tile_start, _, k_start, shift = tile_row(TILES, tile)
+    last = tl.minimum(tile_start + BQ, q_end) - 1 - q_start + shift  # position of the tile's last query
+    r = tl.arange(0, ROWS)
+    t = tile_start + r // G
+    hq = (h * G + r % G).to(tl.int64)
+    row_ok = (r < BQ * G) & (t < q_end)
+    return t.to(tl.int64), hq, row_ok, t - q_start + shift, last, k_start
 
 
 @triton.jit
@@ -103,17 +121,7 @@ def _fwd_kernel(Q, K, V, O, LSE, IDX, UNI, UCNT, TILES,
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    doc_start = tl.load(TILES + tile * 4)
-    doc_end = tl.load(TILES + tile * 4 + 1)
-    tile_start = tl.load(TILES + tile * 4 + 2)
-    last = tl.minimum(tile_start + BQ, doc_end) - 1 - doc_start  # doc position of the tile's last query
-
-    r = tl.arange(0, ROWS)
-    t = tile_start + r // G
-    hq = (h * G + r % G).to(tl.int64)
-    row_ok = (r < BQ * G) & (t < doc_end)
-    pos = t - doc_start
-    t64 = t.to(tl.int64)
+    t64, hq, row_ok, pos, last, k_start = _tile_queries(TILES, tile, h, BQ, ROWS, G)
     ck = tl.arange(0, BK)
     cv = tl.arange(0, BV)
     cs = tl.arange(0, BS)
@@ -129,7 +137,7 @@ def _fwd_kernel(Q, K, V, O, LSE, IDX, UNI, UCNT, TILES,
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, BV], dtype=tl.float32)
     for i in range(0, cnt * NCH):
-        kt, vt, vis = _key_slice(k_base, v_base, UNI + ubase * UL, i, cs, ck, cv, doc_start, last, pos, idx, s_kt,
+        kt, vt, vis = _key_slice(k_base, v_base, UNI + ubase * UL, i, cs, ck, cv, k_start, last, pos, idx, s_kt,
                                  s_vt, SEL, BS, NCH, BQ, DK, DV)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
         s = tl.where(vis, s, float("-inf"))
@@ -171,17 +179,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, UNI, UCNT, TILES,
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    doc_start = tl.load(TILES + tile * 4)
-    doc_end = tl.load(TILES + tile * 4 + 1)
-    tile_start = tl.load(TILES + tile * 4 + 2)
-    last = tl.minimum(tile_start + BQ, doc_end) - 1 - doc_start
-
-    r = tl.arange(0, ROWS)
-    t = tile_start + r // G
-    hq = (h * G + r % G).to(tl.int64)
-    row_ok = (r < BQ * G) & (t < doc_end)
-    pos = t - doc_start
-    t64 = t.to(tl.int64)
+    t64, hq, row_ok, pos, last, k_start = _tile_queries(TILES, tile, h, BQ, ROWS, G)
     ck = tl.arange(0, BK)
     cv = tl.arange(0, BV)
     cs = tl.arange(0, BS)
@@ -202,7 +200,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, UNI, UCNT, TILES,
 
     dq = tl.zeros([ROWS, BK], dtype=tl.float32)
     for i in range(0, cnt * NCH):
-        kt, vt, vis = _key_slice(k_base, v_base, UNI + ubase * UL, i, cs, ck, cv, doc_start, last, pos, idx, s_kt,
+        kt, vt, vis = _key_slice(k_base, v_base, UNI + ubase * UL, i, cs, ck, cv, k_start, last, pos, idx, s_kt,
                                  s_vt, SEL, BS, NCH, BQ, DK, DV)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
         p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
@@ -210,6 +208,16 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, UNI, UCNT, TILES,
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
     tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _block_rows(BLK, gb, SEL: tl.constexpr):
+    """Selection block ``gb`` (a row of the key-tile table of :func:`_block_table`): its K rows
+    ``[blk_start, blk_end)`` (clipped to its key segment) and ``koff``, which maps a query row ``t`` of its
+    segment to the K row of the query's position (``t + koff``)."""
+    q_start, q_end, blk_start, _, k_start, shift = tile_row(BLK, gb)
+    blk_end = tl.minimum(blk_start + SEL, k_start + q_end - q_start + shift)
+    return blk_start, blk_end, k_start + shift - q_start
 
 
 @triton.jit
@@ -230,8 +238,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PK, PV, ITEMS, QLIST, BLK,
     gb = key % NB
     b = (bh // H).to(tl.int64)
     h = bh % H
-    blk_start = tl.load(BLK + gb * 2)
-    blk_end = tl.load(BLK + gb * 2 + 1)
+    blk_start, blk_end, koff = _block_rows(BLK, gb, SEL)
 
     cs = chunk * BS + tl.arange(0, BS)  # key rows of this program inside the selection block
     kpos = blk_start + cs
@@ -264,7 +271,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PK, PV, ITEMS, QLIST, BLK,
         lse = tl.where(lse == float("-inf"), 0.0, lse)
         delta = tl.load(DELTA + lrow, mask=ok, other=0.0)
         st = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BS, ROWS]
-        vis = k_ok[:, None] & ok[None, :] & (kpos[:, None] <= t[None, :])
+        vis = k_ok[:, None] & ok[None, :] & (kpos[:, None] <= t[None, :] + koff)  # causal in positions
         p = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
         dv += tl.dot(p.to(do.dtype), do, input_precision=PREC)
         dpt = tl.dot(vt, tl.trans(do), input_precision=PREC)
@@ -294,8 +301,7 @@ def _reduce_kernel(DK, DV, PK, PV, MULTI, BLK,
     gb = key % NB
     b = (bh // H).to(tl.int64)
     h = bh % H
-    blk_start = tl.load(BLK + gb * 2)
-    blk_end = tl.load(BLK + gb * 2 + 1)
+    blk_start, blk_end, _ = _block_rows(BLK, gb, SEL)
     cs = chunk * BS + tl.arange(0, BS)
     kpos = blk_start + cs
     k_ok = (cs < SEL) & (kpos < blk_end)
@@ -355,11 +361,13 @@ def _config(G: int, Dk: int, Dv: int, select_len: int) -> _Config:
                    fwd_warps=8 if rows >= 64 and wide else 4, bwd_warps=8 if wide else 4)
 
 
-def _canonical_rows(block_idx: torch.Tensor, select_len: int, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
-    """int32 ``[B, T, H, n]``: each row's distinct blocks ``j`` with ``0 <= j`` and ``j * l' <= t`` (the blocks
-    holding a key the query may see), ascending, then :data:`EMPTY`. Same visible keys as the raw row."""
+def _canonical_rows(block_idx: torch.Tensor, select_len: int, cu_seqlens: Optional[torch.Tensor],
+                    cu_seqlens_k: Optional[torch.Tensor]) -> torch.Tensor:
+    """int32 ``[B, T, H, n]``: each row's distinct blocks ``j`` with ``0 <= j`` and ``j * l' <= t`` (``t``: the
+    query's position in its key segment; the blocks holding a key the query may see), ascending, then
+    :data:`EMPTY`. Same visible keys as the raw row."""
     B, T, H, n = block_idx.shape
-    pos = doc_local_positions(cu_seqlens, T, block_idx.device)
+    pos = query_positions(cu_seqlens, T, cu_seqlens_k, block_idx.device)
     e = block_idx.long()
     valid = (e >= 0) & (e <= torch.div(pos, select_len, rounding_mode="floor")[None, :, None, None])
     e = torch.where(valid, e, torch.full_like(e, EMPTY)).to(torch.int32)
@@ -389,19 +397,18 @@ def _tile_unions(canon: torch.Tensor, tiles: torch.Tensor, BQ: int):
     return u.contiguous(), (u < EMPTY).sum(-1, dtype=torch.int32).contiguous()
 
 
-def _block_table(cu_list, T: int, select_len: int, device):
-    """Global selection blocks of one batch row: int32 ``[NB, 2]`` token ranges ``[start, end)`` (documents in
-    order, block ``j`` of a document = its tokens ``[j*l', (j+1)*l')`` clipped to the document), int64 ``[T]``
-    the global number of each token's document's block 0, and ``NB``."""
-    bounds = torch.tensor(cu_list if cu_list is not None else [0, T], dtype=torch.long, device="cpu")
-    starts, ends = bounds[:-1], bounds[1:]
-    doc, blk_start = document_tiles(bounds, select_len)
-    NB = len(doc)
-    per_doc = torch.bincount(doc, minlength=len(starts))
-    first = torch.cumsum(per_doc, 0) - per_doc  # global number of each document's block 0
-    blk = torch.stack([blk_start, torch.minimum(blk_start + select_len, ends[doc])], 1)
-    tok_base = torch.repeat_interleave(first.to(device), (ends - starts).to(device), output_size=T)
-    return blk.to(device=device, dtype=torch.int32).contiguous(), tok_base, NB
+def _block_table(cu_seqlens: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], T: int, select_len: int,
+                 device):
+    """Global selection blocks of one batch row: the key tiles of ``select_len`` rows (:func:`.utils.tile_table`,
+    int32 ``[NB, 6]``; key segments in order, block ``j`` of a segment = its K rows ``[j*l', (j+1)*l')``
+    clipped to the segment, see :func:`_block_rows`), int64 ``[T]`` the global number of each query's key
+    segment's block 0, and ``NB``."""
+    blk, seg = tile_table(cu_seqlens, T, select_len, cu_seqlens_k=cu_seqlens_k, over="keys")
+    q_bounds = segment_offsets(cu_seqlens, T)[0]
+    per_seg = torch.bincount(seg, minlength=len(q_bounds) - 1)
+    first = torch.cumsum(per_seg, 0) - per_seg  # global number of each key segment's block 0
+    tok_base = torch.repeat_interleave(first.to(device), (q_bounds[1:] - q_bounds[:-1]).to(device), output_size=T)
+    return blk.to(device=device, dtype=torch.int32).contiguous(), tok_base, blk.shape[0]
 
 
 def _invert_selection(canon: torch.Tensor, tok_base: torch.Tensor, NB: int, chunk_q: int):
@@ -452,14 +459,15 @@ def _precision(dtype: torch.dtype) -> str:
 
 class _SelectedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, select_len, scale, cu_seqlens, cu_list):
+    def forward(ctx, q, k, v, block_idx, select_len, scale, cu_seqlens, cu_seqlens_k):
+        # cu_seqlens / cu_seqlens_k: CPU copies (host tables only)
         B, T, HQ, Dk = q.shape
         H, Dv = k.shape[2], v.shape[-1]
         G = HQ // H
         cfg = _config(G, Dk, Dv, select_len)
         dev = q.device
-        canon = _canonical_rows(block_idx, select_len, cu_seqlens)
-        tiles = query_tile_table(cu_seqlens, T, cfg.BQ, dev)
+        canon = _canonical_rows(block_idx, select_len, cu_seqlens, cu_seqlens_k)
+        tiles = query_tile_table(cu_seqlens, T, cfg.BQ, dev, cu_seqlens_k=cu_seqlens_k)
         uni, ucnt = _tile_unions(canon, tiles, cfg.BQ)
         NT, n, UL = tiles.shape[0], canon.shape[-1], uni.shape[-1]
         o = new_output((B, T, HQ, Dv), q.dtype, dev)
@@ -470,13 +478,13 @@ class _SelectedAttention(torch.autograd.Function):
             G=G, BQ=cfg.BQ, ROWS=cfg.ROWS, NP=_pow2(n), SEL=select_len, BS=cfg.BS, NCH=cfg.NCH,
             DK=Dk, DV=Dv, BK=cfg.BK, BV=cfg.BV, PREC=_precision(q.dtype), num_warps=cfg.fwd_warps, num_stages=2)
         ctx.save_for_backward(q, k, v, o, lse, canon, uni, ucnt, tiles)
-        ctx.meta = (select_len, scale, cu_seqlens, cu_list, cfg)
+        ctx.meta = (select_len, scale, cu_seqlens, cu_seqlens_k, cfg)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, canon, uni, ucnt, tiles = ctx.saved_tensors
-        select_len, scale, cu_seqlens, cu_list, cfg = ctx.meta
+        select_len, scale, cu_seqlens, cu_seqlens_k, cfg = ctx.meta
         B, T, HQ, Dk = q.shape
         H, Dv = k.shape[2], v.shape[-1]
         G = HQ // H
@@ -500,7 +508,7 @@ class _SelectedAttention(torch.autograd.Function):
                 G=G, BQ=cfg.BQ, ROWS=cfg.ROWS, NP=_pow2(n), SEL=select_len, BS=cfg.BS, NCH=cfg.NCH,
                 DK=Dk, DV=Dv, BK=cfg.BK, BV=cfg.BV, PREC=prec, num_warps=cfg.fwd_warps, num_stages=2)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            blk, tok_base, NB = _block_table(cu_list, T, select_len, dev)
+            blk, tok_base, NB = _block_table(cu_seqlens, cu_seqlens_k, T, select_len, dev)
             chunk_q = max(cfg.QB, int(math.ceil(CHUNK_FACTOR * n * select_len / cfg.QB)) * cfg.QB)
             items, multi, qlist, n_slots = _invert_selection(canon, tok_base, NB, chunk_q)
             LP = cfg.NCHB * cfg.BSB
@@ -523,7 +531,8 @@ class _SelectedAttention(torch.autograd.Function):
 
 
 def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor, select_len: int,
-                       scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                       cu_seqlens_k: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of each query over the keys of its selected blocks (Triton forward and backward).
 
     Same contract as :func:`nsa_kernels.reference.selected_attention`:
@@ -537,22 +546,28 @@ def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
             any order is accepted.
         select_len: selection block length ``l'``; scale: default ``Dk ** -0.5``;
         cu_seqlens: optional int32 ``[N + 1]`` packed documents (``B = 1``).
+        cu_seqlens_k: optional int32 ``[N + 1]`` key segments (needs ``cu_seqlens``, which then describes N query
+            segments; ``L_k[n] >= L_q[n]``): k, v are ``[1, T_k, H, D]``, ``T_k = cu_seqlens_k[-1]``, the key
+            segments packed one after another; block_idx stays ``[1, T, H, n]`` with blocks numbered from the key
+            segment start, and query ``j`` of segment ``n`` sits at position ``L_k[n] - L_q[n] + j`` of key
+            segment ``n`` (causality uses these positions). Default: the key segments are the documents.
     Returns:
         ``o [B, T, HQ, Dv]`` in q's dtype: softmax over the selected blocks' keys ``s <= t`` (fp32 accumulation);
         ``o = 0`` (and zero gradients) for a query whose selection holds no such key. Differentiable in q, k, v.
     """
     check_positive_int("select_len", select_len)
-    dims = check_attention_inputs(q, k, v, cu_seqlens)
+    dims = check_attention_inputs(q, k, v, cu_seqlens, cu_seqlens_k=cu_seqlens_k)
     check_block_idx(block_idx, dims)
     scale = default_scale(scale, dims.Dk)
     if dims.T == 0:
         return q.new_zeros(dims.B, 0, dims.HQ, dims.Dv)
-    cu_list = cu_seqlens.tolist() if cu_seqlens is not None else None
+    # the host tables read the offsets on the CPU: copy them once
+    cu_seqlens, cu_seqlens_k = (None if x is None else x.detach().cpu() for x in (cu_seqlens, cu_seqlens_k))
     block_idx = block_idx.to(q.device)
     if block_idx.shape[-1] == 0:
         block_idx = torch.full((*block_idx.shape[:3], 1), -1, dtype=torch.int32, device=q.device)
     dtype = q.dtype
     q, k, v = (x.to(kernel_dtype(dtype)) for x in (q, k, v))
     o = _SelectedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), block_idx, select_len, scale,
-                                 cu_seqlens, cu_list)
+                                 cu_seqlens, cu_seqlens_k)
     return o.to(dtype)

@@ -1,7 +1,10 @@
 """Triton top-n block selection (NSA Sec. 3.3.2, Eq. 8-10): fused scoring and top-n, nothing [T, T/d] in memory.
 
 Same contract as :func:`nsa_kernels.reference.select_blocks`. One program handles a tile of ``BLOCK_T``
-queries of one document and one KV head ``h``, together with the ``G`` query heads of its group:
+queries of one query segment (document) and one KV head ``h``, together with the ``G`` query heads of its
+group. Positions (candidates, visible compressed rows) are counted in the segment's key segment: query row
+``t`` sits at ``t - q_start + shift`` (:mod:`.utils`; ``shift = 0`` without ``cu_seqlens_k``), and the
+compressed rows are the key segment's, from ``cmp_start``:
 
 * The tile's queries for all heads of the group are stacked into ``M = BLOCK_T * HEADS`` rows
   (row ``r`` = token ``r // HEADS``, head ``r % HEADS``), so one ``tl.dot`` scores every head of the group
@@ -40,6 +43,7 @@ import triton.language as tl
 
 from ..reference.tiles import default_scale
 from ..validation import check_attention_inputs, check_lse, check_selection_geometry
+from .tile_loads import tile_row
 from .utils import kernel_dtype, new_output, query_tile_table
 
 LOG2E = 1.4426950408889634
@@ -202,17 +206,15 @@ def _select_blocks_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    doc_start = tl.load(TILES + pid_tile * 4 + 0)
-    doc_end = tl.load(TILES + pid_tile * 4 + 1)
-    tile_start = tl.load(TILES + pid_tile * 4 + 2)
-    cmp_start = tl.load(TILES + pid_tile * 4 + 3)
+    q_start, q_end, tile_start, cmp_start, _, shift = tile_row(TILES, pid_tile)
+    pos0 = shift - q_start  # query row t sits at position t + pos0 of its key segment
 
     # per query of the tile
     offs_t = tl.arange(0, BLOCK_T)
-    pos = tile_start + offs_t - doc_start  # document positions
-    t_ok = tile_start + offs_t < doc_end
+    pos = tile_start + offs_t + pos0  # positions in the key segment
+    t_ok = tile_start + offs_t < q_end
     last_blk = pos // SELECT_LEN  # newest candidate block (pos >= 0)
-    last_pos = tl.minimum(tile_start + BLOCK_T, doc_end) - 1 - doc_start
+    last_pos = tl.minimum(tile_start + BLOCK_T, q_end) - 1 + pos0
     # compressed rows visible to the tile's last query (i*d + l - 1 <= t), chunks of selection blocks to walk
     n_vis = tl.maximum(last_pos + 1 - BLOCK_LEN + STRIDE, 0) // STRIDE
     n_chunks = tl.cdiv(last_pos // SELECT_LEN + 1, S)
@@ -220,8 +222,8 @@ def _select_blocks_kernel(
     # per stacked row (token r // HEADS, head r % HEADS of a pass)
     offs_r = tl.arange(0, M)
     r_tok = tile_start + offs_r // HEADS
-    r_vis = tl.maximum(r_tok - doc_start + 1 - BLOCK_LEN + STRIDE, 0) // STRIDE  # rows i with i*d + l - 1 <= t
-    r_ok = r_tok < doc_end
+    r_vis = tl.maximum(r_tok + pos0 + 1 - BLOCK_LEN + STRIDE, 0) // STRIDE  # rows i with i*d + l - 1 <= position
+    r_ok = r_tok < q_end
     r_head = offs_r % HEADS
     offs_d = tl.arange(0, BLOCK_D)
 
@@ -292,7 +294,8 @@ def selection_config(G: int, Dk: int, block_len: int, stride: int, select_len: i
 @torch.no_grad()
 def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, block_len: int, stride: int,
                   select_len: int, top_n: int, init_blocks: int = 1, local_blocks: int = 2,
-                  scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                  cu_seqlens_k: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Indices of the selection blocks each query attends to, shared by the query heads of a KV group.
 
     See :func:`nsa_kernels.reference.select_blocks` (same signature, checks and result).
@@ -301,17 +304,19 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, block
         q: ``[B, T, HQ, Dk]``; k_cmp: ``[B, Nc, H, Dk]`` compressed keys; lse: ``[B, T, HQ]`` from
             ``compressed_attention`` for the same q, k_cmp and scale (``-inf`` where a query sees no block).
         block_len, stride, select_len, top_n, init_blocks, local_blocks, scale, cu_seqlens: as in the reference.
+        cu_seqlens_k: optional int32 ``[N + 1]`` key segments, as for ``compressed_attention`` (k_cmp packed per
+            key segment, queries bottom-right aligned); blocks and positions then count from the key segment start.
     Returns:
         int32 ``[B, T, H, top_n]``: block ``j`` scores ``s_j = sum_{heads of group} sum_i w_ij p_i``,
         ``p_i = exp(q k_i * scale - lse)`` over the compressed blocks the query sees; candidates ``j*l' <= t``
-        (document position); blocks ``j < init_blocks`` and the ``local_blocks`` newest candidates are forced,
-        the rest by score with ties to the lower index; rows ascending, padded with -1. Scores are accumulated
-        in fp32 in an order that differs from the reference, so blocks whose scores agree to ~1e-6 relative
-        may be ranked differently. Not differentiable.
+        (position in the document or key segment); blocks ``j < init_blocks`` and the ``local_blocks`` newest
+        candidates are forced, the rest by score with ties to the lower index; rows ascending, padded with -1.
+        Scores are accumulated in fp32 in an order that differs from the reference, so blocks whose scores
+        agree to ~1e-6 relative may be ranked differently. Not differentiable.
     """
     check_selection_geometry(block_len, stride, select_len, top_n, init_blocks, local_blocks)
-    dims = check_attention_inputs(q, k_cmp, k_cmp, cu_seqlens, compression=(block_len, stride), k_name="k_cmp",
-                                  v_name="k_cmp")
+    dims = check_attention_inputs(q, k_cmp, k_cmp, cu_seqlens, cu_seqlens_k=cu_seqlens_k,
+                                  compression=(block_len, stride), k_name="k_cmp", v_name="k_cmp")
     check_lse(lse, dims)
     scale = default_scale(scale, dims.Dk)
     out = new_output((dims.B, dims.T, dims.H, top_n), torch.int32, q.device)
@@ -320,7 +325,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, block
     cfg = selection_config(dims.G, dims.Dk, block_len, stride, select_len, top_n, min(q.element_size(), 4))
     q, k_cmp = (x.to(kernel_dtype(x.dtype)).contiguous() for x in (q, k_cmp))
     lse = lse.to(device=q.device, dtype=torch.float32).contiguous()
-    tiles = query_tile_table(cu_seqlens, dims.T, cfg["BLOCK_T"], q.device, block_len, stride)
+    tiles = query_tile_table(cu_seqlens, dims.T, cfg["BLOCK_T"], q.device, block_len, stride, cu_seqlens_k)
     if k_cmp.shape[1] == 0:  # no compressed block anywhere: give the kernel a valid (never read) pointer
         k_cmp = k_cmp.new_zeros(dims.B, 1, dims.H, dims.Dk)
     grid = (tiles.shape[0], dims.B * dims.H)

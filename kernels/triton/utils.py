@@ -1,26 +1,33 @@
-"""Host-side helpers shared by every Triton kernel: query-tile tables for (packed) sequences.
+"""Host-side helpers shared by every Triton kernel: tile tables of (packed) query and key segments.
 
-Every kernel walks queries in tiles of ``BLOCK_T`` tokens that never cross a document. The host builds
-one int32 table row per tile, and the kernel's ``program_id(0)`` reads its row:
+Every kernel walks queries (or keys) in tiles that never cross a segment. Query segment ``n`` is rows
+``[q_start, q_end)`` of q (``cu_seqlens``, one segment ``[0, T)`` per batch row without it); its key segment is
+rows ``[k_start, k_start + L_k)`` of the raw K/V (``cu_seqlens_k``, by default the query segment itself) and
+rows ``[cmp_start, ...)`` of the packed compressed K/V (``compressed_cu_seqlens(cu_seqlens_k, l, d)``). Queries
+are bottom-right aligned: query row ``t`` sits at position ``t - q_start + shift`` of its key segment,
+``shift = L_k - L_q``, and the key at position ``p`` is raw row ``k_start + p``. The host builds one int32 row
+per tile (:func:`tile_table`), and a kernel's program reads its row (:func:`.tile_loads.load_tile`):
 
-    ``[doc_start, doc_end, tile_start, cmp_start]``
+    ``[q_start, q_end, tile_start, cmp_start, k_start, shift]``
 
-``doc_start``/``doc_end`` are the document's global token range, ``tile_start`` the tile's first global
-query token, ``cmp_start`` the document's first row in the packed compressed K/V. Without
-``cu_seqlens`` there is one document ``[0, T)`` per batch row (``program_id`` over ``B`` handles the
-batch); with ``cu_seqlens`` ``B == 1``. Kernels must multiply row/token indices by strides in int64
-(``tl.int64``) so ``T * H * D`` past 2**31 does not overflow.
+``tile_start`` is the tile's first row on the axis the table cuts: query rows (:func:`query_tile_table`), raw
+key rows (``over="keys"``: window dK/dV tiles, selection blocks) or compressed rows (``over="compressed"``).
+Without ``cu_seqlens_k``: ``k_start = q_start`` and ``shift = 0``, so positions are ``t - q_start`` as for
+plain documents. ``program_id`` over ``B`` handles the batch without ``cu_seqlens``; with it ``B == 1``.
+Kernels must multiply row/token indices by strides in int64 (``tl.int64``) so ``T * H * D`` past 2**31
+does not overflow.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from ..layout import compressed_cu_seqlens
 
-TILE_COLUMNS = 4  # doc_start, doc_end, tile_start, cmp_start
+TILE_COLUMNS = 6  # q_start, q_end, tile_start, cmp_start, k_start, shift (tile_loads.load_tile reads them)
+TILE_AXES = ("queries", "keys", "compressed")
 
 
 def triton_interpreting() -> bool:
@@ -40,24 +47,56 @@ def document_tiles(bounds: torch.Tensor, tile: int):
     return doc, starts[doc] + (torch.arange(num_tiles, device="cpu") - first[doc]) * tile
 
 
+def _cpu_offsets(offsets: torch.Tensor) -> torch.Tensor:
+    # tables are built on the host (explicit devices: a user's torch.set_default_device must not move them)
+    return offsets.detach().to("cpu", torch.long)
+
+
+def segment_offsets(cu_seqlens: Optional[torch.Tensor], seq_len: int, cu_seqlens_k: Optional[torch.Tensor] = None,
+                    block_len: int = 1, stride: int = 1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPU int64 ``[N + 1]`` offsets of the query segments (rows of q), of the key segments (raw K/V rows) and
+    of their compressed rows (packed compressed K/V, geometry ``block_len``/``stride``)."""
+    q = _cpu_offsets(cu_seqlens) if cu_seqlens is not None else torch.tensor([0, seq_len], dtype=torch.long,
+                                                                             device="cpu")
+    k = q if cu_seqlens_k is None else _cpu_offsets(cu_seqlens_k)
+    return q, k, compressed_cu_seqlens(k.to(torch.int32), block_len, stride).long()
+
+
+def tile_table(cu_seqlens: Optional[torch.Tensor], seq_len: int, tile: int, *,
+               cu_seqlens_k: Optional[torch.Tensor] = None, block_len: int = 1, stride: int = 1,
+               over: str = "queries") -> Tuple[torch.Tensor, torch.Tensor]:
+    """CPU int64 ``[num_tiles, 6]`` tile rows (module docstring) and each tile's segment ``[num_tiles]``.
+
+    ``over`` picks the axis cut into tiles of ``tile`` rows, segment by segment in order: ``"queries"`` (rows of
+    q), ``"keys"`` (raw K/V rows of the key segments) or ``"compressed"`` (their compressed rows; pass the
+    compression geometry ``block_len``/``stride``, which also fills the ``cmp_start`` column)."""
+    q, k, c = segment_offsets(cu_seqlens, seq_len, cu_seqlens_k, block_len, stride)
+    seg, start = document_tiles(dict(zip(TILE_AXES, (q, k, c)))[over], tile)
+    shift = (k[1:] - k[:-1]) - (q[1:] - q[:-1])
+    table = torch.stack([q[:-1][seg], q[1:][seg], start, c[:-1][seg], k[:-1][seg], shift[seg]], 1)
+    return table.reshape(-1, TILE_COLUMNS), seg
+
+
 def query_tile_table(cu_seqlens: Optional[torch.Tensor], seq_len: int, block_t: int, device,
-                     block_len: int = 1, stride: int = 1) -> torch.Tensor:
-    """int32 ``[num_tiles, 4]`` table of query tiles (see module docstring), on ``device``.
+                     block_len: int = 1, stride: int = 1,
+                     cu_seqlens_k: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int32 ``[num_tiles, 6]`` table of query tiles of ``block_t`` rows (see module docstring), on ``device``.
 
     ``block_len``/``stride`` (compression geometry) fill the ``cmp_start`` column; pass them for
     kernels that read compressed K/V.
     """
-    # built on the host (explicit device: a user's torch.set_default_device must not move it)
-    if cu_seqlens is None:
-        bounds = torch.tensor([0, seq_len], dtype=torch.int32, device="cpu")
-        cmp_bounds = torch.zeros(2, dtype=torch.int32, device="cpu")
-    else:
-        bounds = cu_seqlens.detach().to("cpu", torch.int32)
-        cmp_bounds = compressed_cu_seqlens(bounds, block_len, stride)
-    doc, tile_start = document_tiles(bounds, block_t)
-    starts, ends = bounds[:-1].long(), bounds[1:].long()
-    table = torch.stack([starts[doc], ends[doc], tile_start, cmp_bounds[:-1].long()[doc]], 1)
+    table, _ = tile_table(cu_seqlens, seq_len, block_t, cu_seqlens_k=cu_seqlens_k, block_len=block_len,
+                          stride=stride)
     return table.to(device=device, dtype=torch.int32).contiguous()
+
+
+def query_positions(cu_seqlens: Optional[torch.Tensor], seq_len: int, cu_seqlens_k: Optional[torch.Tensor],
+                    device) -> torch.Tensor:
+    """int64 ``[T]``: each query's position in its key segment (``t - q_start + shift``), on ``device``."""
+    q, k, _ = segment_offsets(cu_seqlens, seq_len, cu_seqlens_k)
+    lengths = q[1:] - q[:-1]
+    base = torch.repeat_interleave(q[:-1] - (k[1:] - k[:-1] - lengths), lengths, output_size=seq_len)
+    return torch.arange(seq_len, device=device) - base.to(device)
 
 
 def kernel_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -15,22 +15,24 @@ class WindowAttentionFunction(torch.autograd.Function):
     """Forward and backward both in Triton; saves ``q, k, v, o, lse`` (O(T * HQ) extra state)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, window: int, scale: float, cu_seqlens):
+    def forward(ctx, q, k, v, window: int, scale: float, cu_seqlens, cu_seqlens_k):
         geom = RangeGeometry(WINDOW, window=window)
-        o, lse, tiles = range_attention_forward(q, k, v, geom, scale, cu_seqlens)
-        ctx.save_for_backward(q, k, v, o, lse, tiles, cu_seqlens)
+        o, lse, tiles = range_attention_forward(q, k, v, geom, scale, cu_seqlens, cu_seqlens_k)
+        ctx.save_for_backward(q, k, v, o, lse, tiles, cu_seqlens, cu_seqlens_k)
         ctx.geom, ctx.scale = geom, scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, tiles, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = range_attention_backward(do, q, k, v, o, lse, tiles, ctx.geom, ctx.scale, cu_seqlens)
-        return dq, dk, dv, None, None, None
+        q, k, v, o, lse, tiles, cu_seqlens, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv = range_attention_backward(do, q, k, v, o, lse, tiles, ctx.geom, ctx.scale, cu_seqlens,
+                                              cu_seqlens_k)
+        return dq, dk, dv, None, None, None, None
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: Optional[float] = None,
-                     cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     cu_seqlens: Optional[torch.Tensor] = None,
+                     cu_seqlens_k: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal attention of query ``t`` over keys ``t - window + 1 ... t`` of its own document (Triton).
 
     Same contract as :func:`nsa_kernels.reference.window_attention`:
@@ -41,13 +43,19 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
         window: ``w >= 1`` (``w = 1``: each query sees only itself).
         scale: softmax scale, default ``1 / sqrt(Dk)``.
         cu_seqlens: optional int32 ``[N + 1]`` packed-document offsets (B = 1); windows never cross documents.
+        cu_seqlens_k: optional int32 ``[N + 1]`` key segments (needs ``cu_seqlens``, which then describes N query
+            segments; ``L_k[n] >= L_q[n]``): k, v are ``[1, T_k, H, D]``, ``T_k = cu_seqlens_k[-1]``, the key
+            segments packed one after another; query ``j`` of segment ``n`` sits at position
+            ``t = L_k[n] - L_q[n] + j`` of key segment ``n`` and sees its keys ``max(0, t - window + 1) ... t``.
+            Default: the key segments are the documents.
     Returns:
         ``o [B, T, HQ, Dv]`` in q's dtype, differentiable w.r.t. q, k and v.
     """
     check_positive_int("window", window)
-    dims = check_attention_inputs(q, k, v, cu_seqlens)
+    dims = check_attention_inputs(q, k, v, cu_seqlens, cu_seqlens_k=cu_seqlens_k)
     scale = default_scale(scale, dims.Dk)
     dtype = q.dtype
     q, k, v = prepare_inputs(q, k, v)
-    # a window longer than the sequence is the whole (causal) document: clamp so the constexpr stays small
-    return WindowAttentionFunction.apply(q, k, v, min(window, max(dims.T, 1)), scale, cu_seqlens).to(dtype)
+    # a window longer than the key axis is the whole (causal) segment: clamp so the constexpr stays small
+    window = min(window, max(k.shape[1], 1))
+    return WindowAttentionFunction.apply(q, k, v, window, scale, cu_seqlens, cu_seqlens_k).to(dtype)

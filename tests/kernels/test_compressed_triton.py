@@ -74,7 +74,11 @@ def _compare(q, k, v, block_len, stride, seed, cu=None, scale=None):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
+    """Tiny tiles, and dK/dV work items of 12 query tokens (not a multiple of the tile), so every key tile is
+    split over many items whose partials the reduce kernel sums."""
     monkeypatch.setattr(RA, "CONFIG_OVERRIDE", SMALL_TILES)
+    monkeypatch.setattr(RA, "DKDV_QUERY_CHUNK", 12)
+    monkeypatch.setattr(RA, "DKDV_MAX_CHUNKS", 10 ** 6)
 
 
 @pytest.mark.parametrize("G", [1, 4, 16])

@@ -1,0 +1,107 @@
+"""CPLayout and ShardedSequence: Megatron's zigzag formula, round trips, owners, packed-document segments."""
+import pytest
+import torch
+
+from nsa_dist.parallel import CPLayout, ShardedSequence
+from nsa_kernels import doc_local_positions
+
+
+def megatron_zigzag(val: torch.Tensor, cp_size: int, cp_rank: int, seq_dim: int = 1) -> torch.Tensor:
+    """Megatron-core's ``get_batch_on_this_cp_rank`` for one tensor, written out independently."""
+    val = val.view(*val.shape[0:seq_dim], 2 * cp_size, val.shape[seq_dim] // (2 * cp_size),
+                   *val.shape[(seq_dim + 1):])
+    index = torch.tensor([cp_rank, (2 * cp_size - cp_rank - 1)])
+    val = val.index_select(seq_dim, index)
+    return val.view(*val.shape[0:seq_dim], -1, *val.shape[(seq_dim + 2):])
+
+
+def random_cu_seqlens(T: int, gen: torch.Generator) -> torch.Tensor:
+    """Random document boundaries over T tokens, with an empty document and a 1-token one."""
+    cuts = torch.randperm(T - 1, generator=gen)[:5] + 1
+    bounds = sorted(set(cuts.tolist()))
+    bounds = [0] + bounds[:1] + bounds[:1] + [bounds[1], bounds[1] + 1] + bounds[2:] + [T]
+    return torch.tensor(sorted(bounds), dtype=torch.int32)
+
+
+@pytest.mark.parametrize("P", [1, 2, 3, 4])
+@pytest.mark.parametrize("T", [48, 240])
+def test_zigzag_equals_megatron_and_contiguous_equals_chunk(seed, P, T):
+    x = torch.randn(2, T, 3, 2)
+    for r in range(P):
+        if T % (2 * P) == 0:
+            zig = CPLayout(P, T, "zigzag").shard(x, r)
+            assert torch.equal(zig, megatron_zigzag(x, P, r)), f"P={P} T={T} rank {r}"
+        if T % P == 0:
+            assert torch.equal(CPLayout(P, T, "contiguous").shard(x, r), x.chunk(P, dim=1)[r])
+
+
+@pytest.mark.parametrize("kind", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("P", [1, 2, 4])
+def test_shard_unshard_round_trip_positions_and_owner(seed, kind, P):
+    layout = CPLayout(P, 16 * 2 * P * 3, kind, select_len=16)
+    x = torch.randn(layout.seq_len, 5)
+    shards = [layout.shard(x, r, dim=0) for r in range(P)]
+    assert torch.equal(layout.unshard(shards, dim=0), x)
+    T = torch.arange(layout.seq_len)
+    for r in range(P):
+        pos = layout.positions(r)
+        assert torch.equal(pos, layout.shard(T, r, dim=0))
+        rank, row = layout.owner(pos)
+        assert torch.equal(rank, torch.full_like(pos, r)) and torch.equal(row, torch.arange(layout.local_len))
+
+
+@pytest.mark.parametrize("kind", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_packed_segments(seed, kind, P):
+    """Local segments = local chunk x document, checked against the sharded document ids and positions."""
+    gen = torch.Generator().manual_seed(seed)
+    layout = CPLayout(P, 8 * 2 * P * 5, kind, select_len=8)
+    T = layout.seq_len
+    cu = random_cu_seqlens(T, gen)
+    seq = ShardedSequence(layout, cu)
+    doc_id = torch.repeat_interleave(torch.arange(len(cu) - 1), (cu[1:] - cu[:-1]).long())
+    local_doc = doc_local_positions(cu, T)
+    for r in range(P):
+        assert torch.equal(seq.positions(r), layout.positions(r))
+        assert torch.equal(seq.doc_positions(r), layout.shard(local_doc, r, dim=0))
+        docs = layout.shard(doc_id, r, dim=0)
+        chunk = torch.arange(layout.local_len) // layout.chunk_len
+        new = torch.ones(layout.local_len, dtype=torch.bool)
+        new[1:] = (docs[1:] != docs[:-1]) | (chunk[1:] != chunk[:-1])
+        expected = torch.cat([torch.nonzero(new).flatten(), torch.tensor([layout.local_len])]).to(torch.int32)
+        assert torch.equal(seq.local_cu_seqlens(r), expected), f"seed {seed} rank {r} cu {cu.tolist()}"
+        for s in seq.segments(r):
+            assert s.doc_start == int(cu[s.doc]) and int(docs[s.row]) == s.doc
+            assert int(local_doc[s.doc_start + s.p0]) == s.p0 == int(seq.doc_positions(r)[s.row])
+
+
+def test_batch_rows_are_documents(seed):
+    layout = CPLayout(2, 64, "zigzag", select_len=8)
+    seq = ShardedSequence(layout, batch=3)
+    x = torch.randn(3, 64)
+    flat = x.reshape(-1)
+    for r in range(2):
+        local = layout.shard(x, r).reshape(-1)  # [B, T/P] flattened: the module's local rows
+        assert torch.equal(flat[seq.positions(r)], local)
+        rank, row = seq.owner(seq.positions(r))
+        assert bool((rank == r).all()) and torch.equal(row, torch.arange(seq.local_len))
+        assert all(s.p1 <= 64 and s.doc_start == 64 * s.doc for s in seq.segments(r))
+        assert int(seq.local_cu_seqlens(r)[-1]) == 96
+
+
+def test_bad_layouts_name_the_numbers():
+    with pytest.raises(ValueError, match=r"T=100 .*2P=8 chunks"):
+        CPLayout(4, 100, "zigzag")
+    with pytest.raises(ValueError, match=r"T=100 .*P=3 chunks"):
+        CPLayout(3, 100, "contiguous")
+    with pytest.raises(ValueError, match=r"chunk length 12 .*T=48.*l'=8"):
+        CPLayout(2, 48, "zigzag", select_len=8)
+    with pytest.raises(ValueError, match=r"kind='ring'"):
+        CPLayout(2, 48, "ring")
+    layout = CPLayout(2, 64, "zigzag", select_len=8)
+    with pytest.raises(ValueError, match=r"ends at 60 .*T=64"):
+        ShardedSequence(layout, torch.tensor([0, 30, 60], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"rank=2"):
+        layout.chunks(2)
+    with pytest.raises(ValueError, match=r"length 50 on dim 1.*T=64"):
+        layout.shard(torch.zeros(1, 50), 0)
