@@ -7,7 +7,7 @@ a range of that document's rows (the prefix ``[0, p1)`` for the compressed branc
 from __future__ import annotations
 
 import random
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 
@@ -20,6 +20,20 @@ class Segment(NamedTuple):
     start: int
     p0: int
     p1: int
+
+
+class Case(NamedTuple):
+    """A test case: a random packed sequence (documents ``lengths``, offsets ``cu``), its full-sequence inputs
+    ``x`` and the query segments cut out of it (global rows ``q_rows``, offsets ``cu_q``); ``ctx`` names the
+    case in failure messages."""
+    geo: dict
+    lengths: List[int]
+    cu: torch.Tensor
+    x: Dict[str, torch.Tensor]
+    segments: List[Segment]
+    q_rows: torch.Tensor
+    cu_q: torch.Tensor
+    ctx: str
 
 
 def offsets(lengths: Sequence[int]) -> torch.Tensor:

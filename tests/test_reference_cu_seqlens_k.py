@@ -17,14 +17,14 @@ on the segment rows (zero elsewhere). Fresh seeds (printed on failure, ``NSA_TES
 from __future__ import annotations
 
 import random
-from typing import Callable, Dict, List, NamedTuple
+from typing import Callable, Dict, List
 
 import pytest
 import torch
 
 from nsa_kernels import reference as R
 from nsa_kernels.layout import compressed_cu_seqlens, num_compressed_blocks
-from segments import Segment, compact_key_segment as _compact_key_segment, cut_segments as _cut_segments
+from segments import Case, Segment, compact_key_segment as _compact_key_segment, cut_segments as _cut_segments
 from segments import offsets as _offsets, packed_rows as _packed_rows, unaligned as _unaligned
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,18 +39,6 @@ GEOMETRIES = {
     "l32d8s16n5w23": dict(block_len=32, stride=8, select_len=16, top_n=5, window=23, init_blocks=1, local_blocks=1),
 }
 CASES = [pytest.param(geo, G, id=f"{geo}-G{G}") for geo in GEOMETRIES for G in (1, 2, 4)]
-
-
-class Case(NamedTuple):
-    """A random packed sequence, its full-sequence inputs and the query segments cut out of it."""
-    geo: dict
-    lengths: List[int]
-    cu: torch.Tensor
-    x: Dict[str, torch.Tensor]
-    segments: List[Segment]
-    q_rows: torch.Tensor
-    cu_q: torch.Tensor
-    ctx: str
 
 
 def _document_lengths(geo: dict, rng: random.Random) -> List[int]:

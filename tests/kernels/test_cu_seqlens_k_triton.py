@@ -21,7 +21,7 @@ fp32 reference on the upcast inputs (relative norm error < 1e-2, forward and bac
 from __future__ import annotations
 
 import random
-from typing import Callable, Dict, List, NamedTuple
+from typing import Callable, Dict
 
 import pytest
 import torch
@@ -34,7 +34,7 @@ from nsa_kernels.triton import selection as SEL
 from nsa_kernels.triton.compressed import compressed_attention
 from nsa_kernels.triton.utils import tile_table
 from nsa_kernels.triton.window import window_attention
-from segments import Segment, chunk_segments, compact_key_segment, cut_segments, offsets, packed_rows, unaligned
+from segments import Case, Segment, chunk_segments, compact_key_segment, cut_segments, offsets, packed_rows, unaligned
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,19 +73,6 @@ def tiling(request, monkeypatch):
     """``"default"`` (the heuristics) or ``"small"`` (:func:`_small_tiles`), from the test's ``tiles`` parameter."""
     if request.getfixturevalue("tiles") == "small":
         _small_tiles(monkeypatch)
-
-
-class Case(NamedTuple):
-    """A random packed sequence (documents ``lengths``, offsets ``cu``), full-sequence fp32 inputs and the query
-    segments cut out of it: their global rows ``q_rows`` and offsets ``cu_q``."""
-    geo: dict
-    lengths: List[int]
-    cu: torch.Tensor
-    x: Dict[str, torch.Tensor]
-    segments: List[Segment]
-    q_rows: torch.Tensor
-    cu_q: torch.Tensor
-    ctx: str
 
 
 def _case(geo_name: str, G: int, seed: int) -> Case:
