@@ -507,7 +507,7 @@ def pick_config(geom: RangeGeometry, dk: int, dv: int, dtype: torch.dtype = torc
 
     Half inputs, head dims <= 128: 128-row query tiles (BLOCK_T * GB) with 128-key (compressed) or 32-key
     (window) tiles for forward and dq; dk/dv: 64-key tiles and 64 query rows (G = 16: 4 tokens) per step;
-    8 warps (4 for compressed dk/dv). Head dims above 128 halve the tiles; fp32 inputs (4-byte
+    8 warps (4 for dk/dv of head dims <= 128). Head dims above 128 halve the tiles; fp32 inputs (4-byte
     operands, tf32x3 dots) use smaller tiles so shared memory fits. Compiled for sm_90 (Triton 3.9 AOT)
     these fit without register spills for half inputs; 128-key forward tiles reach 255 registers.
     """
@@ -518,15 +518,14 @@ def pick_config(geom: RangeGeometry, dk: int, dv: int, dtype: torch.dtype = torc
                           dkdv_stages=1 if big else 2)
     else:
         # measured on an H100 at T = 64k, G = 16 (benchmarks/tune_range.py, 2026-11-23): compressed keys run
-        # best in 128-key tiles, window keys (a 512-token range) in 32-key tiles; the compressed dK/dV
-        # kernel with 4 warps (50.7 ms fwd+bwd against 70.8 ms with 8)
+        # best in 128-key tiles, window keys (a 512-token range) in 32-key tiles; the dK/dV kernel with 4 warps
+        # (compressed fwd+bwd 50.7 ms against 70.8 with 8; window 15.2 against 21.0)
         keys = 64 if big else (128 if geom.mode == COMPRESSED else 32)
         cfg = RangeConfig(
             fwd_rows=64 if big else 128,
             fwd_keys=keys, fwd_warps=8, fwd_stages=2 if big else 3,
             dq_keys=32 if big else keys, dq_warps=8, dq_stages=2,
-            dkdv_keys=32 if big else 64, dkdv_rows=64, dkdv_warps=4 if geom.mode == COMPRESSED else 8,
-            dkdv_stages=2,
+            dkdv_keys=32 if big else 64, dkdv_rows=64, dkdv_warps=8 if big else 4, dkdv_stages=2,
         )
     if CONFIG_OVERRIDE:
         cfg = cfg._replace(**CONFIG_OVERRIDE)

@@ -1,0 +1,88 @@
+"""Tile-size sweep for the selected-attention kernels on one GPU.
+
+Sweeps the module knobs of :mod:`nsa_kernels.triton.selected` (``FWD_MIN_ROWS``, ``MAX_BLOCK_S`` and the
+forward/dq warps, timing the forward; then ``BWD_ROWS``, ``CHUNK_FACTOR`` and the dK/dV warps, timing
+forward+backward, from the best forward choice) on the paper geometry (l' 64, n 16) with the block indices
+``select_blocks`` picks on random inputs. Each candidate is checked against the default's output and dq.
+
+    python benchmarks/tune_selected.py --seqlen 65536 --heads 64 --kv-heads 4
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+import torch
+
+import nsa_kernels
+from nsa_kernels.triton import selected as SA
+
+try:  # run as a script (python benchmarks/...) or as a module
+    from kernels import add_shape_arguments
+    from tune_range import measure
+except ImportError:
+    from benchmarks.kernels import add_shape_arguments
+    from benchmarks.tune_range import measure
+
+GROUPS = {
+    "fwd": dict(FWD_MIN_ROWS=[16, 32, 64], MAX_BLOCK_S=[32, 64], fwd_warps=[4, 8]),
+    "bwd": dict(BWD_ROWS=[32, 64, 128], CHUNK_FACTOR=[1, 2, 4], bwd_warps=[4, 8]),
+}
+WARPS = ("fwd_warps", "bwd_warps")
+
+
+def apply(choice: dict, heuristic) -> None:
+    """Set the module knobs of ``choice``; warps replace the heuristic's (``heuristic`` = the original
+    ``_config``), other fields keep it."""
+    for name, value in choice.items():
+        if name not in WARPS:
+            setattr(SA, name, value)
+    warps = {k: v for k, v in choice.items() if k in WARPS}
+    SA._config = (lambda *a: heuristic(*a)._replace(**warps)) if warps else heuristic
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqlen", type=int, default=65536)
+    add_shape_arguments(parser)
+    parser.add_argument("--budget-s", type=float, default=240)
+    args = parser.parse_args(argv)
+    start, T, HQ, H, D = time.time(), args.seqlen, args.heads, args.kv_heads, args.dim
+    leaf = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    q, k, v = leaf(1, T, HQ, D), leaf(1, T, H, D), leaf(1, T, H, D)
+    nc = (T - 32) // 16 + 1
+    with torch.no_grad(), nsa_kernels.use_backend("triton"):
+        k_cmp = torch.randn(1, nc, H, D, device="cuda", dtype=torch.bfloat16)
+        _, lse = nsa_kernels.compressed_attention(q, k_cmp, k_cmp, 32, 16)
+        idx = nsa_kernels.select_blocks(q, k_cmp, lse, 32, 16, 64, 16)
+    fn = lambda: nsa_kernels.selected_attention(q, k, v, idx, 64)
+    heuristic = SA._config
+    defaults = {name: getattr(SA, name) for group in GROUPS.values() for name in group if name not in WARPS}
+    with nsa_kernels.use_backend("triton"):
+        grad = torch.randn_like(fn())
+        fn().backward(grad)
+        reference = (fn().detach().float(), q.grad.float().clone())
+        best = dict(defaults)
+        for group, space in GROUPS.items():
+            mode = "fwd" if group == "fwd" else "fwd+bwd"
+            results = []
+            for values in itertools.product(*space.values()):
+                if time.time() - start > args.budget_s:
+                    break
+                cand = {**best, **dict(zip(space, values))}
+                apply(cand, heuristic)
+                ms = measure(fn, [q, k, v], grad, mode, reference)
+                results.append((ms, cand))
+                print(json.dumps({"group": group, "mode": mode, "ms": ms, **dict(zip(space, values))}), flush=True)
+            apply(defaults, heuristic)
+            if results:
+                best = min(results, key=lambda r: r[0])[1]
+                print(f"best after {group}: {min(r[0] for r in results):.2f} ms {mode}", flush=True)
+    print("default:", json.dumps(defaults), "(warps from the heuristic)")
+    print("best:   ", json.dumps(best))
+
+
+if __name__ == "__main__":
+    main()
