@@ -14,6 +14,7 @@ import argparse
 import itertools
 import json
 import time
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -67,6 +68,38 @@ def measure(fn, leaves, grad, mode: str, reference) -> float:
         return float("inf")
 
 
+def set_override(config: Optional[dict]) -> None:
+    """Run the range kernels with ``config`` (``None``: the heuristic)."""
+    range_attention.CONFIG_OVERRIDE = config
+
+
+def coordinate_search(groups: Dict[str, dict], order: Sequence[str], initial: dict,
+                      configure: Callable[[Optional[dict]], None], fn, leaves, grad, reference,
+                      deadline: float) -> dict:
+    """Sweep each group of fields in ``order`` (every combination of its values, the other fields at the best
+    so far), timing the forward for the group named ``"fwd"`` and forward+backward for the others; print each
+    candidate and return the best configuration. ``configure(config)`` installs a candidate, ``configure(None)``
+    restores the defaults; sweeping stops at ``deadline`` (``time.time()``)."""
+    best = dict(initial)
+    for group in order:
+        space = groups[group]
+        mode = "fwd" if group == "fwd" else "fwd+bwd"
+        results = []
+        for values in itertools.product(*space.values()):
+            if time.time() > deadline:
+                break
+            cand = {**best, **dict(zip(space, values))}
+            configure(cand)
+            ms = measure(fn, leaves, grad, mode, reference)
+            results.append((ms, cand))
+            print(json.dumps({"group": group, "mode": mode, "ms": ms, **dict(zip(space, values))}), flush=True)
+        configure(None)
+        if results:
+            best = min(results, key=lambda r: r[0])[1]
+            print(f"best after {group}: {min(r[0] for r in results):.2f} ms {mode}", flush=True)
+    return best
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--branch", choices=["compressed", "window"], default="compressed")
@@ -84,23 +117,8 @@ def main(argv=None) -> None:
         reference = (fn().detach().float(), leaves[0].grad.float().clone())
         mode = range_attention.COMPRESSED if args.branch == "compressed" else range_attention.WINDOW
         base = range_attention.pick_config(range_attention.RangeGeometry(mode), args.dim, args.dim)._asdict()
-        best = dict(base)
-        for group in args.groups:
-            space = GROUPS[group]
-            mode = "fwd" if group == "fwd" else "fwd+bwd"
-            results = []
-            for values in itertools.product(*space.values()):
-                if time.time() - start > args.budget_s:
-                    break
-                cand = {**best, **dict(zip(space, values))}
-                range_attention.CONFIG_OVERRIDE = cand
-                ms = measure(fn, leaves, grad, mode, reference)
-                results.append((ms, cand))
-                print(json.dumps({"group": group, "mode": mode, "ms": ms, **dict(zip(space, values))}), flush=True)
-            range_attention.CONFIG_OVERRIDE = None
-            if results:
-                best = min(results, key=lambda r: r[0])[1]
-                print(f"best after {group}: {min(r[0] for r in results):.2f} ms {mode}", flush=True)
+        best = coordinate_search(GROUPS, args.groups, base, set_override, fn, leaves, grad, reference,
+                                 start + args.budget_s)
     print("default:", json.dumps(base))
     print("best:   ", json.dumps(best))
 

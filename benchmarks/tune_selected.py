@@ -10,7 +10,6 @@ forward+backward, from the best forward choice) on the paper geometry (l' 64, n 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import time
 
@@ -21,10 +20,10 @@ from nsa_kernels.triton import selected as SA
 
 try:  # run as a script (python benchmarks/...) or as a module
     from kernels import add_shape_arguments
-    from tune_range import measure
+    from tune_range import coordinate_search
 except ImportError:
     from benchmarks.kernels import add_shape_arguments
-    from benchmarks.tune_range import measure
+    from benchmarks.tune_range import coordinate_search
 
 GROUPS = {
     "fwd": dict(FWD_MIN_ROWS=[16, 32, 64], MAX_BLOCK_S=[32, 64], fwd_warps=[4, 8]),
@@ -64,22 +63,9 @@ def main(argv=None) -> None:
         grad = torch.randn_like(fn())
         fn().backward(grad)
         reference = (fn().detach().float(), q.grad.float().clone())
-        best = dict(defaults)
-        for group, space in GROUPS.items():
-            mode = "fwd" if group == "fwd" else "fwd+bwd"
-            results = []
-            for values in itertools.product(*space.values()):
-                if time.time() - start > args.budget_s:
-                    break
-                cand = {**best, **dict(zip(space, values))}
-                apply(cand, heuristic)
-                ms = measure(fn, [q, k, v], grad, mode, reference)
-                results.append((ms, cand))
-                print(json.dumps({"group": group, "mode": mode, "ms": ms, **dict(zip(space, values))}), flush=True)
-            apply(defaults, heuristic)
-            if results:
-                best = min(results, key=lambda r: r[0])[1]
-                print(f"best after {group}: {min(r[0] for r in results):.2f} ms {mode}", flush=True)
+        configure = lambda config: apply(defaults if config is None else config, heuristic)
+        best = coordinate_search(GROUPS, list(GROUPS), defaults, configure, fn, [q, k, v], grad, reference,
+                                 start + args.budget_s)
     print("default:", json.dumps(defaults), "(warps from the heuristic)")
     print("best:   ", json.dumps(best))
 
