@@ -21,7 +21,7 @@ Kernels (all grids 1-D, ``program_id = tile * (B * H * chunks) + head``, heads f
 running together share K/V in L2):
 
 * ``_range_fwd_kernel``: online softmax in the log2 domain; writes ``o`` and ``lse`` (natural log, fp32).
-* ``_delta_kernel``: ``delta = rowsum(dO * O)``.
+* ``delta = rowsum(dO * O)`` comes from :func:`.delta.attention_delta`.
 * ``_range_dq_kernel``: same tiling as forward, recomputes ``P`` from ``lse``, ``dq = scale * dS K``.
 * ``_range_dkdv_kernel``: one program per (work item, KV head) loops over query tokens whose ranges can
   include the item's key tile (the inverse map, clipped to the segment's queries: window: positions
@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .delta import attention_delta
 from .tile_loads import load_tile, tile_row
 from .utils import kernel_dtype, new_output, query_tile_table, tile_table
 
@@ -229,23 +230,6 @@ def _range_fwd_kernel(Q, K, V, O, LSE, TILES, n_tiles, BHC, H, T,
 # ----------------------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _delta_kernel(O, DO, DELTA, n_rows, T, HQ, so_b, so_t, so_h, sdo_b, sdo_t, sdo_h,
-                  DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``delta[b, t, hq] = sum_d dO * O`` (fp32), rows flattened as ``(b * T + t) * HQ + hq``."""
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ok = r < n_rows
-    hq = r % HQ
-    bt = r // HQ
-    t = bt % T
-    b = bt // T
-    offs_d = tl.arange(0, BLOCK_DV)
-    o = _load_rows(O + (b * so_b + t * so_t + hq * so_h)[:, None] + offs_d[None, :], ok, offs_d, DV, BLOCK_DV, True)
-    do = _load_rows(DO + (b * sdo_b + t * sdo_t + hq * sdo_h)[:, None] + offs_d[None, :], ok, offs_d, DV, BLOCK_DV,
-                    True)
-    tl.store(DELTA + r, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
-
 
 @triton.jit
 def _load_lse2(LSE, DELTA, offs, ok):
@@ -640,11 +624,7 @@ def range_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     n_rows = B * T * HQ
     if n_rows == 0:
         return dq, dk.zero_(), dv.zero_()
-    delta = torch.empty((B, T, HQ), dtype=torch.float32, device=q.device)
-    block_r = 64
-    _delta_kernel[(triton.cdiv(n_rows, block_r),)](
-        o, do, delta, n_rows, T, HQ, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1),
-        do.stride(2), DV=Dv, BLOCK_DV=bdv, BLOCK_R=block_r, num_warps=4)
+    delta = attention_delta(o, do)
 
     gb, block_t, ngc = _group_split(G, cfg.fwd_rows)
     n_tiles = q_tiles.shape[0]

@@ -21,7 +21,7 @@ Design
   (forced init/local blocks, and in trained models most top-n blocks) is read once for all of them, and the
   tensor-core tiles stay 16 rows tall instead of being padded from G to 16. Online softmax in base 2 with the
   log2(e)-scaled scale; the forward stores ``lse`` (base 2, fp32) for backward.
-* **Backward**: ``delta = rowsum(dO * O)`` (``_delta_kernel``); dq recomputes ``P`` from ``lse`` with the
+* **Backward**: ``delta = rowsum(dO * O)`` (:func:`.delta.attention_delta`); dq recomputes ``P`` from ``lse`` with the
   forward's structure. dK/dV use the inverted selection: a CSR ``(batch, KV head, block) -> queries`` built
   with one stable sort of the flattened keys (O(T * H * n) memory, :func:`_invert_selection`); a program
   per work item (KV head, selection block, chunk of its query list) keeps the block's K/V in registers,
@@ -47,6 +47,7 @@ import triton.language as tl
 
 from ..reference.tiles import default_scale
 from ..validation import check_attention_inputs, check_block_idx, check_positive_int
+from .delta import attention_delta
 from .tile_loads import tile_row
 from .utils import kernel_dtype, new_output, query_positions, query_tile_table, segment_offsets, tile_table
 
@@ -155,16 +156,6 @@ def _fwd_kernel(Q, K, V, O, LSE, IDX, UNI, UCNT, TILES,
              mask=row_ok[:, None] & (cv[None, :] < DV))
     lse = tl.where(has, m_i + tl.log2(l_safe), float("-inf"))
     tl.store(LSE + (b * T + t64) * (H * G) + hq, lse, mask=row_ok)
-
-
-@triton.jit
-def _delta_kernel(O, DO, DELTA, N_ROWS, DV: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    cv = tl.arange(0, BV)
-    mask = (rows[:, None] < N_ROWS) & (cv[None, :] < DV)
-    o = tl.load(O + rows[:, None] * DV + cv[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + rows[:, None] * DV + cv[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < N_ROWS)
 
 
 @triton.jit
@@ -493,10 +484,7 @@ class _SelectedAttention(torch.autograd.Function):
         NT, n, UL = tiles.shape[0], canon.shape[-1], uni.shape[-1]
         prec = _precision(q.dtype)
 
-        delta = new_output((B, T, HQ), torch.float32, dev)
-        n_rows = B * T * HQ
-        BR = 32
-        _delta_kernel[(triton.cdiv(n_rows, BR),)](o, do, delta, n_rows, DV=Dv, BR=BR, BV=cfg.BV, num_warps=4)
+        delta = attention_delta(o, do)
 
         dq = dk = dv = None
         if ctx.needs_input_grad[0]:

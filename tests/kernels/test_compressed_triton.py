@@ -22,15 +22,13 @@ from nsa_kernels import reference as R
 from nsa_kernels.layout import total_compressed_blocks
 from nsa_kernels.triton import range_attention as RA
 from nsa_kernels.triton.compressed import compressed_attention
+from small_tiles import use_small_range_tiles
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DOCS = [45, 1, 20, 7, 77]  # T = 150: documents shorter than l (no block), a 1-token document
 GEOMETRIES = [(32, 16), (16, 8), (8, 8)]
 TOL = dict(atol=1e-4, rtol=1e-4)
-# 8-row tiles split a G = 16 group under the interpreter; compiled tl.dot needs >= 16 rows on a GPU
-SMALL_ROWS = 16 if torch.cuda.is_available() else 8
-SMALL_TILES = dict(fwd_rows=SMALL_ROWS, fwd_keys=16, dq_keys=16, dkdv_keys=16, dkdv_rows=SMALL_ROWS)
 
 
 def _inputs(B, T, H, G, dk, dv, block_len, stride, cu=None, dtype=torch.float32, device=None):
@@ -74,11 +72,7 @@ def _compare(q, k, v, block_len, stride, seed, cu=None, scale=None):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Tiny tiles, and dK/dV work items of 12 query tokens (not a multiple of the tile), so every key tile is
-    split over many items whose partials the reduce kernel sums."""
-    monkeypatch.setattr(RA, "CONFIG_OVERRIDE", SMALL_TILES)
-    monkeypatch.setattr(RA, "DKDV_QUERY_CHUNK", 12)
-    monkeypatch.setattr(RA, "DKDV_MAX_CHUNKS", 10 ** 6)
+    use_small_range_tiles(monkeypatch)
 
 
 @pytest.mark.parametrize("G", [1, 4, 16])

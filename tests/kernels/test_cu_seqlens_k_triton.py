@@ -28,13 +28,13 @@ import torch
 
 from nsa_kernels import reference as R
 from nsa_kernels.layout import compressed_cu_seqlens, num_compressed_blocks
-from nsa_kernels.triton import range_attention as RA
 from nsa_kernels.triton import selected as SA
 from nsa_kernels.triton import selection as SEL
 from nsa_kernels.triton.compressed import compressed_attention
 from nsa_kernels.triton.utils import tile_table
 from nsa_kernels.triton.window import window_attention
 from segments import Case, Segment, chunk_segments, compact_key_segment, cut_segments, offsets, packed_rows, unaligned
+from small_tiles import use_small_range_tiles
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,18 +50,13 @@ GEOMETRIES = {
 CASES = [pytest.param(geo, G, tiles, id=f"{geo}-G{G}-{tiles}") for geo, G, tiles in (
     ("l16d8s16n4w20", 1, "default"), ("l32d8s8n5w7", 4, "default"), ("l16d8s16n4w20", 16, "default"),
     ("l32d8s8n5w7", 1, "small"), ("l16d8s16n4w20", 4, "small"), ("l32d8s8n5w7", 16, "small"))]
-# 8-row tiles split a G = 16 group under the interpreter; compiled tl.dot needs >= 16 rows on a GPU
-SMALL_ROWS = 16 if torch.cuda.is_available() else 8
 
 
 def _small_tiles(monkeypatch) -> None:
     """Tiny tiles everywhere: range attention 8-row query tiles, 16-key tiles and dK/dV work items of 12 query
     tokens (partials summed by the reduce kernel); selected attention 16-key slices and query lists split into
     several work items; select_blocks the group in several passes and a chunk's rows in several key tiles."""
-    monkeypatch.setattr(RA, "CONFIG_OVERRIDE", dict(fwd_rows=SMALL_ROWS, fwd_keys=16, dq_keys=16, dkdv_keys=16,
-                                                    dkdv_rows=SMALL_ROWS))
-    monkeypatch.setattr(RA, "DKDV_QUERY_CHUNK", 12)
-    monkeypatch.setattr(RA, "DKDV_MAX_CHUNKS", 10 ** 6)
+    use_small_range_tiles(monkeypatch)
     monkeypatch.setattr(SA, "MAX_BLOCK_S", 16)
     monkeypatch.setattr(SA, "CHUNK_FACTOR", 0.05)
     monkeypatch.setattr(SEL, "QUERY_TILE_BYTES", 2048)

@@ -20,14 +20,12 @@ import oracle as O
 from nsa_kernels import reference as R
 from nsa_kernels.triton import range_attention as RA
 from nsa_kernels.triton.window import window_attention
+from small_tiles import use_small_range_tiles
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DOCS = [37, 1, 5, 64, 23]  # T = 130: a 1-token document and one shorter than every query tile
 TOL = dict(atol=1e-4, rtol=1e-4)
-# 8-row tiles split a G = 16 group under the interpreter; compiled tl.dot needs >= 16 rows on a GPU
-SMALL_ROWS = 16 if torch.cuda.is_available() else 8
-SMALL_TILES = dict(fwd_rows=SMALL_ROWS, fwd_keys=16, dq_keys=16, dkdv_keys=16, dkdv_rows=SMALL_ROWS)
 
 
 def _inputs(B, T, H, G, dk, dv, dtype=torch.float32, device=None):
@@ -56,7 +54,7 @@ def _compare(q, k, v, window, seed, cu=None, scale=None):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(RA, "CONFIG_OVERRIDE", SMALL_TILES)
+    use_small_range_tiles(monkeypatch)
 
 
 @pytest.mark.parametrize("G", [1, 4, 16])
