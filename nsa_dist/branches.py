@@ -1,0 +1,91 @@
+"""The NSA branch computation shared by every layer front end (``NativeSparseAttention``, the Megatron
+``NSASelfAttention``): compression, rotary, the three branches and the gates, on one rank or context-parallel."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+import nsa_kernels
+from nsa_kernels import compressed_block_last_tokens, doc_local_positions
+from nsa_kernels.validation import check_cu_seqlens
+
+from .config import NSAConfig
+from .parallel import CPLayout, CPStats, ShardedSequence, context_parallel_nsa
+
+
+def nsa_branches(config: NSAConfig, q: torch.Tensor, k_c: torch.Tensor, v_c: torch.Tensor, k_s: torch.Tensor,
+                 v_s: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, gates: torch.Tensor, *,
+                 k_compressor: Callable, v_compressor: Callable, rotary: Optional[Callable] = None,
+                 cu_seqlens: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                 cp_group=None) -> Tuple[torch.Tensor, Optional[CPStats]]:
+    """Gated NSA output of projected heads.
+
+    Args:
+        config: the geometry (``block_len`` ... ``local_blocks``, ``softmax_scale``, ``kv_sharing``,
+            ``cp_layout``, ``cp_selection_exchange``); head counts come from the tensors, so a tensor-parallel
+            caller passes its local heads.
+        q: ``[B, T, HQ, Dk]`` un-rotated queries; gates ``[B, T, HQ, 3]`` (after the sigmoid).
+        k_c, v_c: ``[B, T, H, Dk|Dv]`` raw K/V of the compression branch (compressed here).
+        k_s, v_s, k_w, v_w: ``[B, T, H, Dk|Dv]`` K/V of the selection and window branches, keys un-rotated.
+            With ``config.kv_sharing="shared"`` pass the same K/V for every branch (rotated once).
+        k_compressor, v_compressor: ``phi(x [B, T, H, D], cu_seqlens) -> [B, Nc, H, D]``
+            (:class:`~nsa_dist.BlockCompressor`).
+        rotary: ``rotary(x [B, S, H, D], positions [S] or [B, S]) -> x`` or None (no rotary). q and the
+            selection/window keys rotate at their positions, compressed keys at their block's last token.
+        cu_seqlens: int32 ``[N + 1]`` packed documents (``B = 1``); global under context parallelism.
+        position_ids: rotary positions ``[T]`` or ``[B, T]`` (default: position within the document); global
+            under context parallelism.
+        cp_group: context-parallel process group, or None. Then ``T`` is the local shard ``T_global / P`` in
+            the ``config.cp_layout`` layout.
+    Returns:
+        ``o [B, T, HQ, Dv]`` and the :class:`CPStats` of the call (None without ``cp_group``).
+    """
+    c = config
+    B, T = q.shape[:2]
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        return _context_parallel(c, q, k_c, v_c, k_s, v_s, k_w, v_w, gates, k_compressor, v_compressor, rotary,
+                                 cu_seqlens, position_ids, cp_group)
+    check_cu_seqlens(cu_seqlens, B, T)
+    k_cmp = k_compressor(k_c, cu_seqlens)
+    v_cmp = v_compressor(v_c, cu_seqlens)
+    if rotary is not None:
+        if position_ids is None:
+            position_ids = doc_local_positions(cu_seqlens, T, device=q.device)
+        last = compressed_block_last_tokens(cu_seqlens, T, c.block_len, c.stride, device=q.device)
+        q = rotary(q, position_ids)
+        k_cmp = rotary(k_cmp, position_ids[..., last])
+        k_s = rotary(k_s, position_ids)
+        k_w = k_s if c.kv_sharing == "shared" else rotary(k_w, position_ids)
+    o = nsa_kernels.nsa_attention(
+        q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates, block_len=c.block_len, stride=c.stride,
+        select_len=c.select_len, top_n=c.top_n, window=c.window, init_blocks=c.init_blocks,
+        local_blocks=c.local_blocks, scale=c.softmax_scale, cu_seqlens=cu_seqlens)
+    return o, None
+
+
+def _context_parallel(c, q, k_c, v_c, k_s, v_s, k_w, v_w, gates, k_compressor, v_compressor, rotary, cu_seqlens,
+                      position_ids, cp_group):
+    """The local shard's ``[B, T/P, ...]`` tensors flatten to one packed row (each batch row a document unless
+    ``cu_seqlens`` packs them) for :func:`~nsa_dist.parallel.context_parallel_nsa`."""
+    B, T_local = q.shape[:2]
+    P = dist.get_world_size(cp_group)
+    shards = ShardedSequence(CPLayout(P, T_local * P, c.cp_layout, c.select_len), cu_seqlens, B)
+    rank = dist.get_rank(cp_group)
+    q, k_c, v_c, k_s, v_s, k_w, v_w, gates = (t.reshape(1, B * T_local, *t.shape[2:])
+                                              for t in (q, k_c, v_c, k_s, v_s, k_w, v_w, gates))
+    if position_ids is not None:
+        position_ids = position_ids.to(q.device).expand(B, shards.layout.seq_len).reshape(-1)
+    if rotary is not None:
+        local = shards.positions(rank, device=q.device)
+        pos = shards.doc_positions(rank, device=q.device) if position_ids is None else position_ids[local]
+        q = rotary(q, pos)
+        k_s = rotary(k_s, pos)
+        k_w = k_s if c.kv_sharing == "shared" else rotary(k_w, pos)
+    o, stats = context_parallel_nsa(
+        q, k_c, v_c, k_s, v_s, k_w, v_w, gates, shards=shards, group=cp_group, compress_k=k_compressor,
+        compress_v=v_compressor, rotary=rotary, position_ids=position_ids, block_len=c.block_len,
+        stride=c.stride, select_len=c.select_len, top_n=c.top_n, window=c.window, init_blocks=c.init_blocks,
+        local_blocks=c.local_blocks, scale=c.softmax_scale, selection_exchange=c.cp_selection_exchange)
+    return o.reshape(B, T_local, *o.shape[2:]), stats

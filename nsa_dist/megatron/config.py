@@ -1,0 +1,62 @@
+"""NSA hyper-parameters on a Megatron ``TransformerConfig``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..config import NSAConfig
+
+# NSAConfig field <- TransformerConfig field; all optional on the config (the paper's values otherwise)
+NSA_FIELDS = {
+    "block_len": "nsa_block_len", "stride": "nsa_stride", "select_len": "nsa_select_len", "top_n": "nsa_top_n",
+    "window": "nsa_window", "init_blocks": "nsa_init_blocks", "local_blocks": "nsa_local_blocks",
+    "compressor": "nsa_compressor", "compressor_hidden": "nsa_compressor_hidden",
+    "kv_sharing": "nsa_kv_sharing", "cp_selection_exchange": "nsa_cp_selection_exchange",
+    "v_head_dim": "nsa_v_head_dim",
+}
+
+
+@dataclass
+class NSATransformerConfig(TransformerConfig):
+    """megatron-core's ``TransformerConfig`` plus the NSA hyper-parameters (see :class:`nsa_dist.NSAConfig`).
+
+    Heads, head dim (``kv_channels``), KV groups (``num_query_groups``), ``softmax_scale`` and ``add_qkv_bias``
+    come from the Megatron fields. A plain ``TransformerConfig`` works too: missing ``nsa_*`` fields take the
+    paper's values (l 32, d 16, l' 64, n 16, w 512). Under context parallelism the sequence layout is Megatron's
+    zigzag (``2 * CP`` chunks), so ``seq_length`` must be a multiple of ``2 * CP * nsa_select_len``.
+    """
+
+    nsa_block_len: int = 32
+    nsa_stride: int = 16
+    nsa_select_len: int = 64
+    nsa_top_n: int = 16
+    nsa_window: int = 512
+    nsa_init_blocks: int = 1
+    nsa_local_blocks: int = 2
+    nsa_compressor: str = "mlp"
+    nsa_compressor_hidden: Optional[int] = None
+    nsa_kv_sharing: str = "separate"
+    nsa_cp_selection_exchange: str = "auto"
+    nsa_v_head_dim: Optional[int] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        nsa_config_from_transformer_config(self)  # validates the NSA fields, errors name them
+
+
+def nsa_config_from_transformer_config(config: TransformerConfig) -> NSAConfig:
+    """The :class:`NSAConfig` of a Megatron config (global head counts; rotary comes from Megatron, so
+    ``use_rope=False``; layout zigzag). Errors name the offending ``nsa_*`` field."""
+    heads = config.num_attention_heads
+    values = {f: getattr(config, m) for f, m in NSA_FIELDS.items() if getattr(config, m, None) is not None}
+    try:
+        return NSAConfig(hidden_size=config.hidden_size, num_heads=heads,
+                         num_kv_heads=config.num_query_groups or heads,
+                         head_dim=config.kv_channels or config.hidden_size // heads, use_rope=False,
+                         softmax_scale=config.softmax_scale, qkv_bias=bool(config.add_qkv_bias),
+                         cp_layout="zigzag", **values)
+    except ValueError as err:
+        names = ", ".join(f"{f} = config.{m}" for f, m in NSA_FIELDS.items())
+        raise ValueError(f"invalid NSA settings on the Megatron config ({names}): {err}") from err
