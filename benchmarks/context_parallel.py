@@ -10,9 +10,9 @@ times, with CUDA events around forward+backward (median of ``--iters`` after war
 * ``single GPU``: ``nsa_attention`` on the whole sequence on rank 0 (the other ranks wait);
 * ``CP=P sparse``: :func:`nsa_dist.parallel.context_parallel_nsa` fetching only the selected remote blocks;
 * ``CP=P allgather``: the same with an all-gather of the raw selection K/V;
-* ``dense CP``: all-gather of K/V (reduce-scatter of their gradients) and dense causal SDPA of the local
-  zigzag chunks (cuDNN when it accepts the bottom-right causal mask, else the backend torch picks; the
-  table says which).
+* ``dense CP``: :func:`nsa_dist.parallel.dense.allgather_dense_attention`, an all-gather of K/V (reduce-scatter
+  of their gradients) and dense causal SDPA of the local zigzag chunks (cuDNN when it accepts the bottom-right
+  causal mask, else the backend torch picks; the table says which).
 
 Bytes per rank come from the layer's :class:`~nsa_dist.parallel.CPStats` (forward; backward moves the same in
 the other direction) and, for dense CP, from the gathered K/V size. Peak memory is
@@ -34,11 +34,11 @@ from typing import Callable, Dict, List
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import nsa_kernels
 from nsa_dist.compression import BlockCompressor
-from nsa_dist.parallel import CPLayout, ShardedSequence, all_gather_rows, context_parallel_nsa
+from nsa_dist.parallel import CPLayout, ShardedSequence, context_parallel_nsa
+from nsa_dist.parallel.dense import allgather_dense_attention, causal_sdpa
 
 try:  # run as a script (python benchmarks/...) or as a module
     from kernels import add_shape_arguments
@@ -118,23 +118,20 @@ def cp_case(x, shards, group, compress_k, compress_v, exchange: str, stats_out: 
     return run
 
 
-def dense_cp_case(x, layout: CPLayout, rank: int, group, backend_used: List):
-    """All-gather K/V (autograd: reduce-scatter backward), dense causal SDPA of each local chunk against the
-    keys up to its end (bottom-right aligned causal mask)."""
+def dense_cp_case(x, shards: ShardedSequence, group, backend_used: List):
+    """:func:`nsa_dist.parallel.dense.allgather_dense_attention`: all-gather K/V (autograd: reduce-scatter
+    backward), dense causal SDPA of each local chunk against the keys up to its end (bottom-right aligned causal
+    mask), on cuDNN when it accepts the mask, else the backend torch picks (``backend_used`` says which)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.bias import causal_lower_right
-    P, HQ, H = layout.world_size, x["q"].shape[2], x["k_slc"].shape[2]
-    local = layout.local_len
 
-    def attend(q, k, v):
-        bias = causal_lower_right(q.shape[2], k.shape[2])
+    def attend(q, k, v, scale=None):
         for name, backends in (("cudnn", [SDPBackend.CUDNN_ATTENTION]), ("default", None)):
             try:
                 if backends is None:
-                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+                    out = causal_sdpa(q, k, v, scale)
                 else:
                     with sdpa_kernel(backends):
-                        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+                        out = causal_sdpa(q, k, v, scale)
                 backend_used[:] = [name]
                 return out
             except RuntimeError:
@@ -142,20 +139,7 @@ def dense_cp_case(x, layout: CPLayout, rank: int, group, backend_used: List):
         raise RuntimeError("no SDPA backend accepted the lower-right causal mask")
 
     def run():
-        kv = torch.cat([x["k_slc"][0], x["v_slc"][0]], -1)  # [T/P, H, 2D]
-        full = all_gather_rows(kv, [local] * P, group)  # rank-ordered local rows
-        order = torch.cat([layout.positions(r, device=kv.device) for r in range(P)])
-        glob = torch.empty_like(full).index_copy(0, order, full)  # global token order
-        k, v = glob.split(kv.shape[-1] // 2, -1)
-        G = HQ // H
-        outs, row = [], 0
-        for s, e in layout.ranges(rank):
-            q = x["q"][0, row:row + e - s].transpose(0, 1)[None]  # [1, HQ, L, D]
-            kk = k[:e].transpose(0, 1).repeat_interleave(G, 0)[None]
-            vv = v[:e].transpose(0, 1).repeat_interleave(G, 0)[None]
-            outs.append(attend(q, kk, vv)[0].transpose(0, 1))
-            row += e - s
-        return torch.cat(outs, 0)[None]
+        return allgather_dense_attention(x["q"], x["k_slc"], x["v_slc"], shards=shards, group=group, attend=attend)
     return run
 
 
@@ -209,7 +193,7 @@ def main(argv=None) -> None:
                 del x
             if pattern == args.patterns[0]:
                 x, used = leaves_of({k: local[k] for k in ("q", "k_slc", "v_slc")}), []
-                res = timed(dense_cp_case(x, layout, rank, None, used), list(x.values()), args.iters)
+                res = timed(dense_cp_case(x, shards, None, used), list(x.values()), args.iters)
                 kv_bytes = (P - 1) * layout.local_len * H * 2 * D * 2
                 record({**base, "method": f"dense CP={P} (all-gather K/V + SDPA {used[0] if used else '?'})",
                         **res, "sent_bytes": kv_bytes, "received_bytes": kv_bytes})

@@ -1,7 +1,7 @@
 """The main job: train the compact GPT (NSA or dense attention) on one process, CPU or GPU, or context-parallel
 over ``--cp N`` local gloo processes on the CPU.
 
-``nsa-dist train --config configs/tiny-cpu.yaml`` (or ``python -m nsa_dist.train --config ...``) shows a
+``nsa-dist train --config configs/train/tiny-cpu.yaml`` (or ``python -m nsa_dist.train --config ...``) shows a
 progress bar with loss, accuracy and tokens/s, evaluates on held-out batches before and after
 training, and writes ``checkpoint.pt`` (loadable with ``torch.load(weights_only=True)``) and
 ``metrics.json`` to ``out_dir``. With ``--cp N`` every rank draws the same batches and keeps its shard of each
@@ -10,8 +10,10 @@ sequence (the NSA layers' ``cp_layout``); losses and gradients are summed over t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +22,12 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from tqdm import tqdm
 
 from .attention import NativeSparseAttention
 from .data import IGNORE_INDEX, Batch, ByteTextDataset, RetrievalTask
-from .models import GPT
+from .models import DenseAttention, GPT
 from .parallel.local_group import run_local_group
 from .parallel.training import ContextParallelGroup
 from .training_config import TrainConfig
@@ -83,36 +86,60 @@ def evaluate(model: GPT, batches: List[Batch], device: torch.device, cp: Context
 
 
 def use_context_parallel(model: GPT, group) -> None:
-    """Make every NSA layer of ``model`` context-parallel over ``group`` (``TrainConfig`` rejects dense
-    attention with ``train.cp > 1``)."""
+    """Make every attention layer of ``model`` (NSA or dense) context-parallel over ``group``; dense layers take
+    the NSA layers' ``cp_layout`` (``model.nsa``), the layout batches are sharded in."""
     for module in model.modules():
         if isinstance(module, NativeSparseAttention):
             module.cp_group = group
+        elif isinstance(module, DenseAttention):
+            module.cp_group, module.cp_layout = group, model.config.nsa_config().cp_layout
 
 
-def train(config: TrainConfig, device: Optional[str] = None, progress: bool = True) -> Dict:
+def train(config: TrainConfig, device: Optional[str] = None, progress: bool = True, resume: Optional[str] = None,
+          resume_tag: Optional[str] = None, save_checkpoint: bool = True) -> Dict:
     """Train per ``config`` and return the metrics written to ``<out_dir>/metrics.json`` (with ``train.cp > 1``
-    on that many local gloo processes on the CPU, rank 0 reporting)."""
+    on that many local gloo processes on the CPU, rank 0 reporting; with ``train.deepspeed_config`` the DeepSpeed
+    backend, one process per rank of the launcher: :func:`nsa_dist.deepspeed.train_deepspeed`)."""
+    if config.train.deepspeed_config:
+        from .deepspeed import train_deepspeed
+
+        return train_deepspeed(config, progress=progress, resume=resume, resume_tag=resume_tag,
+                               save_final=save_checkpoint)
+    if resume:
+        raise ValueError("--resume needs the DeepSpeed backend (train.deepspeed_config or --deepspeed_config); the "
+                         "plain job writes a weights-only checkpoint.pt")
+    for name in ("grad_accum", "save_every"):
+        if getattr(config.train, name) not in (1, None):
+            raise ValueError(f"train.{name}={getattr(config.train, name)} needs the DeepSpeed backend "
+                             f"(train.deepspeed_config or --deepspeed_config)")
     cp = config.train.cp
     if cp == 1:
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return train_on(config, dev, progress, ContextParallelGroup())
+        return train_on(config, dev, progress, ContextParallelGroup(), save_checkpoint)
     if device not in (None, "cpu"):
         raise ValueError(f"--cp {cp} runs local gloo processes on the CPU; --device {device!r} is not supported")
     threads = max(1, (config.train.threads or torch.get_num_threads()) // cp)
-    return run_local_group(_train_rank, cp, config, progress, threads=threads)[0]
+    return run_local_group(_train_rank, cp, config, progress, save_checkpoint, threads=threads)[0]
 
 
-def _train_rank(rank: int, world_size: int, config: TrainConfig, progress: bool) -> Dict:
+def _train_rank(rank: int, world_size: int, config: TrainConfig, progress: bool, save_checkpoint: bool) -> Dict:
     """One process of ``train --cp N`` (in the gloo group that :func:`run_local_group` set up)."""
     nsa = config.gpt_config(vocab_size=2).nsa_config()
     group = ContextParallelGroup(dist.group.WORLD, nsa.cp_layout, nsa.select_len)
-    return train_on(config, torch.device("cpu"), progress and rank == 0, group)
+    return train_on(config, torch.device("cpu"), progress and rank == 0, group, save_checkpoint)
 
 
-def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: ContextParallelGroup) -> Dict:
+def parameter_groups(model: GPT, config: TrainConfig) -> List[Dict]:
+    """AdamW groups: weight decay on matrices and embeddings, none on norms, biases and 1-d parameters."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": config.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: ContextParallelGroup,
+             save_checkpoint: bool = True) -> Dict:
     """The training loop of one process of context-parallel group ``cp`` (a single process: ``cp.group=None``);
     rank 0 writes the checkpoint and metrics. Returns the metrics."""
     torch.manual_seed(config.seed)
@@ -120,11 +147,9 @@ def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: Context
     model = GPT(config.gpt_config(dataset.vocab_size)).to(dev)
     if cp.group is not None:
         use_context_parallel(model, cp.group)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.train.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.train.lr,
-                                  betas=config.train.betas)
+    if config.train.activation_checkpointing:
+        model.checkpoint_blocks = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.train.lr, betas=config.train.betas)
     train_gen = torch.Generator().manual_seed(config.seed)
     eval_gen = torch.Generator().manual_seed(config.seed + 1_000_003)
     seq_len, batch_size = config.data.seq_len, config.train.batch_size
@@ -170,14 +195,15 @@ def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: Context
         return metrics
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": config.train.steps,
-                "model_config": model.config.to_dict(), "train_config": config.to_dict()}, out / "checkpoint.pt")
+    if save_checkpoint:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": config.train.steps,
+                    "model_config": model.config.to_dict(), "train_config": config.to_dict()}, out / "checkpoint.pt")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="training YAML (e.g. configs/tiny-cpu.yaml)")
+    parser.add_argument("--config", required=True, help="training YAML (e.g. configs/train/tiny-cpu.yaml)")
     parser.add_argument("--steps", type=int, help="override train.steps")
     parser.add_argument("--out-dir", help="override out_dir (checkpoint.pt and metrics.json go there)")
     parser.add_argument("--text-file", help="train byte-level LM on this plain text file instead of the config's data")
@@ -187,6 +213,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cp", type=int, help="context-parallel ranks: override train.cp (local gloo processes on "
                         "the CPU, each holding T/cp tokens of every sequence; NSA attention only)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only the summary)")
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                        help="DeepSpeed JSON (e.g. configs/deepspeed/zero3.json): override train.deepspeed_config, "
+                        "selecting the DeepSpeed backend (launch with deepspeed / torchrun / mpirun)")
+    parser.add_argument("--resume", help="DeepSpeed backend: checkpoint directory to resume from "
+                        "(e.g. runs/x/checkpoints)")
+    parser.add_argument("--resume-tag", help="checkpoint tag to resume (e.g. step300; default: the latest)")
+    parser.add_argument("--no-checkpoint", action="store_true", help="do not write the final checkpoint (throughput "
+                        "runs); DeepSpeed's save_every checkpoints are still written")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
 
 
 def run_from_args(args: argparse.Namespace) -> Dict:
@@ -205,14 +240,23 @@ def run_from_args(args: argparse.Namespace) -> Dict:
         raw["seed"] = args.seed
     if args.cp is not None:
         raw["train"]["cp"] = args.cp
+    if args.deepspeed_config:
+        raw["train"]["deepspeed_config"] = args.deepspeed_config
     config = TrainConfig.from_dict(raw)
-    metrics = train(config, device=args.device, progress=not args.no_progress)
+    metrics = train(config, device=args.device, progress=not args.no_progress, resume=args.resume,
+                    resume_tag=args.resume_tag, save_checkpoint=not args.no_checkpoint)
+    if metrics.get("backend") == "deepspeed" and int(os.environ.get("RANK", "0")) != 0:
+        return metrics
     i, f = metrics["initial_eval"], metrics["final_eval"]
     ranks = f" on {metrics['cp']} context-parallel ranks" if metrics["cp"] > 1 else ""
+    if metrics.get("backend") == "deepspeed":
+        ranks = f" with DeepSpeed ZeRO-{metrics['zero_stage']} on DP {metrics['dp']} x CP {metrics['cp']} ranks"
     print(f"done{ranks}: {metrics['steps']} steps in {metrics['train_time_s']:.1f} s, "
           f"{metrics['tokens_per_s']:.0f} tokens/s; "
           f"eval loss {i['loss']:.3f} -> {f['loss']:.3f}, accuracy {i['accuracy']:.3f} -> {f['accuracy']:.3f}; "
-          f"wrote {config.out_dir}/checkpoint.pt and metrics.json")
+          f"wrote {config.out_dir}/metrics.json"
+          + ("" if args.no_checkpoint else
+             f" and {'checkpoints/' if metrics.get('backend') == 'deepspeed' else 'checkpoint.pt'}"))
     return metrics
 
 

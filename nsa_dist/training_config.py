@@ -49,8 +49,15 @@ class DataConfig:
 class OptimConfig:
     """Optimisation and logging: AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``.
 
-    ``cp``: context-parallel ranks, run as local gloo processes on the CPU, each holding ``T / cp`` tokens of every
-    sequence (NSA attention only); ``threads`` are shared among them.
+    ``batch_size``: sequences per optimizer step over all data-parallel ranks (DeepSpeed's ``train_batch_size``),
+    split into ``grad_accum`` micro-steps.
+    ``cp``: context-parallel ranks, each holding ``T / cp`` tokens of every sequence (NSA exchanges compressed
+    tokens and selected blocks; dense attention all-gathers K/V). Without DeepSpeed they run as local gloo processes on the CPU (``threads`` are shared among them); under the DeepSpeed
+    backend the launcher's ranks form groups of ``cp`` consecutive ranks and data parallelism spans the rest.
+    ``deepspeed_config``: a DeepSpeed JSON (e.g. ``configs/deepspeed/zero3.json``) selects the DeepSpeed backend
+    (launch with ``deepspeed``; see :mod:`nsa_dist.deepspeed`). ``activation_checkpointing``: recompute each
+    transformer block in backward (DeepSpeed's checkpointing under that backend). ``save_every``: DeepSpeed backend
+    checkpoint interval in steps (None: only at the end).
     """
     steps: int = 300
     batch_size: int = 8
@@ -64,14 +71,24 @@ class OptimConfig:
     log_every: int = 10
     threads: Optional[int] = None
     cp: int = 1
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
+    save_every: Optional[int] = None
+    deepspeed_config: Optional[str] = None
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_batches", "log_every", "cp"):
+        for name in ("steps", "batch_size", "eval_batches", "log_every", "cp", "grad_accum"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"train.{name} must be a positive int, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr!r}")
+        if self.save_every is not None and (isinstance(self.save_every, bool) or not isinstance(self.save_every, int)
+                                            or self.save_every < 1):
+            raise ValueError(f"train.save_every must be a positive int or null, got {self.save_every!r}")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(f"train.activation_checkpointing must be true or false, got "
+                             f"{self.activation_checkpointing!r}")
         self.betas = tuple(self.betas)
 
 
@@ -107,13 +124,11 @@ class TrainConfig:
         return cls.from_dict(yaml.safe_load(path.read_text()) or {})
 
     def check_context_parallel(self) -> None:
-        """With ``train.cp > 1`` the model must use NSA and ``data.seq_len`` must split into the CP layout."""
+        """With ``train.cp > 1`` ``data.seq_len`` must split into the CP layout (``model.nsa``'s ``cp_layout`` and
+        ``select_len``; dense attention is sharded the same way)."""
         model = self.gpt_config(vocab_size=2)
         if self.train.cp == 1:
             return
-        if model.attention != "nsa":
-            raise ValueError(f"train.cp={self.train.cp} needs model.attention='nsa' (dense attention has no "
-                             f"context parallelism), got {model.attention!r}")
         nsa = model.nsa_config()
         CPLayout(self.train.cp, self.data.seq_len, nsa.cp_layout, nsa.select_len)
 

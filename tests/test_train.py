@@ -12,9 +12,10 @@ from nsa_dist.training_config import TrainConfig
 def test_short_run_loss_falls_and_outputs_load(tmp_path, attention):
     """40 steps of tiny-cpu (T = 256): the answer loss starts near ln(vocab = 65) = 4.17 and must drop by
     >= 0.8 nats (learning that answers are value tokens alone takes it to ln(16) = 2.77). NSA runs as shipped
-    (context-parallel on 2 local ranks); dense attention has no context parallelism, so it runs with --cp 1."""
+    (context-parallel on 2 local ranks); dense runs with --cp 1 to keep the test short (its context
+    parallelism equals cp 1 in tests/parallel/test_cp_dense.py)."""
     out = tmp_path / "run"
-    main(["train", "--config", "configs/tiny-cpu.yaml", "--steps", "40", "--out-dir", str(out),
+    main(["train", "--config", "configs/train/tiny-cpu.yaml", "--steps", "40", "--out-dir", str(out),
           "--attention", attention, "--no-progress", "--seed", "3"] + (["--cp", "1"] if attention == "dense" else []))
     metrics = json.loads((out / "metrics.json").read_text())
     initial, final = metrics["initial_eval"]["loss"], metrics["final_eval"]["loss"]
@@ -28,7 +29,7 @@ def test_text_file_data(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
     out = tmp_path / "text"
-    main(["train", "--config", "configs/tiny-cpu.yaml", "--steps", "30", "--text-file", str(corpus),
+    main(["train", "--config", "configs/train/tiny-cpu.yaml", "--steps", "30", "--text-file", str(corpus),
           "--out-dir", str(out), "--no-progress"])
     metrics = json.loads((out / "metrics.json").read_text())
     # bytes start near ln(256) = 5.5; the repeated sentence is learnable to well under 2.5 nats
@@ -36,5 +37,5 @@ def test_text_file_data(tmp_path):
 
 
 def test_shipped_config_parses():
-    config = TrainConfig.load("configs/tiny-cpu.yaml")
+    config = TrainConfig.load("configs/train/tiny-cpu.yaml")
     assert config.model["attention"] == "nsa" and config.data.kind == "retrieval" and config.train.cp == 2

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -104,6 +104,8 @@ class GPT(nn.Module):
                 module.reset_parameters()
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # set by a trainer for activation checkpointing: checkpoint(block, *args) recomputes a block in backward
+        self.checkpoint_blocks: Optional[Callable] = None
 
     def _init_linear(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -118,7 +120,10 @@ class GPT(nn.Module):
             raise ValueError(f"tokens must be [B, T], got shape {tuple(tokens.shape)}")
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x, cu_seqlens, position_ids)
+            if self.checkpoint_blocks is not None and self.training:
+                x = self.checkpoint_blocks(block, x, cu_seqlens, position_ids)
+            else:
+                x = block(x, cu_seqlens, position_ids)
         return self.lm_head(self.norm(x))
 
     def num_parameters(self) -> int:

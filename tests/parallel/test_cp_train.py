@@ -10,7 +10,7 @@ from nsa_dist.training_config import TrainConfig
 
 def write_config(tmp_path, **train):
     """tiny-cpu shortened: 3 steps at full learning rate (parameters really move), loss logged every step."""
-    raw = TrainConfig.load("configs/tiny-cpu.yaml").to_dict()
+    raw = TrainConfig.load("configs/train/tiny-cpu.yaml").to_dict()
     raw["train"].update(steps=3, log_every=1, warmup_steps=1, batch_size=4, eval_batches=1, **train)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -33,10 +33,10 @@ def test_cp2_training_losses_equal_cp1(tmp_path):
 
 
 def test_cp_configurations_are_checked(tmp_path):
-    raw = TrainConfig.load("configs/tiny-cpu.yaml").to_dict()
-    with pytest.raises(ValueError, match="train.cp=2 needs model.attention='nsa'"):
-        TrainConfig.from_dict({**raw, "model": {**raw["model"], "attention": "dense"},
-                               "train": {**raw["train"], "cp": 2}})
+    raw = TrainConfig.load("configs/train/tiny-cpu.yaml").to_dict()
+    dense = TrainConfig.from_dict({**raw, "model": {**raw["model"], "attention": "dense"},
+                                   "train": {**raw["train"], "cp": 2}})  # dense attention is context-parallel too
+    assert dense.train.cp == 2 and dense.model["attention"] == "dense"
     with pytest.raises(ValueError, match=r"T=204 is not divisible into 2P=8 chunks"):
         TrainConfig.from_dict({**raw, "data": {**raw["data"], "seq_len": 204}, "train": {**raw["train"], "cp": 4}})
     with pytest.raises(ValueError, match=r"chunk length 20 \(T=160 in 8 chunks.*l'=32"):

@@ -1,0 +1,184 @@
+"""The DeepSpeed backend of the training job: ZeRO, context parallelism, checkpoints that resume exactly.
+
+Launched once per rank (``deepspeed``, ``torchrun``, ``mpirun``)::
+
+    deepspeed --num_gpus 8 --module nsa_dist.train --config configs/train/gpt-1b-128k-cp8.yaml \\
+        --deepspeed_config configs/deepspeed/zero3.json
+
+Ranks form ``DP x CP`` (:class:`ContextDataParallelGroups`); every rank of a CP group draws the same batch and keeps
+its layout shard of each sequence, data-parallel ranks draw different batches. Batches come from a generator
+seeded by ``(seed, step, micro-step, DP rank)``, so resuming at a step replays exactly the data an uninterrupted run
+would have seen; checkpoints (``engine.save_checkpoint``) hold model, optimizer, scheduler, the step and the RNG
+states.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..models import GPT
+from ..parallel.training import ContextParallelGroup
+from ..training_config import TrainConfig
+from .config import fill_deepspeed_config, load_deepspeed_json
+from .groups import ContextDataParallelGroups
+from .requirements import require_deepspeed
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def batch_generator(seed: int, step: int, micro: int, dp_rank: int) -> torch.Generator:
+    """The generator of one micro-batch: a function of the position in training only (exact resume)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 65_537 + dp_rank)
+
+
+def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional[str] = None,
+                    resume_tag: Optional[str] = None, save_final: bool = True) -> Dict:
+    """Train per ``config`` with DeepSpeed (``config.train.deepspeed_config``); return the metrics rank 0 writes to
+    ``<out_dir>/metrics.json`` (every rank returns its own copy). ``resume``: a checkpoint directory (e.g.
+    ``<out_dir>/checkpoints``) to continue from, at ``resume_tag`` or DeepSpeed's ``latest``. ``save_final``: write
+    the last step's checkpoint (``train.save_every`` checkpoints are written regardless)."""
+    require_deepspeed()
+    import deepspeed
+
+    from ..train import batch_loss, evaluate, make_dataset, parameter_groups, use_context_parallel
+
+    device = _init_distributed(deepspeed)
+    groups = ContextDataParallelGroups(config.train.cp)
+    torch.manual_seed(config.seed)
+    dataset = make_dataset(config)
+    model = GPT(config.gpt_config(dataset.vocab_size)).to(device)
+    if groups.cp > 1:
+        use_context_parallel(model, groups.cp_group)
+    ds_config = fill_deepspeed_config(load_deepspeed_json(config.train.deepspeed_config), config, groups.dp)
+    if config.train.activation_checkpointing:
+        deepspeed.checkpointing.configure(groups, deepspeed_config=ds_config)
+        model.checkpoint_blocks = deepspeed.checkpointing.checkpoint
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, config),
+                                           config=ds_config, mpu=groups, dist_init_required=False)
+    nsa = model.config.nsa_config()
+    cp = ContextParallelGroup(groups.cp_group if groups.cp > 1 else None, nsa.cp_layout, nsa.select_len)
+    t = config.train
+    micro_batch = t.batch_size // (groups.dp * t.grad_accum)
+    eval_gen = torch.Generator().manual_seed(config.seed + 1_000_003)
+    eval_batches = [dataset.sample(micro_batch, config.data.seq_len, eval_gen) for _ in range(t.eval_batches)]
+    start_step = _resume(engine, resume, resume_tag) if resume else 0
+    initial = _dp_mean(evaluate(engine, eval_batches, device, cp), groups)
+    out = Path(config.out_dir)
+    log_path = out / "train_log.jsonl"
+    if groups.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if start_step == 0 and log_path.exists():
+            log_path.unlink()
+    history: List[Dict] = []
+    tokens_per_step = t.batch_size * config.data.seq_len
+    bar = tqdm(range(start_step, t.steps), desc=f"train {model.config.attention} (deepspeed, DP {groups.dp} x CP "
+               f"{groups.cp})", disable=not (progress and groups.rank == 0), dynamic_ncols=True)
+    start = window_start = time.perf_counter()
+    window: List[List[float]] = []
+    for step in bar:
+        lr = engine.get_lr()[0]  # the rate this step applies (read after the step, DeepSpeed gives the next one's)
+        values = []
+        for micro in range(t.grad_accum):
+            batch = dataset.sample(micro_batch, config.data.seq_len,
+                                   batch_generator(config.seed, step, micro, groups.dp_rank))
+            loss, _, value = batch_loss(engine, batch, device, cp)
+            engine.backward(loss)
+            engine.step()
+            values.append(value)
+        loss_value, acc_value = _dp_mean({"loss": sum(v[0] for v in values) / len(values),
+                                          "accuracy": sum(v[1] for v in values) / len(values)}, groups).values()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step + 1}")
+        window.append([loss_value, acc_value])
+        if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            record = {"step": step + 1, "loss": sum(w[0] for w in window) / len(window),
+                      "accuracy": sum(w[1] for w in window) / len(window), "lr": lr,
+                      "tokens_per_s": len(window) * tokens_per_step / (now - window_start),
+                      "step_ms": 1e3 * (now - window_start) / len(window),
+                      "peak_memory_mib": _peak_memory_mib(device, groups)}
+            history.append(record)
+            if groups.rank == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            mem=f"{record['peak_memory_mib']:.0f}MiB")
+            window, window_start = [], time.perf_counter()
+        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps:
+            _save(engine, out, step + 1)
+    train_time = time.perf_counter() - start
+    final = _dp_mean(evaluate(engine, eval_batches, device, cp), groups)
+    if save_final:
+        _save(engine, out, t.steps)
+    steps_run = t.steps - start_step
+    metrics = {"attention": model.config.attention, "parameters": model.num_parameters(), "backend": "deepspeed",
+               "zero_stage": engine.zero_optimization_stage(), "device": str(device), "cp": groups.cp,
+               "dp": groups.dp, "steps": t.steps, "start_step": start_step, "tokens": steps_run * tokens_per_step,
+               "train_time_s": train_time, "tokens_per_s": steps_run * tokens_per_step / max(train_time, 1e-9),
+               "peak_memory_mib": _peak_memory_mib(device, groups), "initial_eval": initial, "final_eval": final,
+               "history": history}
+    if groups.rank == 0:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _init_distributed(deepspeed) -> torch.device:
+    """torch.distributed from the launcher's environment (NCCL on GPUs, gloo on the CPU); this rank's device."""
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    if not cuda:
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device
+
+
+def _resume(engine, directory: str, tag: Optional[str]) -> int:
+    """Load model, optimizer, scheduler and RNG state; return the step to continue from."""
+    path, client = engine.load_checkpoint(directory, tag=tag)
+    if path is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint {'tagged ' + repr(tag) if tag else '(latest)'} in "
+                                f"{directory!r}")
+    torch.set_rng_state(client["torch_rng"])
+    if torch.cuda.is_available() and client.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(client["cuda_rng"])
+    return int(client["step"])
+
+
+def _save(engine, out: Path, step: int) -> None:
+    """``engine.save_checkpoint`` into ``<out>/checkpoints/step<N>`` with the step and RNG states (every rank)."""
+    client = {"step": step, "torch_rng": torch.get_rng_state(),
+              "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    engine.save_checkpoint(str(out / CHECKPOINT_DIR), tag=f"step{step}", client_state=client)
+
+
+def _dp_mean(values: Dict[str, float], groups: ContextDataParallelGroups) -> Dict[str, float]:
+    """Mean of per-DP-rank values over the data-parallel group (the CP group already summed its shares)."""
+    if groups.dp == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(t, group=groups.dp_group)
+    return dict(zip(values, (t / groups.dp).tolist()))
+
+
+def _peak_memory_mib(device: torch.device, groups: ContextDataParallelGroups) -> float:
+    """Peak memory of the busiest rank: CUDA max allocated, or the process's max resident set on the CPU."""
+    if device.type == "cuda":
+        value = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t = torch.tensor([value], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
