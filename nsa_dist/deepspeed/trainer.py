@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..launch import discover_launch, export_torch_env
 from ..models import GPT
 from ..parallel.training import ContextParallelGroup
 from ..training_config import TrainConfig
@@ -56,6 +57,7 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
     torch.manual_seed(config.seed)
     dataset = make_dataset(config)
     model = GPT(config.gpt_config(dataset.vocab_size)).to(device)
+    num_parameters = model.num_parameters()  # before ZeRO-3 partitions them
     if groups.cp > 1:
         use_context_parallel(model, groups.cp_group)
     ds_config = fill_deepspeed_config(load_deepspeed_json(config.train.deepspeed_config), config, groups.dp)
@@ -122,7 +124,7 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
     if save_final:
         _save(engine, out, t.steps)
     steps_run = t.steps - start_step
-    metrics = {"attention": model.config.attention, "parameters": model.num_parameters(), "backend": "deepspeed",
+    metrics = {"attention": model.config.attention, "parameters": num_parameters, "backend": "deepspeed",
                "zero_stage": engine.zero_optimization_stage(), "device": str(device), "cp": groups.cp,
                "dp": groups.dp, "steps": t.steps, "start_step": start_step, "tokens": steps_run * tokens_per_step,
                "train_time_s": train_time, "tokens_per_s": steps_run * tokens_per_step / max(train_time, 1e-9),
@@ -134,13 +136,23 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
 
 
 def _init_distributed(deepspeed) -> torch.device:
-    """torch.distributed from the launcher's environment (NCCL on GPUs, gloo on the CPU); this rank's device."""
+    """torch.distributed from the launcher's environment (NCCL on GPUs, gloo on the CPU); this rank's device.
+
+    The launcher (torchrun, deepspeed, mpirun of Open MPI / MPICH / Intel MPI, srun) is found by
+    :func:`nsa_dist.launch.discover_launch` and written back as torch's ``env://`` variables; the local rank picks
+    the GPU."""
     cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        info = discover_launch()
+        export_torch_env(info)
+        local_rank = info.local_rank
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
     if not cuda:
         return torch.device("cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = torch.device("cuda", local_rank)
     torch.cuda.set_device(device)
     return device
 

@@ -1,6 +1,7 @@
 """A compact GPT (pre-norm, RMSNorm, SwiGLU, rotary) whose attention is NSA or dense SDPA."""
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Dict, Optional
 
@@ -104,7 +105,8 @@ class GPT(nn.Module):
                 module.reset_parameters()
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        # set by a trainer for activation checkpointing: checkpoint(block, *args) recomputes a block in backward
+        # set by a trainer for activation checkpointing: checkpoint(function, x) recomputes a block in backward
+        # (only x is passed: DeepSpeed's partitioned checkpointing mishandles non-tensor arguments such as None)
         self.checkpoint_blocks: Optional[Callable] = None
 
     def _init_linear(self, module: nn.Module) -> None:
@@ -121,7 +123,7 @@ class GPT(nn.Module):
         x = self.embed(tokens)
         for block in self.blocks:
             if self.checkpoint_blocks is not None and self.training:
-                x = self.checkpoint_blocks(block, x, cu_seqlens, position_ids)
+                x = self.checkpoint_blocks(functools.partial(block, cu_seqlens=cu_seqlens, position_ids=position_ids), x)
             else:
                 x = block(x, cu_seqlens, position_ids)
         return self.lm_head(self.norm(x))
