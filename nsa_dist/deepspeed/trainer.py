@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..launch import discover_launch, export_torch_env
+from ..launch import discover_launch, export_torch_env, launcher_present
+from ..parallel.local_group import free_port
 from ..models import GPT
 from ..parallel.training import ContextParallelGroup
 from ..training_config import TrainConfig
@@ -140,10 +141,16 @@ def _init_distributed(deepspeed) -> torch.device:
 
     The launcher (torchrun, deepspeed, mpirun of Open MPI / MPICH / Intel MPI, srun) is found by
     :func:`nsa_dist.launch.discover_launch` and written back as torch's ``env://`` variables; the local rank picks
-    the GPU."""
+    the GPU. Started by no launcher at all (``python -m nsa_dist.train ...``), it runs as a single process and
+    says so."""
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not dist.is_initialized():
+        if not launcher_present():
+            print("nsa-dist: no distributed launcher (torchrun, deepspeed, mpirun, srun) started this process: "
+                  "training as a single process", flush=True)
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port()))
         info = discover_launch()
         export_torch_env(info)
         local_rank = info.local_rank

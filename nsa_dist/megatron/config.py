@@ -18,6 +18,11 @@ NSA_FIELDS = {
 }
 
 
+def _default(name: str):
+    """:class:`NSAConfig`'s default of ``name`` (one source for both configs)."""
+    return NSAConfig.__dataclass_fields__[name].default
+
+
 @dataclass
 class NSATransformerConfig(TransformerConfig):
     """megatron-core's ``TransformerConfig`` plus the NSA hyper-parameters (see :class:`nsa_dist.NSAConfig`).
@@ -28,18 +33,18 @@ class NSATransformerConfig(TransformerConfig):
     zigzag (``2 * CP`` chunks), so ``seq_length`` must be a multiple of ``2 * CP * nsa_select_len``.
     """
 
-    nsa_block_len: int = 32
-    nsa_stride: int = 16
-    nsa_select_len: int = 64
-    nsa_top_n: int = 16
-    nsa_window: int = 512
-    nsa_init_blocks: int = 1
-    nsa_local_blocks: int = 2
-    nsa_compressor: str = "mlp"
-    nsa_compressor_hidden: Optional[int] = None
-    nsa_kv_sharing: str = "separate"
-    nsa_cp_selection_exchange: str = "auto"
-    nsa_v_head_dim: Optional[int] = None
+    nsa_block_len: int = _default("block_len")
+    nsa_stride: int = _default("stride")
+    nsa_select_len: int = _default("select_len")
+    nsa_top_n: int = _default("top_n")
+    nsa_window: int = _default("window")
+    nsa_init_blocks: int = _default("init_blocks")
+    nsa_local_blocks: int = _default("local_blocks")
+    nsa_compressor: str = _default("compressor")
+    nsa_compressor_hidden: Optional[int] = _default("compressor_hidden")
+    nsa_kv_sharing: str = _default("kv_sharing")
+    nsa_cp_selection_exchange: str = _default("cp_selection_exchange")
+    nsa_v_head_dim: Optional[int] = _default("v_head_dim")
 
     def __post_init__(self):
         super().__post_init__()

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
@@ -41,16 +40,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shards: Sha
         raise ValueError(f"query heads HQ={q.shape[2]} must be a multiple of the KV heads H={k.shape[2]}")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"q has head dim {q.shape[3]} but k has {k.shape[3]}")
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("context-parallel dense attention needs torch.distributed to be initialised "
-                           "(init_process_group)")
-    P, rank = dist.get_world_size(group), dist.get_rank(group)
-    if rank < 0:
-        raise ValueError("this process is not a member of the context-parallel group")
-    if P != shards.world_size:
-        raise ValueError(f"the context-parallel group has {P} ranks but the sequence layout splits T="
-                         f"{shards.layout.seq_len} over P={shards.world_size} ranks")
-    return rank
+    return shards.rank_in(group, "context-parallel dense attention")
 
 
 def allgather_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, shards: ShardedSequence, group,

@@ -126,16 +126,9 @@ def _selection_source(shards: ShardedSequence, rank: int, kv: torch.Tensor, sele
 
 def _check_group(shards: ShardedSequence, group, select_len: int, exchange: str) -> Tuple[int, int]:
     check_selection_exchange(exchange)
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("context-parallel NSA needs torch.distributed to be initialised (init_process_group)")
-    P, rank = dist.get_world_size(group), dist.get_rank(group)
-    if rank < 0:
-        raise ValueError("this process is not a member of the context-parallel group")
-    if P != shards.world_size:
-        raise ValueError(f"the context-parallel group has {P} ranks but the sequence layout splits T="
-                         f"{shards.layout.seq_len} over P={shards.world_size} ranks")
+    rank = shards.rank_in(group, "context-parallel NSA")
     shards.layout.check_select_len(select_len)
-    return rank, P
+    return rank, shards.world_size
 
 
 def _compress(source: RowSource, inputs: KeySegments, owned: Tuple[torch.Tensor, ...], k_dim: int,

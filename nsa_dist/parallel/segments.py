@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from nsa_kernels.validation import check_cu_seqlens, check_positive_int
 
@@ -109,6 +110,19 @@ class ShardedSequence:
     def doc_positions(self, rank: int, device=None) -> torch.Tensor:
         """int64 ``[B * T / P]``: position of each local row of ``rank`` within its document."""
         return torch.cat([torch.arange(s.p0, s.p1, device=device) for s in self.segments(rank)])
+
+    def rank_in(self, group, what: str) -> int:
+        """This process's rank in ``group``, checked against the layout: torch.distributed initialised (else
+        RuntimeError naming ``what``, e.g. "context-parallel NSA"), a member, and ``P`` ranks (else ValueError)."""
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(f"{what} needs torch.distributed to be initialised (init_process_group)")
+        P, rank = dist.get_world_size(group), dist.get_rank(group)
+        if rank < 0:
+            raise ValueError("this process is not a member of the context-parallel group")
+        if P != self.world_size:
+            raise ValueError(f"the context-parallel group has {P} ranks but the sequence layout splits T="
+                             f"{self.layout.seq_len} over P={self.world_size} ranks")
+        return rank
 
     def owner(self, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(rank, row)`` int64 tensors shaped like ``positions`` (global packed): the rank holding each token

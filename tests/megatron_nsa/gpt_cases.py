@@ -72,7 +72,6 @@ class GPTCase:
 def init_parallel(tp: int = 1, cp: int = 1) -> None:
     """(Re)initialise megatron's parallel state on the already joined default gloo group."""
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # noqa: F401  (import check)
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
