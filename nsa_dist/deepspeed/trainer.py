@@ -19,7 +19,7 @@ import os
 import resource
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,9 @@ from .requirements import require_deepspeed
 
 CHECKPOINT_DIR = "checkpoints"
 
+# ``callback(step, record, checkpoint_dir)`` of :func:`train_deepspeed`
+StepCallback = Callable[[int, Optional[Dict], Optional[Path]], None]
+
 
 def batch_generator(seed: int, step: int, micro: int, dp_rank: int) -> torch.Generator:
     """The generator of one micro-batch: a function of the position in training only (exact resume)."""
@@ -43,11 +46,15 @@ def batch_generator(seed: int, step: int, micro: int, dp_rank: int) -> torch.Gen
 
 
 def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional[str] = None,
-                    resume_tag: Optional[str] = None, save_final: bool = True) -> Dict:
+                    resume_tag: Optional[str] = None, save_final: bool = True,
+                    callback: Optional[StepCallback] = None) -> Dict:
     """Train per ``config`` with DeepSpeed (``config.train.deepspeed_config``); return the metrics rank 0 writes to
     ``<out_dir>/metrics.json`` (every rank returns its own copy). ``resume``: a checkpoint directory (e.g.
     ``<out_dir>/checkpoints``) to continue from, at ``resume_tag`` or DeepSpeed's ``latest``. ``save_final``: write
-    the last step's checkpoint (``train.save_every`` checkpoints are written regardless)."""
+    the last step's checkpoint (``train.save_every`` checkpoints are written regardless). ``callback(step, record,
+    checkpoint_dir)``: called on every rank once for each step that logged (``record``: its log line, else None)
+    or saved (``checkpoint_dir``: the saved ``<out_dir>/checkpoints/step<N>``, complete on every rank, else None),
+    e.g. to report to Ray Train; the final checkpoint comes as ``(steps, None, dir)`` after the final evaluation."""
     require_deepspeed()
     import deepspeed
 
@@ -88,6 +95,7 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
     start = window_start = time.perf_counter()
     window: List[List[float]] = []
     for step in bar:
+        record, saved = None, None
         lr = engine.get_lr()[0]  # the rate this step applies (read after the step, DeepSpeed gives the next one's)
         values = []
         for micro in range(t.grad_accum):
@@ -119,11 +127,15 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
                             mem=f"{record['peak_memory_mib']:.0f}MiB")
             window, window_start = [], time.perf_counter()
         if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps:
-            _save(engine, out, step + 1)
+            saved = _save(engine, out, step + 1)
+        if callback is not None and (record or saved):
+            callback(step + 1, record, saved)
     train_time = time.perf_counter() - start
     final = _dp_mean(evaluate(engine, eval_batches, device, cp), groups)
     if save_final:
-        _save(engine, out, t.steps)
+        saved = _save(engine, out, t.steps)
+        if callback is not None:
+            callback(t.steps, None, saved)
     steps_run = t.steps - start_step
     metrics = {"attention": model.config.attention, "parameters": num_parameters, "backend": "deepspeed",
                "zero_stage": engine.zero_optimization_stage(), "device": str(device), "cp": groups.cp,
@@ -176,11 +188,13 @@ def _resume(engine, directory: str, tag: Optional[str]) -> int:
     return int(client["step"])
 
 
-def _save(engine, out: Path, step: int) -> None:
-    """``engine.save_checkpoint`` into ``<out>/checkpoints/step<N>`` with the step and RNG states (every rank)."""
+def _save(engine, out: Path, step: int) -> Path:
+    """``engine.save_checkpoint`` into ``<out>/checkpoints/step<N>`` with the step and RNG states (every rank);
+    returns that directory once every rank has written its part."""
     client = {"step": step, "torch_rng": torch.get_rng_state(),
               "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    engine.save_checkpoint(str(out / CHECKPOINT_DIR), tag=f"step{step}", client_state=client)
+    engine.save_checkpoint(str(out / CHECKPOINT_DIR), tag=f"step{step}", client_state=client)  # ends in a barrier
+    return out / CHECKPOINT_DIR / f"step{step}"
 
 
 def _dp_mean(values: Dict[str, float], groups: ContextDataParallelGroups) -> Dict[str, float]:
