@@ -14,8 +14,9 @@ once per node (the node's part of the DeepSpeed files). When a worker fails, Ray
 ``--max-failures`` times and the job resumes from the last reported checkpoint through DeepSpeed's own loader,
 replaying the data an uninterrupted run sees (per-step batch generators).
 
-Safety: Ray's dashboard and job API have no authentication; start the head with ``--dashboard-host 127.0.0.1`` (or a
-private interface) and reach it through an SSH tunnel. Needs ``pip install 'nsa-dist[ray]'``.
+Safety: Ray's dashboard and job API run code for anyone who reaches them (authentication is off unless token auth is
+turned on); start the head with ``--dashboard-host 127.0.0.1`` (or a private interface), turn on token auth
+(``RAY_AUTH_MODE=token``) and reach it through an SSH tunnel. Needs ``pip install 'nsa-dist[ray]'``.
 """
 from __future__ import annotations
 
