@@ -75,17 +75,14 @@ def _context_parallel(c, q, k_c, v_c, k_s, v_s, k_w, v_w, gates, k_compressor, v
     rank = dist.get_rank(cp_group)
     q, k_c, v_c, k_s, v_s, k_w, v_w, gates = (t.reshape(1, B * T_local, *t.shape[2:])
                                               for t in (q, k_c, v_c, k_s, v_s, k_w, v_w, gates))
-    if position_ids is not None:
-        position_ids = position_ids.to(q.device).expand(B, shards.layout.seq_len).reshape(-1)
     if rotary is not None:
-        local = shards.positions(rank, device=q.device)
-        pos = shards.doc_positions(rank, device=q.device) if position_ids is None else position_ids[local]
+        pos = shards.rotary_positions(rank, position_ids, device=q.device)
         q = rotary(q, pos)
         k_s = rotary(k_s, pos)
         k_w = k_s if c.kv_sharing == "shared" else rotary(k_w, pos)
     o, stats = context_parallel_nsa(
         q, k_c, v_c, k_s, v_s, k_w, v_w, gates, shards=shards, group=cp_group, compress_k=k_compressor,
-        compress_v=v_compressor, rotary=rotary, position_ids=position_ids, block_len=c.block_len,
-        stride=c.stride, select_len=c.select_len, top_n=c.top_n, window=c.window, init_blocks=c.init_blocks,
+        compress_v=v_compressor, rotary=rotary, position_ids=shards.flat_position_ids(position_ids, q.device),
+        block_len=c.block_len, stride=c.stride, select_len=c.select_len, top_n=c.top_n, window=c.window, init_blocks=c.init_blocks,
         local_blocks=c.local_blocks, scale=c.softmax_scale, selection_exchange=c.cp_selection_exchange)
     return o.reshape(B, T_local, *o.shape[2:]), stats

@@ -108,8 +108,8 @@ def train(config: TrainConfig, device: Optional[str] = None, progress: bool = Tr
     if resume:
         raise ValueError("--resume needs the DeepSpeed backend (train.deepspeed_config or --deepspeed_config); the "
                          "plain job writes a weights-only checkpoint.pt")
-    for name in ("grad_accum", "save_every"):
-        if getattr(config.train, name) not in (1, None):
+    for name, unset in (("grad_accum", 1), ("save_every", None)):
+        if getattr(config.train, name) != unset:
             raise ValueError(f"train.{name}={getattr(config.train, name)} needs the DeepSpeed backend "
                              f"(train.deepspeed_config or --deepspeed_config)")
     cp = config.train.cp

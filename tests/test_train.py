@@ -39,3 +39,13 @@ def test_text_file_data(tmp_path):
 def test_shipped_config_parses():
     config = TrainConfig.load("configs/train/tiny-cpu.yaml")
     assert config.model["attention"] == "nsa" and config.data.kind == "retrieval" and config.train.cp == 2
+
+
+@pytest.mark.parametrize("key,value", [("grad_accum", 2), ("save_every", 1), ("save_every", 5)])
+def test_plain_backend_refuses_deepspeed_only_settings(key, value):
+    from nsa_dist.train import train
+
+    raw = TrainConfig.load("configs/train/tiny-cpu.yaml").to_dict()
+    raw["train"][key] = value
+    with pytest.raises(ValueError, match=f"train.{key}={value} needs the DeepSpeed backend"):
+        train(TrainConfig.from_dict(raw))

@@ -78,11 +78,22 @@ class LaunchInfo:
         return self.local_world_size == self.world_size
 
 
+def _reader(env: Mapping[str, str]) -> Optional[Callable[[Mapping[str, str]], "LaunchInfo"]]:
+    """The reader of the launcher whose variables ``env`` holds (first in precedence order), or None."""
+    if "RANK" in env or "WORLD_SIZE" in env:
+        return _from_torch_env
+    if "OMPI_COMM_WORLD_RANK" in env or "OMPI_COMM_WORLD_SIZE" in env:
+        return lambda e: _from_mpi(e, "openmpi", *OPENMPI_VARS)
+    if "PMI_RANK" in env or "PMI_SIZE" in env:
+        return lambda e: _from_mpi(e, "mpich", *PMI_VARS)
+    if "SLURM_PROCID" in env:
+        return _from_slurm
+    return None
+
+
 def launcher_present(environ: Optional[Mapping[str, str]] = None) -> bool:
     """Whether any supported launcher's variables are in the environment (``os.environ`` by default)."""
-    env = os.environ if environ is None else environ
-    return any(name in env for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
-                                        "PMI_RANK", "PMI_SIZE", "SLURM_PROCID"))
+    return _reader(os.environ if environ is None else environ) is not None
 
 
 def discover_launch(environ: Optional[Mapping[str, str]] = None) -> LaunchInfo:
@@ -95,18 +106,13 @@ def discover_launch(environ: Optional[Mapping[str, str]] = None) -> LaunchInfo:
             names the variable.
     """
     env = os.environ if environ is None else environ
-    if "RANK" in env or "WORLD_SIZE" in env:
-        return _from_torch_env(env)
-    if "OMPI_COMM_WORLD_RANK" in env or "OMPI_COMM_WORLD_SIZE" in env:
-        return _from_mpi(env, "openmpi", *OPENMPI_VARS)
-    if "PMI_RANK" in env or "PMI_SIZE" in env:
-        return _from_mpi(env, "mpich", *PMI_VARS)
-    if "SLURM_PROCID" in env:
-        return _from_slurm(env)
-    raise RuntimeError(
-        "no distributed launcher found in the environment: looked for torchrun/deepspeed's "
-        f"{', '.join(TORCH_VARS)}; Open MPI's {', '.join(OPENMPI_VARS)}; MPICH / Intel MPI's "
-        f"{', '.join(PMI_VARS)}; Slurm's {', '.join(SLURM_VARS)}.\n" + HOW_TO_LAUNCH)
+    reader = _reader(env)
+    if reader is None:
+        raise RuntimeError(
+            "no distributed launcher found in the environment: looked for torchrun/deepspeed's "
+            f"{', '.join(TORCH_VARS)}; Open MPI's {', '.join(OPENMPI_VARS)}; MPICH / Intel MPI's "
+            f"{', '.join(PMI_VARS)}; Slurm's {', '.join(SLURM_VARS)}.\n" + HOW_TO_LAUNCH)
+    return reader(env)
 
 
 def export_torch_env(info: LaunchInfo, environ: Optional[MutableMapping[str, str]] = None) -> None:

@@ -80,10 +80,6 @@ class DenseAttention(nn.Module):
         shards = ShardedSequence(CPLayout(P, T_local * P, self.cp_layout), cu_seqlens, B)
         q, k, v = (t.reshape(1, B * T_local, *t.shape[2:]) for t in (q, k, v))
         if self.rotary is not None:
-            if position_ids is None:
-                pos = shards.doc_positions(rank, device=q.device)
-            else:
-                pos = position_ids.to(q.device).expand(B, shards.layout.seq_len).reshape(-1)[
-                    shards.positions(rank, device=q.device)]
+            pos = shards.rotary_positions(rank, position_ids, device=q.device)
             q, k = self.rotary(q, pos), self.rotary(k, pos)
         return allgather_dense_attention(q, k, v, shards=shards, group=self.cp_group)

@@ -111,6 +111,19 @@ class ShardedSequence:
         """int64 ``[B * T / P]``: position of each local row of ``rank`` within its document."""
         return torch.cat([torch.arange(s.p0, s.p1, device=device) for s in self.segments(rank)])
 
+    def rotary_positions(self, rank: int, position_ids: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
+        """int64 ``[B * T / P]``: the rotary position of each local row of ``rank``: its position in its document,
+        or its entry of the global ``position_ids`` (``[T]`` or ``[B, T]``) when given."""
+        if position_ids is None:
+            return self.doc_positions(rank, device=device)
+        return self.flat_position_ids(position_ids, device)[self.positions(rank, device=device)]
+
+    def flat_position_ids(self, position_ids: Optional[torch.Tensor], device=None) -> Optional[torch.Tensor]:
+        """Global ``position_ids`` (``[T]`` or ``[B, T]``) as ``[B * T]`` in packed order (None stays None)."""
+        if position_ids is None:
+            return None
+        return position_ids.to(device).expand(self.batch, self.layout.seq_len).reshape(-1)
+
     def rank_in(self, group, what: str) -> int:
         """This process's rank in ``group``, checked against the layout: torch.distributed initialised (else
         RuntimeError naming ``what``, e.g. "context-parallel NSA"), a member, and ``P`` ranks (else ValueError)."""
