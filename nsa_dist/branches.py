@@ -26,7 +26,9 @@ def nsa_branches(config: NSAConfig, q: torch.Tensor, k_c: torch.Tensor, v_c: tor
         config: the geometry (``block_len`` ... ``local_blocks``, ``softmax_scale``, ``kv_sharing``,
             ``cp_layout``, ``cp_selection_exchange``); head counts come from the tensors, so a tensor-parallel
             caller passes its local heads.
-        q: ``[B, T, HQ, Dk]`` un-rotated queries; gates ``[B, T, HQ, 3]`` (after the sigmoid).
+        q: ``[B, T, HQ, Dk]`` un-rotated queries; gates ``[B, T, HQ, 3]`` (after the sigmoid; the gates of
+            ``config.disabled_branches`` are zeroed here). Every input is cast to q's dtype (under autocast the
+            projections, compressors and gates may come out in different dtypes).
         k_c, v_c: ``[B, T, H, Dk|Dv]`` raw K/V of the compression branch (compressed here).
         k_s, v_s, k_w, v_w: ``[B, T, H, Dk|Dv]`` K/V of the selection and window branches, keys un-rotated.
             With ``config.kv_sharing="shared"`` pass the same K/V for every branch (rotated once).
@@ -44,6 +46,10 @@ def nsa_branches(config: NSAConfig, q: torch.Tensor, k_c: torch.Tensor, v_c: tor
     """
     c = config
     B, T = q.shape[:2]
+    k_c, v_c, k_s, v_s, k_w, v_w, gates = (t.to(q.dtype) for t in (k_c, v_c, k_s, v_s, k_w, v_w, gates))
+    if c.branch_gate_mask is not None:
+        gates = gates * gates.new_tensor(c.branch_gate_mask)
+    k_compressor, v_compressor = (_output_cast_to(phi, q.dtype) for phi in (k_compressor, v_compressor))
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         return _context_parallel(c, q, k_c, v_c, k_s, v_s, k_w, v_w, gates, k_compressor, v_compressor, rotary,
                                  cu_seqlens, position_ids, cp_group)
@@ -63,6 +69,11 @@ def nsa_branches(config: NSAConfig, q: torch.Tensor, k_c: torch.Tensor, v_c: tor
         select_len=c.select_len, top_n=c.top_n, window=c.window, init_blocks=c.init_blocks,
         local_blocks=c.local_blocks, scale=c.softmax_scale, cu_seqlens=cu_seqlens)
     return o, None
+
+
+def _output_cast_to(compressor: Callable, dtype: torch.dtype) -> Callable:
+    """``compressor`` whose output is cast to ``dtype`` (autocast may run its MLP in another precision)."""
+    return lambda x, cu_seqlens: compressor(x, cu_seqlens).to(dtype)
 
 
 def _context_parallel(c, q, k_c, v_c, k_s, v_s, k_w, v_w, gates, k_compressor, v_compressor, rotary, cu_seqlens,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from nsa_kernels.validation import check_non_negative_int, check_positive_int, check_selection_geometry
 
@@ -11,6 +11,8 @@ from .parallel.nsa import check_selection_exchange
 
 COMPRESSORS = ("mlp", "linear", "mean")
 KV_SHARING = ("separate", "shared")
+BRANCHES = ("compressed", "selected", "window")
+DISABLEABLE_BRANCHES = ("compressed", "selected")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,10 @@ class NSAConfig:
         cp_selection_exchange: how selected blocks reach their queries under context parallelism: ``"auto"``
             (the cheaper in bytes), ``"sparse"`` (fetch only the selected blocks) or ``"allgather"`` (all raw
             selection K/V).
+        disabled_branches: ablations: ``"compressed"`` and/or ``"selected"`` branches whose gate is held at 0,
+            so they add nothing to the output (``window: 0`` drops the window branch). Both are still computed:
+            selection needs the compressed attention scores; without the compressed branch's output its keys
+            get no gradient, so blocks are then chosen by untrained compressed keys.
     """
 
     hidden_size: int
@@ -61,6 +67,7 @@ class NSAConfig:
     qkv_bias: bool = False
     cp_layout: str = "zigzag"
     cp_selection_exchange: str = "auto"
+    disabled_branches: Tuple[str, ...] = ()
 
     def __post_init__(self):
         for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim"):
@@ -87,7 +94,29 @@ class NSAConfig:
         if self.softmax_scale is not None and not self.softmax_scale > 0:
             raise ValueError(f"softmax_scale must be > 0 or None, got {self.softmax_scale!r}")
         check_layout_kind(self.cp_layout, "cp_layout")
+        self._check_disabled_branches()
         check_selection_exchange(self.cp_selection_exchange, "cp_selection_exchange")
+
+    def _check_disabled_branches(self) -> None:
+        if isinstance(self.disabled_branches, str):
+            raise ValueError(f"disabled_branches must be a list of branch names, got the string "
+                             f"{self.disabled_branches!r}")
+        object.__setattr__(self, "disabled_branches", tuple(self.disabled_branches))
+        for name in self.disabled_branches:
+            if name == "window":
+                raise ValueError("disabled_branches: drop the window branch with window=0, not 'window'")
+            if name not in DISABLEABLE_BRANCHES:
+                raise ValueError(f"disabled_branches entry {name!r} is not one of {DISABLEABLE_BRANCHES}")
+        if len(set(self.disabled_branches)) == 2 and self.window == 0:
+            raise ValueError("disabled_branches=('compressed', 'selected') with window=0 leaves no branch")
+
+    @property
+    def branch_gate_mask(self) -> Optional[Tuple[float, float, float]]:
+        """Per-branch gate multipliers ``(compressed, selected, window)``: 0 for a disabled branch; None when
+        every branch is on."""
+        if not self.disabled_branches:
+            return None
+        return tuple(0.0 if b in self.disabled_branches else 1.0 for b in BRANCHES)
 
     @property
     def group_size(self) -> int:

@@ -10,6 +10,7 @@ sequence (the NSA layers' ``cp_layout``); losses and gradients are summed over t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -40,11 +41,22 @@ class StepStats:
     tokens: int
 
 
-def make_dataset(config: TrainConfig):
-    """The retrieval task or the byte-level text dataset named by ``config.data``."""
+def make_dataset(config: TrainConfig, split: str = "train"):
+    """The retrieval task or the byte-level text dataset named by ``config.data``; ``split`` (``"train"`` or
+    ``"valid"``) picks a text file's part when ``data.valid_fraction`` holds a tail out (the retrieval task draws
+    fresh sequences for both)."""
     if config.data.kind == "text":
-        return ByteTextDataset(config.data.text_file)
+        if not config.data.valid_fraction:
+            return ByteTextDataset(config.data.text_file)
+        return ByteTextDataset(config.data.text_file, split, config.data.valid_fraction)
     return RetrievalTask(**config.data.retrieval)
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward's precision context: bf16 autocast for ``precision="bf16"``, else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def loss_and_accuracy(model: GPT, batch: Batch, cp: ContextParallelGroup) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,18 +81,21 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def batch_loss(model: GPT, batch: Batch, device: torch.device, cp: ContextParallelGroup) -> tuple:
+def batch_loss(model: GPT, batch: Batch, device: torch.device, cp: ContextParallelGroup,
+               precision: str = "fp32") -> tuple:
     """``(loss share, accuracy share, [loss, accuracy] of the whole batch)``: the shares carry gradients, the
-    batch values are summed over the group."""
-    loss, acc = loss_and_accuracy(model, Batch(batch.tokens.to(device), batch.targets.to(device)), cp)
+    batch values are summed over the group. ``precision="bf16"`` runs the forward under bf16 autocast."""
+    with autocast(device, precision):
+        loss, acc = loss_and_accuracy(model, Batch(batch.tokens.to(device), batch.targets.to(device)), cp)
     return loss, acc, cp.sum(torch.stack([loss.detach(), acc.detach()]).float()).tolist()
 
 
 @torch.no_grad()
-def evaluate(model: GPT, batches: List[Batch], device: torch.device, cp: ContextParallelGroup) -> Dict[str, float]:
+def evaluate(model: GPT, batches: List[Batch], device: torch.device, cp: ContextParallelGroup,
+             precision: str = "fp32") -> Dict[str, float]:
     """Mean loss and accuracy over fixed held-out batches."""
     model.eval()
-    values = [batch_loss(model, batch, device, cp)[2] for batch in batches]
+    values = [batch_loss(model, batch, device, cp, precision)[2] for batch in batches]
     model.train()
     return {"loss": sum(v[0] for v in values) / len(values), "accuracy": sum(v[1] for v in values) / len(values)}
 
@@ -145,6 +160,7 @@ def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: Context
     torch.manual_seed(config.seed)
     dataset = make_dataset(config)
     model = GPT(config.gpt_config(dataset.vocab_size)).to(dev)
+    precision = config.train.precision
     if cp.group is not None:
         use_context_parallel(model, cp.group)
     if config.train.activation_checkpointing:
@@ -153,20 +169,25 @@ def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: Context
     train_gen = torch.Generator().manual_seed(config.seed)
     eval_gen = torch.Generator().manual_seed(config.seed + 1_000_003)
     seq_len, batch_size = config.data.seq_len, config.train.batch_size
-    eval_batches = [dataset.sample(batch_size, seq_len, eval_gen) for _ in range(config.train.eval_batches)]
+    eval_dataset = make_dataset(config, "valid")
+    eval_batches = [eval_dataset.sample(batch_size, seq_len, eval_gen) for _ in range(config.train.eval_batches)]
 
-    initial = evaluate(model, eval_batches, dev, cp)
-    history = []
-    start = time.perf_counter()
+    initial = evaluate(model, eval_batches, dev, cp, precision)
+    history, evals, step_times = [], [{"step": 0, **initial}], []
     tokens_seen = 0
     bar = tqdm(range(config.train.steps), desc=f"train {model.config.attention}", disable=not progress,
                dynamic_ncols=True)
     window: List[StepStats] = []
     for step in bar:
-        batch = dataset.sample(batch_size, seq_len, train_gen)
+        step_start = time.perf_counter()
+        if step < config.data.short_steps:
+            batch = dataset.sample(batch_size * seq_len // config.data.short_seq_len, config.data.short_seq_len,
+                                   train_gen)
+        else:
+            batch = dataset.sample(batch_size, seq_len, train_gen)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        loss, acc, (loss_value, acc_value) = batch_loss(model, batch, dev, cp)
+        loss, acc, (loss_value, acc_value) = batch_loss(model, batch, dev, cp, precision)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         cp.sum_gradients(model.parameters())
@@ -174,10 +195,13 @@ def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: Context
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss became {loss_value} at step {step}")
         optimizer.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        step_times.append(time.perf_counter() - step_start)
         tokens_seen += batch.tokens.numel()
         window.append(StepStats(loss_value, acc_value, batch.tokens.numel()))
         if (step + 1) % config.train.log_every == 0 or step + 1 == config.train.steps:
-            elapsed = time.perf_counter() - start
+            elapsed = sum(step_times)
             record = {"step": step + 1, "loss": sum(s.loss for s in window) / len(window),
                       "accuracy": sum(s.accuracy for s in window) / len(window), "lr": lr_at(step, config),
                       "grad_norm": grad_norm.item(), "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}
@@ -185,12 +209,16 @@ def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: Context
             window = []
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}",
                             tok_s=f"{record['tokens_per_s']:.0f}")
-    train_time = time.perf_counter() - start
-    final = evaluate(model, eval_batches, dev, cp)
+        if config.train.eval_every and (step + 1) % config.train.eval_every == 0 and step + 1 < config.train.steps:
+            evals.append({"step": step + 1, **evaluate(model, eval_batches, dev, cp, precision)})
+    train_time = sum(step_times)
+    final = evaluate(model, eval_batches, dev, cp, precision)
+    evals.append({"step": config.train.steps, **final})
     metrics = {"attention": model.config.attention, "parameters": model.num_parameters(),
                "device": str(dev), "cp": cp.world_size, "steps": config.train.steps, "tokens": tokens_seen,
                "train_time_s": train_time, "tokens_per_s": tokens_seen / train_time,
-               "initial_eval": initial, "final_eval": final, "history": history}
+               "step_time_s": steady_step_time(step_times[config.data.short_steps:]), "precision": precision,
+               "initial_eval": initial, "final_eval": final, "evals": evals, "history": history}
     if cp.rank != 0:
         return metrics
     out = Path(config.out_dir)
@@ -200,6 +228,13 @@ def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: Context
                     "model_config": model.config.to_dict(), "train_config": config.to_dict()}, out / "checkpoint.pt")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def steady_step_time(step_times: List[float]) -> float:
+    """Median wall-clock seconds per step, leaving out the first tenth of the steps (compilation, warm-up); the
+    trainer passes the steps at ``data.seq_len`` (after a short-sequence phase)."""
+    steady = sorted(step_times[len(step_times) // 10:])
+    return steady[len(steady) // 2]
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,6 +30,10 @@ def test_paper_defaults():
     (dict(rope_theta=0.0), "rope_theta must be > 0, got 0.0"),
     (dict(hidden_size=32.0), "hidden_size must be a positive int, got 32.0"),
     (dict(softmax_scale=-1.0), "softmax_scale must be > 0 or None, got -1.0"),
+    (dict(disabled_branches=("window",)), "drop the window branch with window=0"),
+    (dict(disabled_branches=("selection",)), "disabled_branches entry 'selection' is not one of"),
+    (dict(disabled_branches="compressed"), "must be a list of branch names, got the string 'compressed'"),
+    (dict(disabled_branches=["compressed", "selected"], window=0), "leaves no branch"),
 ])
 def test_nsa_config_rejects(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("+", r"\+")):

@@ -92,3 +92,38 @@ def test_gradcheck_through_compressor_gates_and_branches(seed, compressor):
 
     # fast_mode checks v^T J u for random u, v: one backward instead of one per output element
     assert torch.autograd.gradcheck(fn, (x, *leaves), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True), f"seed {seed}"
+
+
+@pytest.mark.parametrize("disabled", [("compressed",), ("selected",), ("compressed", "selected")])
+def test_disabled_branches_equal_zero_gates(seed, disabled):
+    """An ablated branch adds nothing: the layer equals the full layer with that branch's gate set to 0."""
+    layer = make_layer(seed)
+    ablated = make_layer(seed, disabled_branches=disabled)
+    ablated.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 41, 16, dtype=torch.float64)
+    keep = torch.tensor([0.0 if b in disabled else 1.0 for b in ("compressed", "selected", "window")],
+                        dtype=torch.float64)
+    gate_proj = layer.gate_proj.forward
+    layer.gate_proj.forward = lambda h: torch.logit(torch.sigmoid(gate_proj(h)).view(*h.shape[:2], -1, 3) * keep
+                                                    ).flatten(-2)
+    torch.testing.assert_close(ablated(x), layer(x), rtol=0, atol=1e-12)
+    assert (ablated(x) - make_layer(seed)(x)).abs().max() > 1e-6
+
+
+def test_without_compressed_branch_its_keys_get_no_gradient(seed):
+    """The compressed keys only feed the (non-differentiable) selection once the branch's output is off."""
+    layer = make_layer(seed, disabled_branches=("compressed",))
+    layer(torch.randn(1, 40, 16, dtype=torch.float64)).square().sum().backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in layer.k_compressor.parameters())
+    assert all(p.grad.abs().max() > 0 for p in layer.q_proj.parameters())
+
+
+def test_bf16_autocast_runs_and_matches_fp32(seed):
+    """Under autocast the projections, compressor MLPs and gates come out in mixed dtypes; the layer casts them
+    to q's dtype, so it runs and stays near the float32 result."""
+    layer = make_layer(seed, dtype=torch.float32)
+    x = torch.randn(1, 45, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), layer(x), rtol=0.05, atol=0.05)

@@ -49,3 +49,46 @@ def test_plain_backend_refuses_deepspeed_only_settings(key, value):
     raw["train"][key] = value
     with pytest.raises(ValueError, match=f"train.{key}={value} needs the DeepSpeed backend"):
         train(TrainConfig.from_dict(raw))
+
+
+def test_bf16_autocast_with_periodic_eval(tmp_path):
+    """train.precision bf16 (autocast, here on the CPU) and train.eval_every: the held-out evaluations land at
+    steps 0, 4, 8 and the last, the loss falls, and the step time is recorded."""
+    from nsa_dist.train import train
+
+    raw = TrainConfig.load("configs/train/tiny-cpu.yaml").to_dict()
+    raw["train"].update(steps=10, cp=1, precision="bf16", eval_every=4, log_every=5)
+    raw["out_dir"] = str(tmp_path / "bf16")
+    metrics = train(TrainConfig.from_dict(raw), progress=False, save_checkpoint=False)
+    assert [e["step"] for e in metrics["evals"]] == [0, 4, 8, 10]
+    assert metrics["evals"][-1] == {"step": 10, **metrics["final_eval"]}
+    assert metrics["final_eval"]["loss"] < metrics["initial_eval"]["loss"] - 0.3
+    assert metrics["precision"] == "bf16" and 0 < metrics["step_time_s"] < metrics["train_time_s"]
+
+
+def test_text_valid_fraction_evaluates_on_the_held_out_tail(tmp_path):
+    """With data.valid_fraction the evaluation reads only the held-out tail: a tail unlike the training text
+    keeps the eval loss high while the training loss falls."""
+    from nsa_dist.train import train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"abcabcabc" * 900 + bytes(range(256)) * 8)  # train: 'abc' repeated; tail: counting bytes
+    raw = TrainConfig.load("configs/train/tiny-cpu.yaml").to_dict()
+    raw["data"].update(kind="text", text_file=str(corpus), seq_len=64, valid_fraction=0.2)
+    raw["train"].update(steps=30, cp=1)
+    raw["out_dir"] = str(tmp_path / "text")
+    metrics = train(TrainConfig.from_dict(raw), progress=False, save_checkpoint=False)
+    assert metrics["history"][-1]["loss"] < 1.0 and metrics["final_eval"]["loss"] > 3.0, metrics["final_eval"]
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("train", "precision", "fp16", "train.precision='fp16' is not one of"),
+    ("train", "eval_every", 0, "train.eval_every must be a positive int or null, got 0"),
+    ("data", "valid_fraction", 0.5, r"data.valid_fraction must be a number in \[0, 0.5\), got 0.5"),
+    ("data", "valid_fraction", 0.1, "applies to kind='text' only"),
+])
+def test_train_config_rejects(section, key, value, message):
+    raw = TrainConfig.load("configs/train/tiny-cpu.yaml").to_dict()
+    raw[section][key] = value
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(raw)

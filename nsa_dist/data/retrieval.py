@@ -5,6 +5,11 @@ at random places in its first ``T - 3 * num_pairs`` positions; it ends with one 
 random order: ``QUERY key value``. The model must predict each queried ``value`` right after
 ``QUERY key``; only those positions carry a loss, so a model that cannot look back across the
 sequence stays at ``ln(num_values)``. Keys in a sequence are distinct.
+
+With ``fused=True`` each needle in the context is one token standing for its (key, value) pair (``num_keys *
+num_values`` such tokens), and the queries stay ``QUERY key value``: one attention hop from the queried key to
+its needle finds the answer, where the two-token form needs an induction circuit (a previous-token head, then a
+match) that takes far longer to form from scratch.
 """
 from __future__ import annotations
 
@@ -24,24 +29,28 @@ class Batch(NamedTuple):
 
 @dataclass(frozen=True)
 class RetrievalTask:
-    """Token layout: ``[0, num_filler)`` filler, then keys, then values, then the QUERY marker."""
+    """Token layout: ``[0, num_filler)`` filler, then keys, then values, then (``fused``) the ``num_keys *
+    num_values`` needle tokens ``key * num_values + value``, then the QUERY marker."""
 
     num_pairs: int = 8
     num_keys: int = 32
     num_values: int = 32
     num_filler: int = 32
+    fused: bool = False
 
     def __post_init__(self):
         for name in ("num_pairs", "num_keys", "num_values", "num_filler"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.fused, bool):
+            raise ValueError(f"fused must be true or false, got {self.fused!r}")
         if self.num_pairs > self.num_keys:
             raise ValueError(f"num_pairs={self.num_pairs} exceeds num_keys={self.num_keys}: keys must be distinct")
 
     @property
     def vocab_size(self) -> int:
-        return self.num_filler + self.num_keys + self.num_values + 1
+        return self.num_filler + self.num_keys + self.num_values + self.fused * self.num_keys * self.num_values + 1
 
     @property
     def query_token(self) -> int:
@@ -61,12 +70,17 @@ class RetrievalTask:
         tokens = torch.randint(0, self.num_filler, (batch_size, seq_len), generator=generator)
         targets = torch.full((batch_size, seq_len), IGNORE_INDEX)
         key_base, value_base = self.num_filler, self.num_filler + self.num_keys
+        fused_base = value_base + self.num_values
         for b in range(batch_size):
-            keys = torch.randperm(self.num_keys, generator=generator)[:P] + key_base
-            values = torch.randint(0, self.num_values, (P,), generator=generator) + value_base
-            # P non-overlapping 2-token slots among the context: choose P starts in a shrunk range, spread out
-            starts = torch.sort(torch.randperm(context - P, generator=generator)[:P]).values + torch.arange(P)
-            tokens[b, starts], tokens[b, starts + 1] = keys, values
+            key_ids = torch.randperm(self.num_keys, generator=generator)[:P]
+            value_ids = torch.randint(0, self.num_values, (P,), generator=generator)
+            keys, values = key_ids + key_base, value_ids + value_base
+            if self.fused:  # one needle token per pair at P distinct places
+                tokens[b, torch.randperm(context, generator=generator)[:P]] = \
+                    fused_base + key_ids * self.num_values + value_ids
+            else:  # P non-overlapping 2-token slots: choose P starts in a shrunk range, spread out
+                starts = torch.sort(torch.randperm(context - P, generator=generator)[:P]).values + torch.arange(P)
+                tokens[b, starts], tokens[b, starts + 1] = keys, values
             order = torch.randperm(P, generator=generator)
             q_pos = context + 3 * torch.arange(P)
             tokens[b, q_pos] = self.query_token

@@ -56,6 +56,12 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
     or saved (``checkpoint_dir``: the saved ``<out_dir>/checkpoints/step<N>``, complete on every rank, else None),
     e.g. to report to Ray Train; the final checkpoint comes as ``(steps, None, dir)`` after the final evaluation."""
     require_deepspeed()
+    for section, name, plain_only in (("train", "precision", "fp32"), ("train", "eval_every", None),
+                                      ("data", "short_steps", 0)):
+        value = getattr(getattr(config, section), name)
+        if value != plain_only:
+            raise ValueError(f"{section}.{name}={value!r} applies to the plain backend; under DeepSpeed set the "
+                             "precision in the JSON's bf16/fp16 section, and leave eval_every and short_steps unset")
     import deepspeed
 
     from ..train import batch_loss, evaluate, make_dataset, parameter_groups, use_context_parallel
@@ -79,7 +85,8 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
     t = config.train
     micro_batch = t.batch_size // (groups.dp * t.grad_accum)
     eval_gen = torch.Generator().manual_seed(config.seed + 1_000_003)
-    eval_batches = [dataset.sample(micro_batch, config.data.seq_len, eval_gen) for _ in range(t.eval_batches)]
+    eval_dataset = make_dataset(config, "valid")
+    eval_batches = [eval_dataset.sample(micro_batch, config.data.seq_len, eval_gen) for _ in range(t.eval_batches)]
     start_step = _resume(engine, resume, resume_tag) if resume else 0
     initial = _dp_mean(evaluate(engine, eval_batches, device, cp), groups)
     out = Path(config.out_dir)

@@ -1,0 +1,102 @@
+"""NSA against dense attention (and NSA ablations) trained from scratch on the same data, steps and optimizer.
+
+One invocation is one setting (a task at one length) for the listed variants, run one after another on one
+device; each run writes ``<out>/<task>-<seq_len>-<variant>.json`` (its config, metrics with the evaluation curve,
+step time, the device and versions). ``report.py`` turns a folder of them into the table and plots.
+
+    # multi-needle retrieval at 16k (one GPU call; the first 480 steps on 1k-token sequences), then ablations
+    python benchmarks/quality/experiment.py --task needle --seq-len 16384 --variants nsa dense --steps 1200 \\
+        --short-seq-len 1024 --short-steps 480 --out DIR
+    python benchmarks/quality/experiment.py --task needle --seq-len 16384 --variants nsa-no-compressed \\
+        nsa-no-selected nsa-no-window nsa-mean-pool --steps 1200 --short-seq-len 1024 --short-steps 480 --out DIR
+    # byte-level LM on the Python standard library's source (built on the fly)
+    python benchmarks/quality/experiment.py --task lm --seq-len 16384 --variants nsa dense --steps 600 --out DIR
+
+The models (``settings.py``): 4 layers, hidden 512, 16 query heads over 4 KV heads, head dim 64, bf16 autocast;
+NSA in the paper's geometry (l 32, d 16, l' 64, n 16, w 512). ``--size tiny`` is a CPU smoke-test size.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from corpus import build_stdlib_corpus  # noqa: E402
+from settings import MODEL_SIZES, TASKS, VARIANTS, train_config  # noqa: E402
+
+from nsa_dist.train import train  # noqa: E402
+from nsa_dist.training_config import TrainConfig  # noqa: E402
+
+
+def environment() -> Dict[str, str]:
+    """Device and library versions recorded with every run."""
+    import triton
+
+    env = {"torch": torch.__version__, "triton": triton.__version__,
+           "date": datetime.date.today().isoformat(), "device": "cpu"}
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+    return env
+
+
+def run_setting(task: str, seq_len: int, variants: List[str], *, out: Path, size: str, steps: int,
+                tokens_per_step: int, lr: float, seed: int, precision: str, device: Optional[str],
+                progress: bool, short_seq_len: Optional[int] = None, short_steps: int = 0) -> List[Dict]:
+    """Train each variant in turn; write and return one result dictionary per variant."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory() as scratch:
+        corpus = build_stdlib_corpus(Path(scratch) / "stdlib.py.txt") if task == "lm" else None
+        for variant in variants:
+            raw = train_config(task, seq_len, variant, size=size, steps=steps, tokens_per_step=tokens_per_step,
+                               lr=lr, seed=seed, precision=precision, short_seq_len=short_seq_len,
+                               short_steps=short_steps, text_file=corpus["path"] if corpus else None,
+                               out_dir=str(Path(scratch) / variant))
+            metrics = train(TrainConfig.from_dict(raw), device=device, progress=progress, save_checkpoint=False)
+            result = {"task": task, "seq_len": seq_len, "variant": variant, "size": size, "config": raw,
+                      "corpus": corpus, "environment": environment(), "metrics": metrics}
+            path = out / f"{task}-{seq_len}-{variant}.json"
+            path.write_text(json.dumps(result, indent=1))
+            final = metrics["final_eval"]
+            print(f"{task} T={seq_len} {variant}: eval loss {final['loss']:.4f}, accuracy {final['accuracy']:.4f}, "
+                  f"{1e3 * metrics['step_time_s']:.1f} ms/step -> {path}", flush=True)
+            results.append(result)
+    return results
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=TASKS, required=True)
+    parser.add_argument("--seq-len", type=int, required=True)
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["nsa", "dense"])
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--tokens-per-step", type=int, default=32768,
+                        help="tokens per optimizer step (sequences per step = this / seq-len)")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--short-seq-len", type=int, help="curriculum: train the first --short-steps steps on "
+                        "sequences this long (same tokens per step); evaluation stays at --seq-len")
+    parser.add_argument("--short-steps", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", choices=sorted(MODEL_SIZES), default="small")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--out", required=True, help="folder for the per-run JSON files")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar per run")
+    args = parser.parse_args(argv)
+    run_setting(args.task, args.seq_len, args.variants, out=Path(args.out), size=args.size, steps=args.steps,
+                tokens_per_step=args.tokens_per_step, lr=args.lr, seed=args.seed, precision=args.precision,
+                device=args.device, progress=args.progress, short_seq_len=args.short_seq_len,
+                short_steps=args.short_steps)
+
+
+if __name__ == "__main__":
+    main()

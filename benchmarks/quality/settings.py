@@ -1,0 +1,81 @@
+"""What the quality experiment trains: model sizes, attention variants (NSA, dense, NSA ablations) and the two
+tasks (multi-needle retrieval, byte-level LM), as :class:`~nsa_dist.training_config.TrainConfig` dictionaries.
+
+Every variant of a task and length shares the data (same seed, so the same batches), steps, batch, optimizer and
+schedule; only the model's attention differs."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict
+
+TASKS = ("needle", "lm")
+
+# NSA paper geometry (l 32, d 16, l' 64, n 16, w 512, MLP compressor) in every NSA variant but the ablated field
+PAPER_NSA = dict(block_len=32, stride=16, select_len=64, top_n=16, window=512, compressor="mlp")
+
+MODEL_SIZES: Dict[str, Dict[str, Any]] = {
+    # the measured size: 4 layers, hidden 512, 16 query heads over 4 KV heads (G = 4), head dim 64
+    "small": dict(hidden_size=512, num_layers=4, num_heads=16, num_kv_heads=4, head_dim=64, rope_theta=500000.0,
+                  nsa=PAPER_NSA),
+    # CPU smoke tests only: the same structure, scaled down (geometry l 8, d 4, l' 16, n 4, w 32)
+    "tiny": dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                 nsa=dict(block_len=8, stride=4, select_len=16, top_n=4, window=32, compressor="mlp")),
+}
+
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    "nsa": {},
+    "dense": {"attention": "dense"},
+    "nsa-no-compressed": {"nsa": {"disabled_branches": ["compressed"]}},
+    "nsa-no-selected": {"nsa": {"disabled_branches": ["selected"]}},
+    "nsa-no-window": {"nsa": {"window": 0}},
+    "nsa-mean-pool": {"nsa": {"compressor": "mean"}},
+}
+
+# needles: 16 per sequence at every length, each one token standing for its (key, value) pair (RetrievalTask's
+# fused form: one attention hop retrieves it), keys and values from 16 each (chance accuracy 1/16), filler from
+# 256 tokens; queried at the end as QUERY key value
+NEEDLE_TASK = dict(num_pairs=16, num_keys=16, num_values=16, num_filler=256, fused=True)
+
+
+def model_section(size: str, variant: str) -> Dict[str, Any]:
+    """The ``model`` section of ``size`` with ``variant``'s overrides (NSA fields merged)."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"model size {size!r} is not one of {sorted(MODEL_SIZES)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r} is not one of {sorted(VARIANTS)}")
+    model = copy.deepcopy(MODEL_SIZES[size])
+    overrides = copy.deepcopy(VARIANTS[variant])
+    model["nsa"] = {**model.get("nsa", {}), **overrides.pop("nsa", {})}
+    return {"attention": "nsa", **model, **overrides}
+
+
+def data_section(task: str, seq_len: int, text_file: str | None) -> Dict[str, Any]:
+    """The ``data`` section: the needle task (``NEEDLE_TASK``), or bytes of ``text_file`` with a 5% held-out tail."""
+    if task == "needle":
+        return dict(kind="retrieval", seq_len=seq_len, retrieval=dict(NEEDLE_TASK))
+    if task == "lm":
+        if not text_file:
+            raise ValueError("task 'lm' needs a text file (the experiment builds the stdlib corpus)")
+        return dict(kind="text", seq_len=seq_len, text_file=text_file, valid_fraction=0.05)
+    raise ValueError(f"task {task!r} is not one of {TASKS}")
+
+
+def train_config(task: str, seq_len: int, variant: str, *, size: str, steps: int, tokens_per_step: int,
+                 lr: float, seed: int, precision: str, text_file: str | None, out_dir: str,
+                 short_seq_len: int | None = None, short_steps: int = 0) -> Dict[str, Any]:
+    """A full training config dictionary (``TrainConfig.from_dict`` validates it): ``tokens_per_step / seq_len``
+    sequences per step, AdamW with 5% warm-up and cosine decay to 10%, evaluation every tenth of the run; the
+    first ``short_steps`` steps on ``short_seq_len``-token sequences (the same tokens per step), if given."""
+    if tokens_per_step % seq_len:
+        raise ValueError(f"tokens_per_step={tokens_per_step} is not a multiple of seq_len={seq_len}")
+    data = data_section(task, seq_len, text_file)
+    if short_seq_len is not None:
+        data.update(short_seq_len=short_seq_len, short_steps=short_steps)
+    return {
+        "seed": seed, "out_dir": out_dir,
+        "model": model_section(size, variant),
+        "data": data,
+        "train": dict(steps=steps, batch_size=tokens_per_step // seq_len, lr=lr, min_lr_ratio=0.1,
+                      warmup_steps=max(1, steps // 20), weight_decay=0.1, grad_clip=1.0, eval_batches=4,
+                      log_every=max(1, steps // 50), eval_every=max(1, steps // 10), precision=precision),
+    }
