@@ -7,6 +7,8 @@ from typing import Any, Dict, Optional
 
 import yaml
 
+from nsa_kernels.validation import check_non_negative_int
+
 from .data import RetrievalTask
 from .models import GPTConfig
 from .parallel.layout import CPLayout
@@ -64,8 +66,7 @@ class DataConfig:
                                      f"(need >= {task.min_seq_len()})")
 
     def _check_short_phase(self) -> None:
-        if isinstance(self.short_steps, bool) or not isinstance(self.short_steps, int) or self.short_steps < 0:
-            raise ValueError(f"data.short_steps must be a non-negative int, got {self.short_steps!r}")
+        check_non_negative_int("data.short_steps", self.short_steps)
         if self.short_seq_len is None:
             if self.short_steps:
                 raise ValueError(f"data.short_steps={self.short_steps} needs data.short_seq_len")
