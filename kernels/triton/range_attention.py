@@ -44,7 +44,7 @@ import triton.language as tl
 
 from .delta import attention_delta
 from .tile_loads import load_tile, tile_row
-from .utils import kernel_dtype, new_output, query_tile_table, tile_table
+from .utils import host_table_to, kernel_dtype, new_output, query_tile_table, tile_table
 
 WINDOW = 0
 COMPRESSED = 1
@@ -490,10 +490,11 @@ def pick_config(geom: RangeGeometry, dk: int, dv: int, dtype: torch.dtype = torc
     """Block sizes for H100-class GPUs, no autotuning.
 
     Half inputs, head dims <= 128: 128-row query tiles (BLOCK_T * GB) with 128-key (compressed) or 32-key
-    (window) tiles for forward and dq; dk/dv: 64-key tiles and 64 query rows (G = 16: 4 tokens) per step;
-    8 warps (4 for dk/dv of head dims <= 128). Head dims above 128 halve the tiles; fp32 inputs (4-byte
-    operands, tf32x3 dots) use smaller tiles so shared memory fits. Compiled for sm_90 (Triton 3.9 AOT)
-    these fit without register spills for half inputs; 128-key forward tiles reach 255 registers.
+    (window) tiles for forward and dq; dk/dv: 128-key tiles and 64 query rows (G = 16: 4 tokens) per step;
+    8 warps. Head dims above 128 halve the tiles; fp32 inputs (4-byte operands, tf32x3 dots) use smaller
+    tiles so shared memory fits. The half-precision tiles are chosen by measured time on an H100 (128-key
+    forward tiles reach 255 registers); they were not checked on GPUs with less shared memory per block than
+    Hopper's 227 KB, where an out-of-resource launch error asks for a smaller ``CONFIG_OVERRIDE``.
     """
     big = max(dk, dv) > 128
     if dtype == torch.float32:
@@ -501,15 +502,17 @@ def pick_config(geom: RangeGeometry, dk: int, dv: int, dtype: torch.dtype = torc
                           dq_keys=32, dq_warps=8, dq_stages=1, dkdv_keys=32, dkdv_rows=32, dkdv_warps=8,
                           dkdv_stages=1 if big else 2)
     else:
-        # measured on an H100 at T = 64k, G = 16 (benchmarks/tune_range.py, 2026-11-23): compressed keys run
-        # best in 128-key tiles, window keys (a 512-token range) in 32-key tiles; the dK/dV kernel with 4 warps
-        # (compressed fwd+bwd 50.7 ms against 70.8 with 8; window 15.2 against 21.0)
+        # measured on an H100 (benchmarks/tune_range.py and a joint dK/dV grid, 2026-11-23): compressed keys run
+        # best in 128-key tiles, window keys (a 512-token range) in 32-key tiles for forward and dq; dK/dV in
+        # 128-key tiles x 64 query rows, 8 warps, 3 stages (compressed fwd+bwd at 128k, G = 16: 169.8 ms against
+        # 194.8 with the earlier 64 x 64, 4 warps, 2 stages; 64k: 46.2 against 51.0; 64k, G = 4: 13.4 against
+        # 14.3; window at 128k: 27.2 against 30.1)
         keys = 64 if big else (128 if geom.mode == COMPRESSED else 32)
         cfg = RangeConfig(
             fwd_rows=64 if big else 128,
             fwd_keys=keys, fwd_warps=8, fwd_stages=2 if big else 3,
             dq_keys=32 if big else keys, dq_warps=8, dq_stages=2,
-            dkdv_keys=32 if big else 64, dkdv_rows=64, dkdv_warps=8 if big else 4, dkdv_stages=2,
+            dkdv_keys=32 if big else 128, dkdv_rows=64, dkdv_warps=8, dkdv_stages=2 if big else 3,
         )
     if CONFIG_OVERRIDE:
         cfg = cfg._replace(**CONFIG_OVERRIDE)
@@ -649,7 +652,7 @@ def range_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         dk_out, dv_out = dk, dv
     gb2, block_tq, ngc2 = _group_split(G, cfg.dkdv_rows)
     _range_dkdv_kernel[(items.shape[0] * B * H,)](
-        q, k, v, do, lse, delta, dk_out, dv_out, items.to(device=q.device, dtype=torch.int32), items.shape[0],
+        q, k, v, do, lse, delta, dk_out, dv_out, host_table_to(items, q.device), items.shape[0],
         B * H, H, T, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
@@ -658,8 +661,8 @@ def range_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         num_stages=cfg.dkdv_stages)
     if partial:
         _range_reduce_kernel[(k_tiles.shape[0], B * H)](
-            dk_out, dv_out, dk, dv, k_tiles.to(device=q.device, dtype=torch.int32),
-            tile_items.to(device=q.device, dtype=torch.int32), B * H, H, dk.stride(0), dk.stride(1), dk.stride(2),
+            dk_out, dv_out, dk, dv, host_table_to(k_tiles, q.device),
+            host_table_to(tile_items, q.device), B * H, H, dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2), scale, BLOCK_LEN=geom.block_len, STRIDE=geom.stride,
             BLOCK_S=cfg.dkdv_keys, DK=Dk, DV=Dv, BLOCK_DK=bdk, BLOCK_DV=bdv, num_warps=4)
     return dq, dk, dv

@@ -49,7 +49,8 @@ from ..reference.tiles import default_scale
 from ..validation import check_attention_inputs, check_block_idx, check_positive_int
 from .delta import attention_delta
 from .tile_loads import tile_row
-from .utils import kernel_dtype, new_output, query_positions, query_tile_table, segment_offsets, tile_table
+from .utils import (host_table_to, kernel_dtype, new_output, query_positions, query_tile_table, segment_offsets,
+                    tile_table)
 
 LOG2E = 1.4426950408889634
 EMPTY = 2 ** 30  # canonical "no block" entry: sorts after every real index, never equals one
@@ -398,8 +399,9 @@ def _block_table(cu_seqlens: Optional[torch.Tensor], cu_seqlens_k: Optional[torc
     q_bounds = segment_offsets(cu_seqlens, T)[0]
     per_seg = torch.bincount(seg, minlength=len(q_bounds) - 1)
     first = torch.cumsum(per_seg, 0) - per_seg  # global number of each key segment's block 0
-    tok_base = torch.repeat_interleave(first.to(device), (q_bounds[1:] - q_bounds[:-1]).to(device), output_size=T)
-    return blk.to(device=device, dtype=torch.int32).contiguous(), tok_base, blk.shape[0]
+    tok_base = host_table_to(torch.repeat_interleave(first, q_bounds[1:] - q_bounds[:-1], output_size=T), device,
+                             torch.long)
+    return host_table_to(blk, device), tok_base, blk.shape[0]
 
 
 def _invert_selection(canon: torch.Tensor, tok_base: torch.Tensor, NB: int, chunk_q: int):

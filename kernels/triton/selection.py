@@ -47,9 +47,12 @@ from .tile_loads import tile_row
 from .utils import kernel_dtype, new_output, query_tile_table
 
 LOG2E = 1.4426950408889634
-# budgets of the heuristic: elements of the [M, BN] score tile, bytes of the [M, Dk] query tile of one pass
-SCORE_TILE_ELEMS = 16384
-QUERY_TILE_BYTES = 65536
+# budgets of the heuristic: elements of the [M, BN] score tile, bytes of the [M, Dk] query tile of one pass.
+# Measured on an H100 (2026-11-23, paper geometry, D = 128, bf16): 512-row tiles beat 256-row ones, at 128k
+# with G = 16 (32 tokens x 16 heads: 40.6 ms against 48.8 with 16 tokens) and at 64k with G = 4 (128 tokens x 4
+# heads: 4.45 ms against 5.54 with 64 tokens); 64 tokens x 16 heads no longer fit in shared memory.
+SCORE_TILE_ELEMS = 32768
+QUERY_TILE_BYTES = 131072
 KEY_TILE_BYTES = 32768  # one [Dk, BN] tile of compressed keys
 
 
@@ -278,13 +281,13 @@ def selection_config(G: int, Dk: int, block_len: int, stride: int, select_len: i
     while BN > 16 and block_d * BN * elem_bytes > KEY_TILE_BYTES:
         BN //= 2
     ksplit = S * P // BN
-    q_elems = QUERY_TILE_BYTES // elem_bytes // (2 if elem_bytes > 2 else 1)  # fp32: smaller tiles (tf32x3)
+    q_elems = QUERY_TILE_BYTES // elem_bytes // (4 if elem_bytes > 2 else 1)  # fp32: smaller tiles (tf32x3)
     g_pad = _pow2(G)
     heads = g_pad
     while heads > 1 and (16 * heads * BN > SCORE_TILE_ELEMS or 16 * heads * block_d > q_elems):
         heads //= 2
     block_t = 16
-    while block_t < 64 and 2 * block_t * heads * BN <= SCORE_TILE_ELEMS and 2 * block_t * heads * block_d <= q_elems:
+    while block_t < 128 and 2 * block_t * heads * BN <= SCORE_TILE_ELEMS and 2 * block_t * heads * block_d <= q_elems:
         block_t *= 2
     num_warps = 8 if block_t * heads * BN >= 4096 else 4
     return dict(S=S, KSPLIT=ksplit, BLOCK_D=block_d, BLOCK_T=block_t, HEADS=heads, PASSES=g_pad // heads,
