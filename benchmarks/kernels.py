@@ -59,8 +59,10 @@ def fwd_bwd_flops(fwd_by_part: Dict[str, float]) -> float:
 
 
 def bench(fn: Callable[[], None], grads: List[torch.Tensor]) -> float:
+    """Median ms of ``fn`` over about 1 s of repetitions (a 128k NSA forward+backward gets 2-3 samples, where
+    ``do_bench``'s default 100 ms gave a single one), L2 flushed before each."""
     from triton.testing import do_bench
-    return do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
+    return do_bench(fn, warmup=25, rep=1000, grad_to_none=grads, return_mode="median")
 
 
 def make_nsa_case(geo: Geometry, T: int, HQ: int, H: int, D: int, dtype, device):

@@ -5,6 +5,10 @@ ops it costs five elementwise kernels forward (each reading two and writing one 
 as many backward plus the gate reductions; here the forward reads each branch output once and writes ``o``,
 the backward reads ``dO`` and the branch outputs once and writes each ``dO_c = g_c * dO`` and ``dg``
 (``sum_d dO * o_c``). fp32 arithmetic, outputs in the inputs' dtypes.
+
+For the fused NSA backward (:mod:`.nsa`) the backward pass also writes each branch's attention term
+``delta_c = sum_d dO_c * o_c`` (``dO_c`` as stored, so it equals what :func:`.delta.attention_delta` would compute
+from it): the branch backward kernels then skip their own pass over ``o_c`` and ``dO_c``.
 """
 from __future__ import annotations
 
@@ -41,27 +45,32 @@ def _combine_fwd_kernel(G, OC, OS, OW, O, n_rows, D: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def _branch_bwd(X, DX, do, g, r64, offs_d, ok, D: tl.constexpr):
-    """Store ``g * dO`` for one branch and return ``sum_d dO * o_branch`` per row."""
-    tl.store(DX + r64[:, None] * D + offs_d[None, :], (g[:, None] * do).to(DX.dtype.element_ty), mask=ok)
-    return tl.sum(do * _rows(X, r64, offs_d, ok, D), 1)
+def _branch_bwd(X, DX, DELTA, do, G, c: tl.constexpr, r64, row_ok, n_rows, offs_d, ok, D: tl.constexpr,
+                WITH_DELTA: tl.constexpr):
+    """Branch ``c``: store ``dO_c = g_c * dO`` and return ``sum_d dO * o_c`` per row; with ``WITH_DELTA`` also
+    store ``delta_c = sum_d dO_c * o_c`` (``dO_c`` rounded to its stored dtype) in row ``c`` of ``DELTA``."""
+    g = tl.load(G + r64 * 3 + c, mask=row_ok, other=0.0).to(tl.float32)
+    d_branch = (g[:, None] * do).to(DX.dtype.element_ty)
+    tl.store(DX + r64[:, None] * D + offs_d[None, :], d_branch, mask=ok)
+    x = _rows(X, r64, offs_d, ok, D)
+    if WITH_DELTA:
+        tl.store(DELTA + c * n_rows + r64, tl.sum(d_branch.to(tl.float32) * x, 1), mask=row_ok)
+    return tl.sum(do * x, 1)
 
 
 @triton.jit
-def _combine_bwd_kernel(G, OC, OS, OW, DO, DG, DOC, DOS, DOW, n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BR: tl.constexpr, HAS_WIN: tl.constexpr):
+def _combine_bwd_kernel(G, OC, OS, OW, DO, DG, DOC, DOS, DOW, DELTA, n_rows, D: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BR: tl.constexpr, HAS_WIN: tl.constexpr, WITH_DELTA: tl.constexpr):
     r64 = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = r64 < n_rows
     ok = row_ok[:, None] & (offs_d[None, :] < D)
     do = _rows(DO, r64, offs_d, ok, D)
-    dg0 = _branch_bwd(OC, DOC, do, tl.load(G + r64 * 3, mask=row_ok, other=0.0).to(tl.float32), r64, offs_d, ok, D)
-    dg1 = _branch_bwd(OS, DOS, do, tl.load(G + r64 * 3 + 1, mask=row_ok, other=0.0).to(tl.float32), r64, offs_d,
-                      ok, D)
+    dg0 = _branch_bwd(OC, DOC, DELTA, do, G, 0, r64, row_ok, n_rows, offs_d, ok, D, WITH_DELTA)
+    dg1 = _branch_bwd(OS, DOS, DELTA, do, G, 1, r64, row_ok, n_rows, offs_d, ok, D, WITH_DELTA)
     dg2 = tl.zeros([BR], dtype=tl.float32)
     if HAS_WIN:
-        dg2 = _branch_bwd(OW, DOW, do, tl.load(G + r64 * 3 + 2, mask=row_ok, other=0.0).to(tl.float32), r64,
-                          offs_d, ok, D)
+        dg2 = _branch_bwd(OW, DOW, DELTA, do, G, 2, r64, row_ok, n_rows, offs_d, ok, D, WITH_DELTA)
     tl.store(DG + r64 * 3, dg0.to(DG.dtype.element_ty), mask=row_ok)
     tl.store(DG + r64 * 3 + 1, dg1.to(DG.dtype.element_ty), mask=row_ok)
     tl.store(DG + r64 * 3 + 2, dg2.to(DG.dtype.element_ty), mask=row_ok)
@@ -73,29 +82,42 @@ def _launch_meta(o: torch.Tensor):
         o.shape[-1]), BR=BLOCK_ROWS, num_warps=4)
 
 
+def combine_forward(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor,
+                    o_win: Optional[torch.Tensor]) -> torch.Tensor:
+    """``sum_c g_c * o_c`` of contiguous ``gates [B, T, HQ, 3]`` and branch outputs ``[B, T, HQ, Dv]``."""
+    out = new_output(o_cmp.shape, o_cmp.dtype, o_cmp.device)
+    n_rows, grid, meta = _launch_meta(o_cmp)
+    _combine_fwd_kernel[grid](gates, o_cmp, o_slc, o_cmp if o_win is None else o_win, out, n_rows,
+                              HAS_WIN=o_win is not None, **meta)
+    return out
+
+
+def combine_backward(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: Optional[torch.Tensor],
+                     do: torch.Tensor, with_delta: bool = False):
+    """``(dgates, [dO_cmp, dO_slc, dO_win or None], delta)`` for the output gradient ``do`` (contiguous inputs as
+    :func:`combine_forward`). ``delta``: fp32 ``[3, B, T, HQ]``, ``delta[c] = sum_d dO_c * o_c`` (row 2 unwritten
+    without the window branch) with ``with_delta``, else ``None``."""
+    has_win = o_win is not None
+    dg = new_output(gates.shape, gates.dtype, gates.device)
+    d_outs = [new_output(o_cmp.shape, o_cmp.dtype, o_cmp.device) for _ in range(3 if has_win else 2)]
+    delta = new_output((3, *o_cmp.shape[:-1]), torch.float32, o_cmp.device) if with_delta else None
+    n_rows, grid, meta = _launch_meta(o_cmp)
+    _combine_bwd_kernel[grid](gates, o_cmp, o_slc, o_win if has_win else o_cmp, do, dg, *d_outs[:2],
+                              d_outs[-1], dg if delta is None else delta, n_rows, HAS_WIN=has_win,
+                              WITH_DELTA=with_delta, **meta)
+    return dg, d_outs + ([] if has_win else [None]), delta
+
+
 class _GateCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gates, o_cmp, o_slc, o_win):
-        has_win = o_win is not None
-        out = new_output(o_cmp.shape, o_cmp.dtype, o_cmp.device)
-        n_rows, grid, meta = _launch_meta(o_cmp)
-        _combine_fwd_kernel[grid](gates, o_cmp, o_slc, o_win if has_win else o_cmp, out, n_rows, HAS_WIN=has_win,
-                                  **meta)
-        ctx.save_for_backward(gates, o_cmp, o_slc, o_win if has_win else o_cmp)
-        ctx.has_win = has_win
-        return out
+        ctx.save_for_backward(gates, o_cmp, o_slc, o_win)
+        return combine_forward(gates, o_cmp, o_slc, o_win)
 
     @staticmethod
     def backward(ctx, do):
-        gates, o_cmp, o_slc, o_win = ctx.saved_tensors
-        do = do.contiguous()
-        dg = new_output(gates.shape, gates.dtype, gates.device)
-        d_cmp, d_slc = (new_output(o_cmp.shape, o_cmp.dtype, o_cmp.device) for _ in range(2))
-        d_win = new_output(o_cmp.shape, o_cmp.dtype, o_cmp.device) if ctx.has_win else d_cmp
-        n_rows, grid, meta = _launch_meta(o_cmp)
-        _combine_bwd_kernel[grid](gates, o_cmp, o_slc, o_win, do, dg, d_cmp, d_slc, d_win, n_rows,
-                                  HAS_WIN=ctx.has_win, **meta)
-        return dg, d_cmp, d_slc, (d_win if ctx.has_win else None)
+        dg, d_outs, _ = combine_backward(*ctx.saved_tensors, do.contiguous())
+        return (dg, *d_outs)
 
 
 def gate_combine(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor,

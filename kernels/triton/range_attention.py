@@ -21,7 +21,8 @@ Kernels (all grids 1-D, ``program_id = tile * (B * H * chunks) + head``, heads f
 running together share K/V in L2):
 
 * ``_range_fwd_kernel``: online softmax in the log2 domain; writes ``o`` and ``lse`` (natural log, fp32).
-* ``delta = rowsum(dO * O)`` comes from :func:`.delta.attention_delta`.
+* ``delta = rowsum(dO * O)`` comes from :func:`.delta.attention_delta`, or from the caller (the fused NSA's gate
+  pass, :mod:`.nsa`).
 * ``_range_dq_kernel``: same tiling as forward, recomputes ``P`` from ``lse``, ``dq = scale * dS K``.
 * ``_range_dkdv_kernel``: one program per (work item, KV head) loops over query tokens whose ranges can
   include the item's key tile (the inverse map, clipped to the segment's queries: window: positions
@@ -611,8 +612,10 @@ def range_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
 
 def range_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                              lse: torch.Tensor, q_tiles: torch.Tensor, geom: RangeGeometry, scale: float,
-                             cu_seqlens: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor] = None):
-    """``(dq, dk, dv)`` of :func:`range_attention_forward`'s ``o`` for the output gradient ``do``."""
+                             cu_seqlens: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor] = None,
+                             delta: Optional[torch.Tensor] = None):
+    """``(dq, dk, dv)`` of :func:`range_attention_forward`'s ``o`` for the output gradient ``do``; ``delta``: fp32
+    ``[B, T, HQ]`` ``rowsum(do * o)`` when the caller already has it (else computed here)."""
     B, T, HQ, Dk = q.shape
     H, Dv = k.shape[2], v.shape[-1]
     G = HQ // H
@@ -627,7 +630,8 @@ def range_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     n_rows = B * T * HQ
     if n_rows == 0:
         return dq, dk.zero_(), dv.zero_()
-    delta = attention_delta(o, do)
+    if delta is None:
+        delta = attention_delta(o, do)
 
     gb, block_t, ngc = _group_split(G, cfg.fwd_rows)
     n_tiles = q_tiles.shape[0]

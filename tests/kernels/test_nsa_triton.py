@@ -20,10 +20,10 @@ def grads_of(fn, inputs, grad_out):
     return out.detach(), [x.grad for x in leaves]
 
 
-@pytest.mark.parametrize("G", [1, 4])
+@pytest.mark.parametrize("G,H", [(1, 2), (4, 2), (16, 1)])
 @pytest.mark.parametrize("window", [20, 0])
-def test_triton_nsa_matches_reference(seed, G, window):
-    H, Dk, Dv = 2, 32, 16
+def test_triton_nsa_matches_reference(seed, G, H, window):
+    Dk, Dv = 32, 16
     cu = torch.tensor([0, 9, 70, 101], dtype=torch.int32)
     T = int(cu[-1])
     nc = nsa_kernels.total_compressed_blocks(T, GEO["block_len"], GEO["stride"], cu)
@@ -56,3 +56,40 @@ def test_module_on_triton_backend_matches_reference(seed):
     for name in grads[1]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-4,
                                    msg=lambda m: f"seed {seed} grad {name}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G,docs", [(16, None), (4, [1, 3000, 77, 5114])])
+def test_gpu_fused_nsa_matches_composed_branch_ops(G, docs, seed):
+    """bf16 on the GPU at T = 8k: the fused Triton NSA (one autograd Function, deltas from the gate pass) against
+    the same Triton kernels composed through their own autograd Functions (``gated_nsa``): output and every
+    gradient within bf16 summation-order noise."""
+    from types import SimpleNamespace
+
+    from nsa_kernels.composition import gated_nsa
+    from nsa_kernels.triton.compressed import compressed_attention
+    from nsa_kernels.triton.gate_combine import gate_combine
+    from nsa_kernels.triton.selected import selected_attention
+    from nsa_kernels.triton.selection import select_blocks
+    from nsa_kernels.triton.window import window_attention
+
+    dev, H, D, T = "cuda", 4, 128, 8192
+    geo = dict(block_len=32, stride=16, select_len=64, top_n=16, window=512, init_blocks=1, local_blocks=2,
+               scale=None)
+    cu = torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()], dtype=torch.int32, device=dev) if docs else None
+    nc = nsa_kernels.total_compressed_blocks(T, 32, 16, None if cu is None else cu.cpu())
+    inputs = [torch.randn(1, T, G * H, D, device=dev), torch.randn(1, nc, H, D, device=dev),
+              torch.randn(1, nc, H, D, device=dev)]
+    inputs += [torch.randn(1, T, H, D, device=dev) for _ in range(4)] + [torch.rand(1, T, G * H, 3, device=dev)]
+    inputs = [x.bfloat16() for x in inputs]
+    grad_out = torch.randn(1, T, G * H, D, device=dev, dtype=torch.bfloat16)
+    ops = SimpleNamespace(compressed_attention=compressed_attention, select_blocks=select_blocks,
+                          selected_attention=selected_attention, window_attention=window_attention,
+                          gate_combine=gate_combine)
+    got, got_grads = grads_of(lambda *x: triton_nsa(*x, **geo, cu_seqlens=cu), inputs, grad_out)
+    want, want_grads = grads_of(lambda *x: gated_nsa(ops, *x, **geo, cu_seqlens=cu), inputs, grad_out)
+    names = ["o", "dq", "dk_cmp", "dv_cmp", "dk_slc", "dv_slc", "dk_win", "dv_win", "dgates"]
+    for name, a, b in zip(names, [got, *got_grads], [want, *want_grads]):
+        assert a.dtype == torch.bfloat16 and torch.isfinite(a).all(), f"{name} [seed={seed}]"
+        rel = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+        assert rel < 1e-2, f"{name}: rel err {rel:.2e} [seed={seed}, G={G}]"
