@@ -21,8 +21,12 @@ from ..reference.tiles import default_scale
 from .gate_combine import combine_backward, combine_forward
 from .range_attention import (COMPRESSED, WINDOW, RangeGeometry, prepare_inputs, range_attention_backward,
                               range_attention_forward)
-from .selected import SelectedState, host_offsets, prepare_block_idx, selected_backward, selected_forward
+from .selected import SelectedState, selected_backward, selected_forward
 from .selection import select_blocks
+from .utils import host_offsets
+from .window import clamped_window
+
+N_SLC = SelectedState.N_TENSORS  # the selected branch's saved tensors
 
 
 class NSAGeometry(NamedTuple):
@@ -48,31 +52,29 @@ class _NSAFunction(torch.autograd.Function):
         o_cmp, lse_cmp, cmp_tiles = range_attention_forward(q, k_cmp, v_cmp, cmp_geom, scale, cu_seqlens)
         block_idx = select_blocks(q, k_cmp, lse_cmp, geo.block_len, geo.stride, geo.select_len, geo.top_n,
                                   geo.init_blocks, geo.local_blocks, scale, cu_seqlens_q_device)
-        o_slc, slc = selected_forward(q.contiguous(), k_slc.contiguous(), v_slc.contiguous(),
-                                      prepare_block_idx(block_idx, q.device), geo.select_len, scale, cu_seqlens,
-                                      None)
+        o_slc, slc = selected_forward(q.contiguous(), k_slc.contiguous(), v_slc.contiguous(), block_idx,
+                                      geo.select_len, scale, cu_seqlens, None)
         win = []
         if geo.window > 0:
-            # a window longer than the key axis is the whole (causal) segment: clamp so the constexpr stays small
-            win_geom = RangeGeometry(WINDOW, window=min(geo.window, max(k_win.shape[1], 1)))
+            win_geom = RangeGeometry(WINDOW, window=clamped_window(geo.window, k_win.shape[1]))
             o_win, lse_win, win_tiles = range_attention_forward(q, k_win, v_win, win_geom, scale, cu_seqlens)
             win = [o_win, lse_win, win_tiles]
             ctx.win_geom = win_geom
-        ctx.save_for_backward(q, k_cmp, v_cmp, k_win, v_win, gates, o_cmp, lse_cmp, cmp_tiles, *slc[:9], *win)
-        ctx.cmp_geom, ctx.scale, ctx.cu_seqlens, ctx.slc_meta = cmp_geom, scale, cu_seqlens, slc[9:]
+        ctx.save_for_backward(q, k_cmp, v_cmp, k_win, v_win, gates, o_cmp, lse_cmp, cmp_tiles, *slc[:N_SLC], *win)
+        ctx.cmp_geom, ctx.scale, ctx.cu_seqlens, ctx.slc_meta = cmp_geom, scale, cu_seqlens, slc[N_SLC:]
         ctx.has_win = geo.window > 0
         return combine_forward(gates, o_cmp, o_slc, win[0] if win else None)
 
     @staticmethod
     def backward(ctx, do):
         q, k_cmp, v_cmp, k_win, v_win, gates, o_cmp, lse_cmp, cmp_tiles, *rest = ctx.saved_tensors
-        slc = SelectedState(*rest[:9], *ctx.slc_meta)
-        o_win, lse_win, win_tiles = rest[9:] if ctx.has_win else (None, None, None)
+        slc = SelectedState(*rest[:N_SLC], *ctx.slc_meta)
+        o_win, lse_win, win_tiles = rest[N_SLC:] if ctx.has_win else (None, None, None)
         dg, (d_cmp, d_slc, d_win), delta = combine_backward(gates, o_cmp, slc.o, o_win,
                                                             do.to(o_cmp.dtype).contiguous(), with_delta=True)
         dq, dk_cmp, dv_cmp = range_attention_backward(d_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, cmp_tiles,
                                                       ctx.cmp_geom, ctx.scale, ctx.cu_seqlens, delta=delta[0])
-        dq_slc, dk_slc, dv_slc = selected_backward(slc, d_slc, delta=delta[1])
+        dq_slc, dk_slc, dv_slc = selected_backward(slc, d_slc, delta=delta[1], fp32_dq_ok=True)
         dq.add_(dq_slc)
         dk_win = dv_win = None
         if ctx.has_win:

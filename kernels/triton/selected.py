@@ -22,15 +22,21 @@ Design
   tensor-core tiles stay 16 rows tall instead of being padded from G to 16. Online softmax in base 2 with the
   log2(e)-scaled scale; the forward stores ``lse`` (base 2, fp32) for backward.
 * **Backward**: ``delta = rowsum(dO * O)`` (:func:`.delta.attention_delta`, or the fused NSA's gate pass); dq
-  recomputes ``P`` from ``lse`` with the forward's structure. dK/dV use the inverted selection: a CSR ``(batch, KV head, block) -> queries`` built
-  with one stable sort of the flattened keys (O(T * H * n) memory, :func:`_invert_selection`); a program
-  per work item (KV head, selection block, chunk of its query list) keeps the block's K/V in registers,
-  loops over its queries in batches (rows = queries x G) and accumulates ``dK [l', Dk]``, ``dV [l', Dv]``
-  in fp32 registers. No atomics: a block whose list fits in one chunk writes its rows once; a block chosen by
-  more queries than one chunk (block 0 is chosen by every query) is split into chunks whose fp32 partials a
-  second kernel (``_reduce_kernel``) sums in a fixed order, so the result is deterministic and no program
-  processes a whole document's queries alone. Bytes: per (query, KV head, selected block) the forward and dq
-  read the block's K/V (``l' * (Dk + Dv)``), the dK/dV kernel reads the query's q/dO rows (``G * (Dk + Dv)``).
+  recomputes ``P`` from ``lse`` with the forward's structure. dK/dV use the inverted selection: a CSR
+  ``(batch, KV head, block) -> queries`` built with one stable sort of the flattened keys (O(T * H * n) memory,
+  :func:`_invert_selection`); a program per work item (KV head, selection block, chunk of its query list) keeps
+  the block's K/V in registers, loops over its queries in batches (rows = queries x G) and accumulates
+  ``dK [l', Dk]``, ``dV [l', Dv]`` in fp32 registers. No atomics: a block whose list fits in one chunk writes its
+  rows once; a block chosen by more queries than one chunk (block 0 is chosen by every query) is split into
+  chunks whose fp32 partials a second kernel (``_reduce_kernel``) sums in a fixed order, so the result is
+  deterministic and no program processes a whole document's queries alone. Bytes: per (query, KV head,
+  selected block) the forward and dq read the block's K/V (``l' * (Dk + Dv)``), the dK/dV kernel reads the
+  query's q/dO rows (``G * (Dk + Dv)``).
+* **Small G** (``<= ATOMIC_DQ_MAX_G``, :func:`_dq_in_dkdv`): the dq kernel would read as many K/V bytes as at
+  G = 16 for a quarter of the work, so the dK/dV pass also adds each (query, block) term ``dS K`` to an fp32
+  dq with atomics and the dq kernel does not run. Off under ``torch.use_deterministic_algorithms(True)``. (A
+  forward done the same way, an lse-only pass over K then a block pass adding ``P V`` with atomics, was
+  slower on the H100: 27.6 against 24.0 ms for the NSA forward at 64k, G = 4.)
 * Host side: inputs are made contiguous (``.contiguous()``), strides are passed, and every batch, token and
   row index is cast to int64 before it multiplies a stride. fp64 inputs (and bf16 under the CPU interpreter,
   whose bf16 ``tl.dot`` is wrong) run in fp32. Block sizes come from small heuristics (:func:`_config`), no
@@ -49,16 +55,18 @@ from ..reference.tiles import default_scale
 from ..validation import check_attention_inputs, check_block_idx, check_positive_int
 from .delta import attention_delta
 from .tile_loads import tile_row
-from .utils import (host_table_to, kernel_dtype, new_output, query_positions, query_tile_table, segment_offsets,
-                    tile_table)
+from .utils import (host_offsets, host_table_to, kernel_dtype, new_output, query_positions, query_tile_table,
+                    segment_offsets, tile_table)
 
 LOG2E = 1.4426950408889634
 EMPTY = 2 ** 30  # canonical "no block" entry: sorts after every real index, never equals one
 # Tunables (host heuristics; see _config)
 FWD_MIN_ROWS = 16  # forward / dq: rows per program (queries x G) at least this (tensor-core tile height)
 BWD_ROWS = 64  # dK/dV: rows per batch of queries (queries x G)
+ATOMIC_DQ_ROWS = 32  # the same when the dK/dV pass also computes dq (one more [rows, Dk] fp32 tile live)
 MAX_BLOCK_S = 64  # keys per K/V tile; a longer selection block is walked in chunks
 CHUNK_FACTOR = 2  # dK/dV: a work item takes at most CHUNK_FACTOR * n * l' queries (n * l' = mean per block)
+ATOMIC_DQ_MAX_G = 4  # dq from the dK/dV pass (fp32 atomics) for G up to this, see _dq_in_dkdv
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,25 +221,21 @@ def _block_rows(BLK, gb, SEL: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PK, PV, ITEMS, QLIST, BLK,
-                 s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
-                 T, H, NB, scale_log2, scale,
-                 G: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr, LP: tl.constexpr,
-                 BS: tl.constexpr, DKD: tl.constexpr, DVD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 PREC: tl.constexpr):
-    # dk/dv share k/v's strides (contiguous); do shares o's strides
-    item = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
+def _item_block(ITEMS, BLK, K, V, item, chunk, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, H, NB,
+                SEL: tl.constexpr, BS: tl.constexpr, DKD: tl.constexpr, DVD: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr):
+    """Work item ``item`` of the inverted selection (see :func:`_invert_selection`) and key slice ``chunk`` of its
+    selection block: batch ``b``, KV head ``h``, the item's query-list range ``[start, end)`` and partial slot,
+    the keys (positions ``kpos``, validity ``k_ok``, ``koff`` mapping a query row to its K row), their K
+    ``[BS, BK]`` and V ``[BS, BV]`` tiles and the tiles' offsets (shared by dK / dV)."""
     key = tl.load(ITEMS + item * 4)
     start = tl.load(ITEMS + item * 4 + 1)
     end = tl.load(ITEMS + item * 4 + 2)
     slot = tl.load(ITEMS + item * 4 + 3)
     bh = key // NB
-    gb = key % NB
     b = (bh // H).to(tl.int64)
     h = bh % H
-    blk_start, blk_end, koff = _block_rows(BLK, gb, SEL)
-
+    blk_start, blk_end, koff = _block_rows(BLK, key % NB, SEL)
     cs = chunk * BS + tl.arange(0, BS)  # key rows of this program inside the selection block
     kpos = blk_start + cs
     k_ok = (cs < SEL) & (kpos < blk_end)
@@ -242,33 +246,62 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PK, PV, ITEMS, QLIST, BLK,
     v_off = b * s_vb + h * s_vh + krow[:, None] * s_vt + cv[None, :]
     kt = tl.load(K + k_off, mask=k_ok[:, None] & (ck[None, :] < DKD), other=0.0)
     vt = tl.load(V + v_off, mask=k_ok[:, None] & (cv[None, :] < DVD), other=0.0)
+    return b, h, start, end, slot, cs, kpos, k_ok, koff, kt, vt, k_off, v_off
 
+
+@triton.jit
+def _batch_probs(Q, LSE, QLIST, kt, qs, end, b, h, kpos, k_ok, koff, s_qb, s_qt, s_qh, T, H, scale_log2,
+                 G: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, DKD: tl.constexpr, BK: tl.constexpr,
+                 PREC: tl.constexpr):
+    """The batch of queries ``QLIST[qs : qs + QB]`` (``< end``) of a work item, as ``ROWS`` rows (query x its G
+    heads): row validity ``ok``, query tokens ``t64``, heads ``hq``, q ``[ROWS, BK]`` and its offsets, the
+    rows' lse offsets ``lrow`` and ``P^T [BS, ROWS]`` of the item's keys (0 where not causal)."""
     r = tl.arange(0, ROWS)
-    qi = r // G
     hq = (h * G + r % G).to(tl.int64)
-    r_ok = r < QB * G
+    n = qs + r // G
+    ok = (r < QB * G) & (n < end)
+    t = tl.load(QLIST + n, mask=ok, other=0)
+    t64 = t.to(tl.int64)
+    ck = tl.arange(0, BK)
+    q_off = b * s_qb + t64[:, None] * s_qt + hq[:, None] * s_qh + ck[None, :]
+    q = tl.load(Q + q_off, mask=ok[:, None] & (ck[None, :] < DKD), other=0.0)
+    lrow = (b * T + t64) * (H * G) + hq
+    lse = tl.load(LSE + lrow, mask=ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)  # such rows see no key: every p below is masked to 0
+    st = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BS, ROWS]
+    vis = k_ok[:, None] & ok[None, :] & (kpos[:, None] <= t[None, :] + koff)  # causal in positions
+    pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
+    return ok, t64, hq, q, q_off, lrow, pt
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PK, PV, DQ, ITEMS, QLIST, BLK,
+                 s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
+                 T, H, NB, scale_log2, scale,
+                 G: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr, LP: tl.constexpr,
+                 BS: tl.constexpr, DKD: tl.constexpr, DVD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 WITH_DQ: tl.constexpr, PREC: tl.constexpr):
+    # dk/dv share k/v's strides (contiguous); do shares o's strides; DQ (fp32, WITH_DQ only) shares q's
+    b, h, start, end, slot, cs, kpos, k_ok, koff, kt, vt, k_off, v_off = _item_block(
+        ITEMS, BLK, K, V, tl.program_id(0).to(tl.int64), tl.program_id(1), s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, H,
+        NB, SEL, BS, DKD, DVD, BK, BV)
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
     dk = tl.zeros([BS, BK], dtype=tl.float32)
     dv = tl.zeros([BS, BV], dtype=tl.float32)
     for qs in range(start, end, QB):
-        n = qs + qi
-        ok = r_ok & (n < end)
-        t = tl.load(QLIST + n, mask=ok, other=0)
-        t64 = t.to(tl.int64)
-        q = tl.load(Q + b * s_qb + t64[:, None] * s_qt + hq[:, None] * s_qh + ck[None, :],
-                    mask=ok[:, None] & (ck[None, :] < DKD), other=0.0)
+        ok, t64, hq, q, q_off, lrow, p = _batch_probs(Q, LSE, QLIST, kt, qs, end, b, h, kpos, k_ok, koff, s_qb, s_qt,
+                                                      s_qh, T, H, scale_log2, G, QB, ROWS, DKD, BK, PREC)
         do = tl.load(DO + b * s_ob + t64[:, None] * s_ot + hq[:, None] * s_oh + cv[None, :],
                      mask=ok[:, None] & (cv[None, :] < DVD), other=0.0)
-        lrow = (b * T + t64) * (H * G) + hq
-        lse = tl.load(LSE + lrow, mask=ok, other=0.0)
-        lse = tl.where(lse == float("-inf"), 0.0, lse)
         delta = tl.load(DELTA + lrow, mask=ok, other=0.0)
-        st = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BS, ROWS]
-        vis = k_ok[:, None] & ok[None, :] & (kpos[:, None] <= t[None, :] + koff)  # causal in positions
-        p = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
         dv += tl.dot(p.to(do.dtype), do, input_precision=PREC)
         dpt = tl.dot(vt, tl.trans(do), input_precision=PREC)
-        ds = p * (dpt - delta[None, :])
-        dk += tl.dot(ds.to(q.dtype), q, input_precision=PREC)
+        ds = (p * (dpt - delta[None, :])).to(q.dtype)
+        dk += tl.dot(ds, q, input_precision=PREC)
+        if WITH_DQ:  # these rows' dq from this block's keys, added in fp32 (see selected_backward)
+            dq = tl.dot(tl.trans(ds), kt, input_precision=PREC) * scale
+            tl.atomic_add(DQ + q_off, dq, mask=ok[:, None] & (ck[None, :] < DKD), sem="relaxed")
     dk = dk * scale
     if slot < 0:
         tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=k_ok[:, None] & (ck[None, :] < DKD))
@@ -329,32 +362,34 @@ class _Config(NamedTuple):
     fwd_warps: int
     fwd_stages: int  # forward kernel's pipeline stages
     bwd_warps: int
+    bwd_stages: int  # dK/dV kernel's pipeline stages
 
 
 def _pow2(x: int) -> int:
     return triton.next_power_of_2(max(int(x), 1))
 
 
-def _config(G: int, Dk: int, Dv: int, select_len: int) -> _Config:
+def _config(G: int, Dk: int, Dv: int, select_len: int, dq_in_dkdv: bool = False) -> _Config:
     """Host heuristic (register counts from ptxas for sm_90 at Dk = Dv = 128: forward ~100, dq ~85-136,
     dK/dV ~240 with 8 warps, no spills).
 
     Forward/dq: rows = max(FWD_MIN_ROWS, pow2(G)), BQ = rows // G queries (1 for G >= 16), K/V tiles of
     min(pow2(l'), MAX_BLOCK_S) keys, 4 warps (8 from 64 rows of 128-wide heads); the forward pipelines 3
     stages when it packs several queries (G < 16: 15.7 ms against 17.4 with 2 at 64k, G = 4, H100), 2 for one.
-    dK/dV: BWD_ROWS rows per query batch, the whole 64-key block per program (32 keys for Dk > 128, where 64
-    spills), 4 warps for heads up to 128 wide (H100, 128k, G = 16: selected fwd+bwd 122.0 ms against 129.6 with
-    8), 8 above."""
+    dK/dV: BWD_ROWS rows per query batch (ATOMIC_DQ_ROWS when it also computes dq: H100, NSA fwd+bwd, G = 4,
+    128k: 127.3 ms with 32 rows against 135.6 with 64 and 138.3 with 128), the whole 64-key block per program
+    (32 keys for Dk > 128, where 64 spills), 4 warps for heads up to 128 wide (H100, 128k, G = 16: selected
+    fwd+bwd 122.0 ms against 129.6 with 8; G = 4 with dq: 127.3 against 135.7), 8 above."""
     rows = max(FWD_MIN_ROWS, _pow2(G))
     BK, BV = max(16, _pow2(Dk)), max(16, _pow2(Dv))
-    brows = max(BWD_ROWS, _pow2(G))
+    brows = max(ATOMIC_DQ_ROWS if dq_in_dkdv else BWD_ROWS, _pow2(G))
     BS = max(16, min(_pow2(select_len), MAX_BLOCK_S))
     BSB = min(BS, 32) if BK > 128 else BS
     wide = max(BK, BV) >= 128
     return _Config(BQ=rows // G, ROWS=rows, QB=brows // G, BROWS=brows, BS=BS, NCH=-(-select_len // BS),
                    BSB=BSB, NCHB=-(-select_len // BSB), BK=BK, BV=BV,
                    fwd_warps=8 if rows >= 64 and wide else 4, fwd_stages=3 if rows // G > 1 else 2,
-                   bwd_warps=8 if max(BK, BV) > 128 else 4)
+                   bwd_warps=8 if max(BK, BV) > 128 else 4, bwd_stages=2)
 
 
 def _canonical_rows(block_idx: torch.Tensor, select_len: int, cu_seqlens: Optional[torch.Tensor],
@@ -454,9 +489,24 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _dq_in_dkdv(G: int, need_dq: bool, need_dkdv: bool) -> bool:
+    """Whether dq comes from the block-centric dK/dV pass (fp32 ``atomic_add`` of each (query, block) term
+    ``dS K``) instead of the query-centric ``_dq_kernel``.
+
+    The dq kernel reads every selected K/V block once per (query, KV head): ``l' * (Dk + Dv)`` bytes whatever G
+    is, so at small G it costs as much as at G = 16 for a quarter of the work. The dK/dV pass already holds the
+    block and each query's ``dS``; adding ``dS K`` costs one more dot and ``G * Dk`` fp32 atomics per pair
+    (H100, NSA fwd+bwd at G = 4: 48.4 against 58.6 ms at 64k, 129.5 against 152.6 at 128k; at G = 16 it is
+    slower, 151.9 against 126.8 ms at 64k). Used for ``G <= ATOMIC_DQ_MAX_G`` when both gradients are wanted,
+    unless ``torch.use_deterministic_algorithms(True)`` is on: fp32 atomics add in a run-dependent order, so dq
+    may differ in the last bits between runs (dK/dV stay deterministic either way)."""
+    return (need_dq and need_dkdv and G <= ATOMIC_DQ_MAX_G
+            and not torch.are_deterministic_algorithms_enabled())
+
+
 class SelectedState(NamedTuple):
     """What :func:`selected_backward` needs from :func:`selected_forward`: its (kernel-dtype, contiguous) inputs,
-    outputs and tables, and the call's parameters."""
+    outputs and tables (the first ``N_TENSORS`` fields), and the call's parameters."""
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
@@ -470,6 +520,9 @@ class SelectedState(NamedTuple):
     scale: float
     cu_seqlens: Optional[torch.Tensor]
     cu_seqlens_k: Optional[torch.Tensor]
+
+
+SelectedState.N_TENSORS = 9
 
 
 def selected_forward(q, k, v, block_idx, select_len: int, scale: float, cu_seqlens, cu_seqlens_k):
@@ -496,14 +549,18 @@ def selected_forward(q, k, v, block_idx, select_len: int, scale: float, cu_seqle
 
 
 def selected_backward(state: SelectedState, do: torch.Tensor, delta: Optional[torch.Tensor] = None,
-                      need_dq: bool = True, need_dkdv: bool = True):
+                      need_dq: bool = True, need_dkdv: bool = True, fp32_dq_ok: bool = False):
     """``(dq, dk, dv)`` (``None`` where not needed) of :func:`selected_forward`'s ``o`` for the output gradient
-    ``do``; ``delta``: fp32 ``[B, T, HQ]`` ``rowsum(do * o)`` when the caller already has it."""
+    ``do``; ``delta``: fp32 ``[B, T, HQ]`` ``rowsum(do * o)`` when the caller already has it. dq comes from the
+    dq kernel or, at small G with dK/dV wanted too, from the dK/dV pass (:func:`_dq_in_dkdv`) in an fp32
+    buffer, returned as is when ``fp32_dq_ok`` (a caller that adds it to another dq saves the cast), else in
+    q's dtype."""
     q, k, v, o, lse, canon, uni, ucnt, tiles, select_len, scale, cu_seqlens, cu_seqlens_k = state
     B, T, HQ, Dk = q.shape
     H, Dv = k.shape[2], v.shape[-1]
     G = HQ // H
-    cfg = _config(G, Dk, Dv, select_len)
+    dq_in_dkdv = _dq_in_dkdv(G, need_dq, need_dkdv)
+    cfg = _config(G, Dk, Dv, select_len, dq_in_dkdv)
     dev = q.device
     do = do.to(q.dtype).contiguous()
     NT, n, UL = tiles.shape[0], canon.shape[-1], uni.shape[-1]
@@ -512,7 +569,10 @@ def selected_backward(state: SelectedState, do: torch.Tensor, delta: Optional[to
         delta = attention_delta(o, do)
 
     dq = dk = dv = None
-    if need_dq:
+    dq_acc = None
+    if dq_in_dkdv:
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev)
+    elif need_dq:
         dq = new_output(q.shape, q.dtype, dev)
         _dq_kernel[(NT, B * H)](
             q, k, v, do, lse, delta, dq, canon, uni, ucnt, tiles,
@@ -531,29 +591,19 @@ def selected_backward(state: SelectedState, do: torch.Tensor, delta: Optional[to
         pv = torch.empty((max(n_slots, 1), LP, Dv), dtype=torch.float32, device=dev)
         if items.shape[0] > 0:
             _dkdv_kernel[(items.shape[0], cfg.NCHB)](
-                q, k, v, do, lse, delta, dk, dv, pk, pv, items, qlist, blk,
+                q, k, v, do, lse, delta, dk, dv, pk, pv, dk if dq_acc is None else dq_acc, items, qlist, blk,
                 *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do),
                 T, H, NB, scale * LOG2E, scale,
                 G=G, QB=cfg.QB, ROWS=cfg.BROWS, SEL=select_len, LP=LP, BS=cfg.BSB, DKD=Dk, DVD=Dv,
-                BK=cfg.BK, BV=cfg.BV, PREC=prec, num_warps=cfg.bwd_warps, num_stages=2)
+                BK=cfg.BK, BV=cfg.BV, WITH_DQ=dq_in_dkdv, PREC=prec, num_warps=cfg.bwd_warps,
+                num_stages=cfg.bwd_stages)
         if multi.shape[0] > 0:
             _reduce_kernel[(multi.shape[0], cfg.NCHB)](
                 dk, dv, pk, pv, multi, blk, *_strides3(dk), *_strides3(dv), H, NB,
                 SEL=select_len, LP=LP, BS=cfg.BSB, DKD=Dk, DVD=Dv, BK=cfg.BK, BV=cfg.BV, num_warps=cfg.bwd_warps)
+    if dq_acc is not None:
+        dq = dq_acc if fp32_dq_ok else dq_acc.to(q.dtype)
     return dq, dk, dv
-
-
-def prepare_block_idx(block_idx: torch.Tensor, device) -> torch.Tensor:
-    """``block_idx`` on ``device``; an empty last dim (``top_n = 0``) becomes one ``-1`` column."""
-    block_idx = block_idx.to(device)
-    if block_idx.shape[-1] == 0:
-        block_idx = torch.full((*block_idx.shape[:3], 1), -1, dtype=torch.int32, device=device)
-    return block_idx
-
-
-def host_offsets(*offsets: Optional[torch.Tensor]):
-    """CPU copies of optional offset tensors: the host tables read them (one copy per call)."""
-    return tuple(None if x is None else x.detach().cpu() for x in offsets)
 
 
 class _SelectedAttention(torch.autograd.Function):
@@ -561,8 +611,8 @@ class _SelectedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, block_idx, select_len, scale, cu_seqlens, cu_seqlens_k):
         # cu_seqlens / cu_seqlens_k: CPU copies (host tables only)
         o, state = selected_forward(q, k, v, block_idx, select_len, scale, cu_seqlens, cu_seqlens_k)
-        ctx.save_for_backward(*state[:9])
-        ctx.meta = state[9:]
+        ctx.save_for_backward(*state[:SelectedState.N_TENSORS])
+        ctx.meta = state[SelectedState.N_TENSORS:]
         return o
 
     @staticmethod
@@ -605,7 +655,9 @@ def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
     if dims.T == 0:
         return q.new_zeros(dims.B, 0, dims.HQ, dims.Dv)
     cu_seqlens, cu_seqlens_k = host_offsets(cu_seqlens, cu_seqlens_k)
-    block_idx = prepare_block_idx(block_idx, q.device)
+    block_idx = block_idx.to(q.device)
+    if block_idx.shape[-1] == 0:
+        block_idx = torch.full((*block_idx.shape[:3], 1), -1, dtype=torch.int32, device=q.device)
     dtype = q.dtype
     q, k, v = (x.to(kernel_dtype(dtype)) for x in (q, k, v))
     o = _SelectedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), block_idx, select_len, scale,

@@ -52,6 +52,12 @@ def _cpu_offsets(offsets: torch.Tensor) -> torch.Tensor:
     return offsets.detach().to("cpu", torch.long)
 
 
+def host_offsets(*offsets: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    """CPU copies of optional offset tensors (``None`` stays ``None``), made once per op call so the host tables
+    built from them do not each copy (and synchronise) again."""
+    return tuple(None if x is None else x.detach().cpu() for x in offsets)
+
+
 def segment_offsets(cu_seqlens: Optional[torch.Tensor], seq_len: int, cu_seqlens_k: Optional[torch.Tensor] = None,
                     block_len: int = 1, stride: int = 1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CPU int64 ``[N + 1]`` offsets of the query segments (rows of q), of the key segments (raw K/V rows) and

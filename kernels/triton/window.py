@@ -56,6 +56,11 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     scale = default_scale(scale, dims.Dk)
     dtype = q.dtype
     q, k, v = prepare_inputs(q, k, v)
-    # a window longer than the key axis is the whole (causal) segment: clamp so the constexpr stays small
-    window = min(window, max(k.shape[1], 1))
-    return WindowAttentionFunction.apply(q, k, v, window, scale, cu_seqlens, cu_seqlens_k).to(dtype)
+    return WindowAttentionFunction.apply(q, k, v, clamped_window(window, k.shape[1]), scale, cu_seqlens,
+                                         cu_seqlens_k).to(dtype)
+
+
+def clamped_window(window: int, key_rows: int) -> int:
+    """``window`` capped at the key axis length: a longer window is the whole (causal) segment, and the smaller
+    value keeps the kernel's constexpr (and the number of compiled variants) small."""
+    return min(window, max(key_rows, 1))

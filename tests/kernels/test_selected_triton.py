@@ -155,6 +155,45 @@ def test_chunked_blocks_and_split_query_lists(seed, G, monkeypatch):
     _compare(q, k, v, idx, 48, seed, cu=cu, what=f"G={G}")
 
 
+@pytest.fixture
+def deterministic_algorithms():
+    """``torch.use_deterministic_algorithms(True)`` for one test, the previous setting restored after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+@pytest.mark.parametrize("G", [1, 4])
+def test_dq_kernel_when_deterministic(seed, G, deterministic_algorithms):
+    """At small G dq normally comes from the dK/dV pass (atomics); deterministic mode takes the dq kernel, which
+    must match the reference too."""
+    assert not S._dq_in_dkdv(G, True, True)
+    HQ, H = _heads(G)
+    cu = _cu([33, 1, 60])
+    q, k, v = _qkv(1, 94, HQ, H, DK, DV)
+    idx = _select(q, H, cu, **SMALL)
+    _compare(q, k, v, idx, SMALL["select_len"], seed, cu=cu, what=f"G={G} deterministic")
+
+
+@pytest.mark.parametrize("G", [8, 16])
+def test_dq_from_dkdv_pass_at_large_g(seed, G, monkeypatch):
+    """The atomic dq of the dK/dV pass at the group sizes that normally use the dq kernel (more rows per
+    query), with split query lists (several items add to one query's dq) and 2 dK/dV programs per selection
+    block (Dk = 136)."""
+    monkeypatch.setattr(S, "ATOMIC_DQ_MAX_G", 16)
+    monkeypatch.setattr(S, "CHUNK_FACTOR", 0.05)
+    assert S._dq_in_dkdv(G, True, True)
+    HQ, H = _heads(G)
+    cu = _cu([70, 3, 27])
+    q, k, v = _qkv(1, 100, HQ, H, 136, DV)
+    idx = _select(q, H, cu, 16, 8, 16, 3)
+    _compare(q, k, v, idx, 16, seed, cu=cu, what=f"G={G} atomic dq")
+
+
 def test_noncontiguous_inputs_scale_int64_idx(seed):
     B, T, HQ, H = 2, 45, 8, 2
     q = torch.randn(B, HQ, T, 32, device=DEV).transpose(1, 2)  # non-contiguous views
@@ -260,6 +299,29 @@ def test_gpu_backward_is_deterministic(seed):
     second = _run(S.selected_attention, q, k, v, idx, 64, do)
     for name, a, b in zip(("o", "dq", "dk", "dv"), first, second):
         assert torch.equal(a, b), f"{name} differs between runs (seed={seed})"
+
+
+@pytest.mark.gpu
+def test_gpu_atomic_dq_matches_deterministic_dq(seed):
+    """G = 4: dq from the dK/dV pass (fp32 atomics, the default) against the dq kernel (deterministic mode),
+    whose runs are bitwise identical."""
+    dev = "cuda"
+    cu = _cu([3000, 1, 5191], dev)
+    q, k, v = _qkv(1, 8192, 16, 4, 128, 128, dtype=torch.bfloat16, device=dev)
+    idx = _select(q, 4, cu, 32, 16, 64, 16)
+    do = torch.randn(1, 8192, 16, 128, dtype=torch.bfloat16, device=dev)
+    assert S._dq_in_dkdv(4, True, True)
+    fast = _run(S.selected_attention, q, k, v, idx, 64, do, cu_seqlens=cu)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [_run(S.selected_attention, q, k, v, idx, 64, do, cu_seqlens=cu) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for name, a, b, c in zip(("o", "dq", "dk", "dv"), fast, *runs):
+        assert torch.equal(b, c), f"{name} differs between deterministic runs (seed={seed})"
+        rel = _rel(a, b)
+        assert rel < 1e-2, f"{name}: atomic vs deterministic relative error {rel:.3g} (seed={seed})"
 
 
 @pytest.mark.gpu
