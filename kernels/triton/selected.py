@@ -403,11 +403,21 @@ def _canonical_rows(block_idx: torch.Tensor, select_len: int, cu_seqlens: Option
     valid = (e >= 0) & (e <= torch.div(pos, select_len, rounding_mode="floor")[None, :, None, None])
     e = torch.where(valid, e, torch.full_like(e, EMPTY)).to(torch.int32)
     if n > 1:
-        e = torch.sort(e, dim=-1).values
-        dup = torch.zeros_like(e, dtype=torch.bool)
-        dup[..., 1:] = e[..., 1:] == e[..., :-1]
-        e = torch.sort(e.masked_fill(dup, EMPTY), dim=-1).values
+        e = _distinct(torch.sort(e, dim=-1).values)
     return e.contiguous()
+
+
+def _distinct(rows: torch.Tensor) -> torch.Tensor:
+    """Rows sorted ascending along the last dim -> their distinct values below :data:`EMPTY`, ascending, then
+    ``EMPTY`` (same shape). A gather at the positions where the running count of kept entries steps (one
+    batched ``searchsorted``) instead of sorting again."""
+    keep = rows < EMPTY
+    keep[..., 1:] &= rows[..., 1:] != rows[..., :-1]
+    count = torch.cumsum(keep, -1, dtype=torch.int32)  # non-decreasing: the (i+1)-th kept entry is where it reaches i+1
+    m = rows.shape[-1]
+    want = torch.arange(1, m + 1, dtype=torch.int32, device=rows.device).expand_as(count).contiguous()
+    at = torch.searchsorted(count, want).clamp_(max=m - 1)
+    return torch.where(want <= count[..., -1:], torch.gather(rows, -1, at), torch.full_like(rows, EMPTY))
 
 
 def _tile_unions(canon: torch.Tensor, tiles: torch.Tensor, BQ: int):
@@ -421,10 +431,7 @@ def _tile_unions(canon: torch.Tensor, tiles: torch.Tensor, BQ: int):
     rows = canon[:, ts.clamp(max=T - 1)]  # [B, NT, BQ, H, n]
     rows = rows.masked_fill(~inside[None, :, :, None, None], EMPTY)
     u = rows.permute(0, 1, 3, 2, 4).reshape(B, tiles.shape[0], H, BQ * n)
-    u = torch.sort(u, dim=-1).values
-    dup = torch.zeros_like(u, dtype=torch.bool)
-    dup[..., 1:] = u[..., 1:] == u[..., :-1]
-    u = torch.sort(u.masked_fill(dup, EMPTY), dim=-1).values
+    u = _distinct(torch.sort(u, dim=-1).values)
     return u.contiguous(), (u < EMPTY).sum(-1, dtype=torch.int32).contiguous()
 
 
@@ -457,11 +464,12 @@ def _invert_selection(canon: torch.Tensor, tok_base: torch.Tensor, NB: int, chun
     n_keys = B * H * NB
     valid = canon < EMPTY
     bh = (torch.arange(B, device=dev)[:, None, None, None] * H + torch.arange(H, device=dev)[None, None, :, None])
+    key_dtype = torch.int32 if n_keys < 2 ** 31 - 1 else torch.long  # int32 keys: half the radix-sort passes
     key = torch.where(valid, bh * NB + tok_base[None, :, None, None] + canon.long(),
-                      torch.full_like(canon, n_keys, dtype=torch.long))
+                      torch.full_like(canon, n_keys, dtype=torch.long)).to(key_dtype)
     sorted_keys, order = torch.sort(key.reshape(-1), stable=True)  # stable: queries stay ascending per key
     qlist = torch.div(order, H * n, rounding_mode="floor").remainder(T).to(torch.int32)
-    off = torch.searchsorted(sorted_keys, torch.arange(n_keys + 1, device=dev))
+    off = torch.searchsorted(sorted_keys, torch.arange(n_keys + 1, device=dev, dtype=key_dtype))
     count = off[1:] - off[:-1]
     nch = torch.div(count + chunk_q - 1, chunk_q, rounding_mode="floor").clamp_min(1)
     multi = nch > 1
