@@ -227,7 +227,7 @@ def _item_block(ITEMS, BLK, K, V, item, chunk, s_kb, s_kt, s_kh, s_vb, s_vt, s_v
     """Work item ``item`` of the inverted selection (see :func:`_invert_selection`) and key slice ``chunk`` of its
     selection block: batch ``b``, KV head ``h``, the item's query-list range ``[start, end)`` and partial slot,
     the keys (positions ``kpos``, validity ``k_ok``, ``koff`` mapping a query row to its K row), their K
-    ``[BS, BK]`` and V ``[BS, BV]`` tiles and the tiles' offsets (shared by dK / dV)."""
+    ``[BS, BK]`` and V ``[BS, BV]`` tiles and the tiles' offsets (dK / dV have K / V's layout)."""
     key = tl.load(ITEMS + item * 4)
     start = tl.load(ITEMS + item * 4 + 1)
     end = tl.load(ITEMS + item * 4 + 2)
