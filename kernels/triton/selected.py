@@ -6,15 +6,15 @@ of the query's key segment, ``t`` = query row ``- q_start + shift`` and key posi
 ``k_start + p``, see :mod:`.utils`; without ``cu_seqlens_k`` the key segment is the document). ``block_idx`` may be
 any integer tensor:
 negative entries, duplicates, blocks past the query (``j * l' > t``) and unsorted rows are all handled exactly as
-the reference does, because the host first canonicalises every row (see :func:`_canonical_rows`).
+the reference does, because every row is first canonicalised (see :func:`.block_lists.canonical_rows`).
 
 Design
 ------
 * **Forward and dq** (``_fwd_kernel``, ``_dq_kernel``): program = (query tile, batch x KV head). A tile holds
   ``BQ`` consecutive queries of one segment (``query_tile_table``) and the tile's ``ROWS = BQ * G`` rows
   (padded to a power of two >= 16) are the rows of every ``tl.dot``: query ``t`` and its G query heads. The
-  program walks the *union* of the tile's selected blocks (sorted, deduplicated, built by torch ops on the
-  device: :func:`_tile_unions`), loads each selection block's K/V once for all rows, and masks each row to
+  program walks the *union* of the tile's selected blocks (sorted, deduplicated, built on the device by
+  :func:`.block_lists.tile_unions`), loads each selection block's K/V once for all rows, and masks each row to
   the blocks its query selected and to causality. ``G >= 16`` gives ``BQ = 1`` (the paper's group-centric
   kernel: one query, its G heads, n blocks; the union is the query's own list and no membership test runs);
   ``G = 1, 2, 4`` give ``BQ = 16, 8, 4`` queries per program, so a block shared by neighbouring queries
@@ -53,13 +53,13 @@ import triton.language as tl
 
 from ..reference.tiles import default_scale
 from ..validation import check_attention_inputs, check_block_idx, check_positive_int
+from .block_lists import EMPTY, canonical_rows, tile_unions
 from .delta import attention_delta
 from .tile_loads import tile_row
-from .utils import (host_offsets, host_table_to, kernel_dtype, new_output, query_positions, query_tile_table,
+from .utils import (host_offsets, host_table_to, kernel_dtype, new_output, query_tile_table,
                     segment_offsets, tile_table)
 
 LOG2E = 1.4426950408889634
-EMPTY = 2 ** 30  # canonical "no block" entry: sorts after every real index, never equals one
 # Tunables (host heuristics; see _config)
 FWD_MIN_ROWS = 16  # forward / dq: rows per program (queries x G) at least this (tensor-core tile height)
 BWD_ROWS = 64  # dK/dV: rows per batch of queries (queries x G)
@@ -392,49 +392,6 @@ def _config(G: int, Dk: int, Dv: int, select_len: int, dq_in_dkdv: bool = False)
                    bwd_warps=8 if max(BK, BV) > 128 else 4, bwd_stages=2)
 
 
-def _canonical_rows(block_idx: torch.Tensor, select_len: int, cu_seqlens: Optional[torch.Tensor],
-                    cu_seqlens_k: Optional[torch.Tensor]) -> torch.Tensor:
-    """int32 ``[B, T, H, n]``: each row's distinct blocks ``j`` with ``0 <= j`` and ``j * l' <= t`` (``t``: the
-    query's position in its key segment; the blocks holding a key the query may see), ascending, then
-    :data:`EMPTY`. Same visible keys as the raw row."""
-    B, T, H, n = block_idx.shape
-    pos = query_positions(cu_seqlens, T, cu_seqlens_k, block_idx.device)
-    e = block_idx.long()
-    valid = (e >= 0) & (e <= torch.div(pos, select_len, rounding_mode="floor")[None, :, None, None])
-    e = torch.where(valid, e, torch.full_like(e, EMPTY)).to(torch.int32)
-    if n > 1:
-        e = _distinct(torch.sort(e, dim=-1).values)
-    return e.contiguous()
-
-
-def _distinct(rows: torch.Tensor) -> torch.Tensor:
-    """Rows sorted ascending along the last dim -> their distinct values below :data:`EMPTY`, ascending, then
-    ``EMPTY`` (same shape). A gather at the positions where the running count of kept entries steps (one
-    batched ``searchsorted``) instead of sorting again."""
-    keep = rows < EMPTY
-    keep[..., 1:] &= rows[..., 1:] != rows[..., :-1]
-    count = torch.cumsum(keep, -1, dtype=torch.int32)  # non-decreasing: the (i+1)-th kept entry is where it reaches i+1
-    m = rows.shape[-1]
-    want = torch.arange(1, m + 1, dtype=torch.int32, device=rows.device).expand_as(count).contiguous()
-    at = torch.searchsorted(count, want).clamp_(max=m - 1)
-    return torch.where(want <= count[..., -1:], torch.gather(rows, -1, at), torch.full_like(rows, EMPTY))
-
-
-def _tile_unions(canon: torch.Tensor, tiles: torch.Tensor, BQ: int):
-    """Union of the canonical rows of each tile's queries: int32 ``[B, n_tiles, H, UL]`` ascending, distinct,
-    :data:`EMPTY`-padded, and its length ``[B, n_tiles, H]``. With ``BQ = 1`` the union is the row itself."""
-    B, T, H, n = canon.shape
-    if BQ == 1:  # one tile per token, in token order
-        return canon, (canon < EMPTY).sum(-1, dtype=torch.int32).contiguous()
-    ts = tiles[:, 2].long()[:, None] + torch.arange(BQ, device=canon.device)[None, :]
-    inside = ts < tiles[:, 1].long()[:, None]
-    rows = canon[:, ts.clamp(max=T - 1)]  # [B, NT, BQ, H, n]
-    rows = rows.masked_fill(~inside[None, :, :, None, None], EMPTY)
-    u = rows.permute(0, 1, 3, 2, 4).reshape(B, tiles.shape[0], H, BQ * n)
-    u = _distinct(torch.sort(u, dim=-1).values)
-    return u.contiguous(), (u < EMPTY).sum(-1, dtype=torch.int32).contiguous()
-
-
 def _block_table(cu_seqlens: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], T: int, select_len: int,
                  device):
     """Global selection blocks of one batch row: the key tiles of ``select_len`` rows (:func:`.utils.tile_table`,
@@ -541,9 +498,9 @@ def selected_forward(q, k, v, block_idx, select_len: int, scale: float, cu_seqle
     G = HQ // H
     cfg = _config(G, Dk, Dv, select_len)
     dev = q.device
-    canon = _canonical_rows(block_idx, select_len, cu_seqlens, cu_seqlens_k)
+    canon = canonical_rows(block_idx, select_len, cu_seqlens, cu_seqlens_k)
     tiles = query_tile_table(cu_seqlens, T, cfg.BQ, dev, cu_seqlens_k=cu_seqlens_k)
-    uni, ucnt = _tile_unions(canon, tiles, cfg.BQ)
+    uni, ucnt = tile_unions(canon, tiles, cfg.BQ)
     NT, n, UL = tiles.shape[0], canon.shape[-1], uni.shape[-1]
     o = new_output((B, T, HQ, Dv), q.dtype, dev)
     lse = new_output((B, T, HQ), torch.float32, dev)

@@ -43,6 +43,7 @@ import triton.language as tl
 
 from ..reference.tiles import default_scale
 from ..validation import check_attention_inputs, check_lse, check_selection_geometry
+from .bitonic import bitonic_merge, sort_rows
 from .tile_loads import tile_row
 from .utils import kernel_dtype, new_output, query_tile_table
 
@@ -54,46 +55,6 @@ LOG2E = 1.4426950408889634
 SCORE_TILE_ELEMS = 32768
 QUERY_TILE_BYTES = 131072
 KEY_TILE_BYTES = 32768  # one [Dk, BN] tile of compressed keys
-
-
-@triton.jit
-def _compare_exchange(x, stage: tl.constexpr, order: tl.constexpr, i: tl.constexpr, n_dims: tl.constexpr):
-    """One bitonic round on the last dim (size ``2**n_dims``) of ``x``: positions that differ only in bit
-    ``n_dims - 1 - i`` are put in order, ascending or descending by ``order`` (0 / 1) or, for ``order == 2``,
-    alternating with bit ``stage`` of the position."""
-    n_outer: tl.constexpr = x.numel >> n_dims
-    inner: tl.constexpr = 2 ** (n_dims - i - 1)
-    shape: tl.constexpr = [n_outer * 2 ** i, 2, inner]
-    y = tl.reshape(x, shape)
-    lo = tl.min(y, axis=1)[:, None, :]
-    hi = tl.max(y, axis=1)[:, None, :]
-    right = tl.arange(0, 2)[None, :, None]  # the pair's upper position
-    if order == 2:
-        outer = tl.arange(0, n_outer * 2 ** i)[:, None, None] % (2 ** i)
-        position = (outer * 2 + right) * inner + tl.arange(0, inner)[None, None, :]
-        descending = (position >> stage) & 1
-    else:
-        descending = order
-    y = tl.where((right ^ descending) == 1, hi, lo)
-    return tl.reshape(y, x.shape)
-
-
-@triton.jit
-def _bitonic_merge(x, stage: tl.constexpr, order: tl.constexpr, n_dims: tl.constexpr):
-    """Sort the bitonic runs of length ``2**stage`` of the last dim (see :func:`_compare_exchange`)."""
-    for i in tl.static_range(stage):
-        x = _compare_exchange(x, stage, order, i + n_dims - stage, n_dims)
-    return x
-
-
-@triton.jit
-def _sort_rows(x, n_dims: tl.constexpr, descending: tl.constexpr):
-    """Bitonic sort of the last dim (size ``2**n_dims``). Written with reshapes and min/max reductions
-    instead of ``tl.sort``, whose xor reductions crawl under the interpreter; also lets the merge below
-    use a single bitonic merge."""
-    for stage in tl.static_range(1, n_dims):
-        x = _bitonic_merge(x, stage, 2, n_dims)
-    return _bitonic_merge(x, n_dims, descending, n_dims)
 
 
 @triton.jit
@@ -180,7 +141,7 @@ def _merge_chunk(top, carry, c, q0, lse0, q_rows, lse_rows, k_base, stride_qh, s
     beats = tl.max(key, axis=1) > tl.min(top, axis=1)
     if tl.max(beats.to(tl.int32), axis=0) > 0:
         # top S of (top, key): the max of a descending and an ascending list is the top half, bitonic
-        top = _bitonic_merge(tl.maximum(top, _sort_rows(key, LOG_S, 0)), LOG_S, 1, LOG_S)
+        top = bitonic_merge(tl.maximum(top, sort_rows(key, LOG_S, 0)), LOG_S, 1, LOG_S)
     return top, carry
 
 
@@ -259,7 +220,7 @@ def _select_blocks_kernel(
     offs_c = tl.arange(0, S)
     idx = tl.where(top >= 0, 0x7FFFFFFF - (top & 0x7FFFFFFF), SENTINEL).to(tl.int32)
     idx = tl.where(offs_c[None, :] < TOP_N, idx, SENTINEL)  # the first TOP_N keys are the top n
-    idx = _sort_rows(idx, LOG_S, 0)
+    idx = sort_rows(idx, LOG_S, 0)
     idx = tl.where(idx == SENTINEL, -1, idx)
     out = (OUT + b.to(tl.int64) * stride_ob + (tile_start + offs_t).to(tl.int64)[:, None] * stride_ot
            + h.to(tl.int64) * stride_oh + offs_c[None, :])

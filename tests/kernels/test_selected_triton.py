@@ -155,17 +155,6 @@ def test_chunked_blocks_and_split_query_lists(seed, G, monkeypatch):
     _compare(q, k, v, idx, 48, seed, cu=cu, what=f"G={G}")
 
 
-@pytest.mark.parametrize("m", [1, 2, 16, 64])
-def test_distinct_keeps_each_value_once_in_order(seed, m):
-    """The host helper behind the canonical rows and tile unions, against Python's sorted(set(...))."""
-    rows = torch.randint(0, 12, (3, 40, m), dtype=torch.int32)
-    rows = torch.where(torch.rand(rows.shape) < 0.2, torch.full_like(rows, S.EMPTY), rows)
-    got = S._distinct(torch.sort(rows, dim=-1).values)
-    for row, out in zip(rows.reshape(-1, m).tolist(), got.reshape(-1, m).tolist()):
-        want = sorted(set(row) - {S.EMPTY})
-        assert out == want + [S.EMPTY] * (m - len(want)), f"row {row} (seed={seed})"
-
-
 @pytest.fixture
 def deterministic_algorithms():
     """``torch.use_deterministic_algorithms(True)`` for one test, the previous setting restored after."""
