@@ -1,4 +1,4 @@
-"""Context-parallel NSA on 2 and 4 gloo ranks equals the single-rank result: outputs and the gradients of q,
+"""Context-parallel NSA on 2, 4 and 8 gloo ranks equals the single-rank result: outputs and the gradients of q,
 every branch's k/v, the gates and the compressor weights (functional op), and of x and every parameter
 (NativeSparseAttention with cp_group). float32, max abs error <= 1e-5. Also: the sparse path is taken and
 moves fewer bytes when selections stay local; bad groups and lengths raise errors naming the numbers."""
@@ -39,6 +39,10 @@ FUNCTIONAL = [
     Case(4, "contiguous", "sparse", kv_heads=4, T=320),
     Case(4, "contiguous", "allgather", kv_heads=1, T=320, num_docs=0),
     Case(4, "zigzag", "sparse", kv_heads=4, T=192, window=40, num_docs=2),  # window 40 > chunk 24: two halos
+    # P = 8 (the largest CP of issue 10's runs): zigzag chunks of 24 / 16, contiguous chunks of 40
+    Case(8, "zigzag", "sparse", kv_heads=2, T=384, num_docs=5),
+    Case(8, "contiguous", "auto", kv_heads=4, T=320, num_docs=0),
+    Case(8, "zigzag", "allgather", kv_heads=1, T=256, window=40),  # window 40 > chunk 16: three halos
 ]
 MODULE = [
     Case(2, "zigzag", "auto", kv_heads=1, T=160, num_docs=3),
@@ -48,6 +52,7 @@ MODULE = [
     Case(2, "zigzag", "sparse", kv_heads=2, T=128, num_docs=2, kv_sharing="shared"),
     Case(2, "zigzag", "sparse", kv_heads=4, T=160, num_docs=4, dtype=torch.float64),
     Case(4, "contiguous", "auto", kv_heads=1, T=128, num_docs=0, batch=2, dtype=torch.float64),
+    Case(8, "zigzag", "auto", kv_heads=2, T=256, num_docs=0, batch=2),
 ]
 TRITON = Case(2, "zigzag", "sparse", kv_heads=2, T=64, window=3, doc_lengths=(3, 1, 7, 2, 5, 0, 30, 4, 8, 4))
 # only the most recent blocks are selected: remote rows are at most one block and a tail halo per segment
@@ -222,7 +227,7 @@ def test_local_selections_take_the_sparse_path_and_move_fewer_bytes(cp_seed):
     assert sum(a["stats"]["unique_remote_blocks"] for a in auto) > 0  # the sparse fetch is exercised
 
 
-@pytest.mark.parametrize("P", [2, 4])
+@pytest.mark.parametrize("P", [2, 4, 8])
 def test_bad_group_and_lengths_raise(cp_seed, P):
     for messages in results_for(P, cp_seed)[(error_job, None)]:
         group, short, cu = messages
