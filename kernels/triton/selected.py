@@ -66,6 +66,7 @@ BWD_ROWS = 64  # dK/dV: rows per batch of queries (queries x G)
 ATOMIC_DQ_ROWS = 32  # the same when the dK/dV pass also computes dq (one more [rows, Dk] fp32 tile live)
 MAX_BLOCK_S = 64  # keys per K/V tile; a longer selection block is walked in chunks
 CHUNK_FACTOR = 2  # dK/dV: a work item takes at most CHUNK_FACTOR * n * l' queries (n * l' = mean per block)
+BWD_STAGES = 2  # dK/dV kernel's pipeline stages
 ATOMIC_DQ_MAX_G = 4  # dq from the dK/dV pass (fp32 atomics) for G up to this, see _dq_in_dkdv
 
 
@@ -362,7 +363,6 @@ class _Config(NamedTuple):
     fwd_warps: int
     fwd_stages: int  # forward kernel's pipeline stages
     bwd_warps: int
-    bwd_stages: int  # dK/dV kernel's pipeline stages
 
 
 def _pow2(x: int) -> int:
@@ -389,7 +389,7 @@ def _config(G: int, Dk: int, Dv: int, select_len: int, dq_in_dkdv: bool = False)
     return _Config(BQ=rows // G, ROWS=rows, QB=brows // G, BROWS=brows, BS=BS, NCH=-(-select_len // BS),
                    BSB=BSB, NCHB=-(-select_len // BSB), BK=BK, BV=BV,
                    fwd_warps=8 if rows >= 64 and wide else 4, fwd_stages=3 if rows // G > 1 else 2,
-                   bwd_warps=8 if max(BK, BV) > 128 else 4, bwd_stages=2)
+                   bwd_warps=8 if max(BK, BV) > 128 else 4)
 
 
 def _block_table(cu_seqlens: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], T: int, select_len: int,
@@ -561,7 +561,7 @@ def selected_backward(state: SelectedState, do: torch.Tensor, delta: Optional[to
                 T, H, NB, scale * LOG2E, scale,
                 G=G, QB=cfg.QB, ROWS=cfg.BROWS, SEL=select_len, LP=LP, BS=cfg.BSB, DKD=Dk, DVD=Dv,
                 BK=cfg.BK, BV=cfg.BV, WITH_DQ=dq_in_dkdv, PREC=prec, num_warps=cfg.bwd_warps,
-                num_stages=cfg.bwd_stages)
+                num_stages=BWD_STAGES)
         if multi.shape[0] > 0:
             _reduce_kernel[(multi.shape[0], cfg.NCHB)](
                 dk, dv, pk, pv, multi, blk, *_strides3(dk), *_strides3(dv), H, NB,

@@ -15,6 +15,7 @@ import torch
 
 from nsa_kernels.triton import block_lists as BL
 from nsa_kernels.triton.utils import query_tile_table
+from segments import offsets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,8 +29,7 @@ def _positions(T, q_lengths, k_lengths):
 
 
 def _offsets(lengths):
-    return None if lengths is None else torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(),
-                                                     dtype=torch.int32, device="cpu")
+    return None if lengths is None else offsets(lengths)
 
 
 def _want_rows(block_idx, select_len, pos):

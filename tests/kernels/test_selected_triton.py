@@ -10,6 +10,8 @@ reference computed in fp32 on upcast inputs (relative norm error < 1e-2), and ru
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -155,9 +157,9 @@ def test_chunked_blocks_and_split_query_lists(seed, G, monkeypatch):
     _compare(q, k, v, idx, 48, seed, cu=cu, what=f"G={G}")
 
 
-@pytest.fixture
-def deterministic_algorithms():
-    """``torch.use_deterministic_algorithms(True)`` for one test, the previous setting restored after."""
+@contextlib.contextmanager
+def deterministic_mode():
+    """``torch.use_deterministic_algorithms(True)`` inside the block, the previous setting restored after."""
     before = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
@@ -165,6 +167,13 @@ def deterministic_algorithms():
         yield
     finally:
         torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    """:func:`deterministic_mode` for one whole test."""
+    with deterministic_mode():
+        yield
 
 
 @pytest.mark.parametrize("G", [1, 4])
@@ -312,12 +321,8 @@ def test_gpu_atomic_dq_matches_deterministic_dq(seed):
     do = torch.randn(1, 8192, 16, 128, dtype=torch.bfloat16, device=dev)
     assert S._dq_in_dkdv(4, True, True)
     fast = _run(S.selected_attention, q, k, v, idx, 64, do, cu_seqlens=cu)
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_mode():
         runs = [_run(S.selected_attention, q, k, v, idx, 64, do, cu_seqlens=cu) for _ in range(2)]
-    finally:
-        torch.use_deterministic_algorithms(before)
     for name, a, b, c in zip(("o", "dq", "dk", "dv"), fast, *runs):
         assert torch.equal(b, c), f"{name} differs between deterministic runs (seed={seed})"
         rel = _rel(a, b)
