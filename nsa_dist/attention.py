@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .branches import nsa_branches
@@ -11,6 +12,7 @@ from .compression import BlockCompressor
 from .config import NSAConfig
 from .parallel import CPStats
 from .rotary import RotaryEmbedding
+from .validation import check_layer_inputs
 
 
 class NativeSparseAttention(nn.Module):
@@ -33,6 +35,7 @@ class NativeSparseAttention(nn.Module):
         c = self.config = config
         self.cp_group = cp_group
         self.last_cp_stats: Optional[CPStats] = None  # statistics of the last context-parallel call
+        self.last_selection_loss: Optional[torch.Tensor] = None  # selection loss of the last training forward
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
         self.kv_proj = nn.Linear(c.hidden_size, c.num_kv_branches * c.num_kv_heads * (c.head_dim + c.v_head_dim),
                                  bias=c.qkv_bias)
@@ -55,8 +58,8 @@ class NativeSparseAttention(nn.Module):
             ``[B, T, hidden]`` (the local rows under context parallelism).
         """
         c = self.config
-        if x.dim() != 3 or x.shape[-1] != c.hidden_size:
-            raise ValueError(f"x must be [B, T, hidden_size={c.hidden_size}], got shape {tuple(x.shape)}")
+        cp_size = 1 if self.cp_group is None else dist.get_world_size(self.cp_group)
+        check_layer_inputs(x, position_ids, c.hidden_size, self.q_proj.weight.dtype, cp_size)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, c.num_heads, c.head_dim)
         kv = self.kv_proj(x).view(B, T, c.num_kv_branches, c.num_kv_heads, c.head_dim + c.v_head_dim)
@@ -64,9 +67,10 @@ class NativeSparseAttention(nn.Module):
         branch = [0, 1, 2] if c.kv_sharing == "separate" else [0, 0, 0]
         (k_c, k_s, k_w), (v_c, v_s, v_w) = ([t[:, :, i] for i in branch] for t in (k_all, v_all))
         gates = torch.sigmoid(self.gate_proj(x)).view(B, T, c.num_heads, 3)
-        o, stats = nsa_branches(c, q, k_c, v_c, k_s, v_s, k_w, v_w, gates, k_compressor=self.k_compressor,
-                                v_compressor=self.v_compressor, rotary=self.rotary, cu_seqlens=cu_seqlens,
-                                position_ids=position_ids, cp_group=self.cp_group)
+        out = nsa_branches(c, q, k_c, v_c, k_s, v_s, k_w, v_w, gates, k_compressor=self.k_compressor,
+                           v_compressor=self.v_compressor, rotary=self.rotary, cu_seqlens=cu_seqlens,
+                           position_ids=position_ids, cp_group=self.cp_group)
         if self.cp_group is not None:
-            self.last_cp_stats = stats
-        return self.o_proj(o.reshape(B, T, c.num_heads * c.v_head_dim))
+            self.last_cp_stats = out.cp_stats
+        self.last_selection_loss = out.selection_loss
+        return self.o_proj(out.o.reshape(B, T, c.num_heads * c.v_head_dim))

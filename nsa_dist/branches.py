@@ -2,7 +2,7 @@
 ``NSASelfAttention``): compression, rotary, the three branches and the gates, on one rank or context-parallel."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -12,14 +12,25 @@ from nsa_kernels import compressed_block_last_tokens, doc_local_positions
 from nsa_kernels.validation import check_cu_seqlens
 
 from .config import NSAConfig
+from .diagnostics import observe_branches
 from .parallel import CPLayout, CPStats, ShardedSequence, context_parallel_nsa
+from .selection_loss import attach_aux_loss, selection_loss
+
+
+class BranchOutput(NamedTuple):
+    """What :func:`nsa_branches` returns: ``o [B, T, HQ, Dv]``, the :class:`CPStats` of a context-parallel call
+    (else None) and the selection loss of the call (a detached float32 scalar; None when
+    ``config.selection_loss_weight`` is 0 or gradients are off)."""
+    o: torch.Tensor
+    cp_stats: Optional[CPStats]
+    selection_loss: Optional[torch.Tensor]
 
 
 def nsa_branches(config: NSAConfig, q: torch.Tensor, k_c: torch.Tensor, v_c: torch.Tensor, k_s: torch.Tensor,
                  v_s: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, gates: torch.Tensor, *,
                  k_compressor: Callable, v_compressor: Callable, rotary: Optional[Callable] = None,
                  cu_seqlens: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                 cp_group=None) -> Tuple[torch.Tensor, Optional[CPStats]]:
+                 cp_group=None) -> BranchOutput:
     """Gated NSA output of projected heads.
 
     Args:
@@ -42,7 +53,9 @@ def nsa_branches(config: NSAConfig, q: torch.Tensor, k_c: torch.Tensor, v_c: tor
         cp_group: context-parallel process group, or None. Then ``T`` is the local shard ``T_global / P`` in
             the ``config.cp_layout`` layout.
     Returns:
-        ``o [B, T, HQ, Dv]`` and the :class:`CPStats` of the call (None without ``cp_group``).
+        A :class:`BranchOutput`. With ``config.selection_loss_weight > 0`` and gradients enabled, ``o`` carries
+        the selection loss (:func:`~nsa_dist.selection_loss.attach_aux_loss`): backpropagating any loss through
+        ``o`` also applies ``selection_loss_weight * selection_loss``.
     """
     c = config
     B, T = q.shape[:2]
@@ -51,6 +64,10 @@ def nsa_branches(config: NSAConfig, q: torch.Tensor, k_c: torch.Tensor, v_c: tor
         gates = gates * gates.new_tensor(c.branch_gate_mask)
     k_compressor, v_compressor = (_output_cast_to(phi, q.dtype) for phi in (k_compressor, v_compressor))
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        if c.selection_loss_weight:
+            raise ValueError(f"selection_loss_weight={c.selection_loss_weight} is not supported under context "
+                             "parallelism (its teacher needs every rank's selection keys for each sampled query); "
+                             "set it to 0 or run the layer on one rank")
         return _context_parallel(c, q, k_c, v_c, k_s, v_s, k_w, v_w, gates, k_compressor, v_compressor, rotary,
                                  cu_seqlens, position_ids, cp_group)
     check_cu_seqlens(cu_seqlens, B, T)
@@ -64,11 +81,18 @@ def nsa_branches(config: NSAConfig, q: torch.Tensor, k_c: torch.Tensor, v_c: tor
         k_cmp = rotary(k_cmp, position_ids[..., last])
         k_s = rotary(k_s, position_ids)
         k_w = k_s if c.kv_sharing == "shared" else rotary(k_w, position_ids)
+    observe_branches(c, q, k_cmp, v_cmp, gates, cu_seqlens)
     o = nsa_kernels.nsa_attention(
         q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates, block_len=c.block_len, stride=c.stride,
         select_len=c.select_len, top_n=c.top_n, window=c.window, init_blocks=c.init_blocks,
         local_blocks=c.local_blocks, scale=c.softmax_scale, cu_seqlens=cu_seqlens)
-    return o, None
+    if not (c.selection_loss_weight and torch.is_grad_enabled()):
+        return BranchOutput(o, None, None)
+    loss = selection_loss(q, k_cmp, k_s, block_len=c.block_len, stride=c.stride, select_len=c.select_len,
+                          top_n=c.top_n, init_blocks=c.init_blocks, local_blocks=c.local_blocks,
+                          scale=c.softmax_scale or q.shape[-1] ** -0.5, num_rows=c.selection_loss_rows,
+                          cu_seqlens=cu_seqlens)
+    return BranchOutput(attach_aux_loss(o, loss, c.selection_loss_weight), None, loss.detach())
 
 
 def _output_cast_to(compressor: Callable, dtype: torch.dtype) -> Callable:
@@ -96,4 +120,4 @@ def _context_parallel(c, q, k_c, v_c, k_s, v_s, k_w, v_w, gates, k_compressor, v
         compress_v=v_compressor, rotary=rotary, position_ids=shards.flat_position_ids(position_ids, q.device),
         block_len=c.block_len, stride=c.stride, select_len=c.select_len, top_n=c.top_n, window=c.window, init_blocks=c.init_blocks,
         local_blocks=c.local_blocks, scale=c.softmax_scale, selection_exchange=c.cp_selection_exchange)
-    return o.reshape(B, T_local, *o.shape[2:]), stats
+    return BranchOutput(o.reshape(B, T_local, *o.shape[2:]), stats, None)

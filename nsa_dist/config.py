@@ -8,6 +8,7 @@ from nsa_kernels.validation import check_non_negative_int, check_positive_int, c
 
 from .parallel.layout import check_layout_kind
 from .parallel.nsa import check_selection_exchange
+from .validation import check_bool, check_real
 
 COMPRESSORS = ("mlp", "linear", "mean")
 KV_SHARING = ("separate", "shared")
@@ -44,6 +45,12 @@ class NSAConfig:
             so they add nothing to the output (``window: 0`` drops the window branch). Both are still computed:
             selection needs the compressed attention scores; without the compressed branch's output its keys
             get no gradient, so blocks are then chosen by untrained compressed keys.
+        selection_loss_weight: weight of the selection (indexer) loss of :mod:`nsa_dist.selection_loss`, a KL from
+            full attention's mass per selection block (over the selection keys, detached) to the block scores that
+            top-n ranks; 0 (default) turns it off and the paper's semantics hold exactly. Single rank only (not
+            under context parallelism).
+        selection_loss_rows: query rows per sequence the selection loss samples (its cost is
+            ``O(rows * T * HQ * Dk)`` per layer).
     """
 
     hidden_size: int
@@ -68,6 +75,8 @@ class NSAConfig:
     cp_layout: str = "zigzag"
     cp_selection_exchange: str = "auto"
     disabled_branches: Tuple[str, ...] = ()
+    selection_loss_weight: float = 0.0
+    selection_loss_rows: int = 256
 
     def __post_init__(self):
         for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim"):
@@ -89,13 +98,15 @@ class NSAConfig:
             raise ValueError(f"kv_sharing={self.kv_sharing!r} is not one of {KV_SHARING}")
         if self.use_rope and self.head_dim % 2 != 0:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings (or set use_rope=False)")
-        if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
-        if self.softmax_scale is not None and not self.softmax_scale > 0:
-            raise ValueError(f"softmax_scale must be > 0 or None, got {self.softmax_scale!r}")
+        check_real("rope_theta", self.rope_theta, 0, low_open=True)
+        check_real("softmax_scale", self.softmax_scale, 0, low_open=True, optional=True)
+        for name in ("use_rope", "qkv_bias"):
+            check_bool(name, getattr(self, name))
         check_layout_kind(self.cp_layout, "cp_layout")
         self._check_disabled_branches()
         check_selection_exchange(self.cp_selection_exchange, "cp_selection_exchange")
+        check_real("selection_loss_weight", self.selection_loss_weight, 0)
+        check_positive_int("selection_loss_rows", self.selection_loss_rows)
 
     def _check_disabled_branches(self) -> None:
         if isinstance(self.disabled_branches, str):

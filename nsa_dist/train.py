@@ -17,7 +17,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
@@ -28,10 +27,12 @@ from tqdm import tqdm
 
 from .attention import NativeSparseAttention
 from .data import IGNORE_INDEX, Batch, ByteTextDataset, RetrievalTask
+from .diagnostics import retrieval_diagnostics
 from .models import DenseAttention, GPT
 from .parallel.local_group import run_local_group
 from .parallel.training import ContextParallelGroup
 from .training_config import TrainConfig
+from .validation import ensure_writable_dir
 
 
 @dataclass
@@ -100,6 +101,25 @@ def evaluate(model: GPT, batches: List[Batch], device: torch.device, cp: Context
     return {"loss": sum(v[0] for v in values) / len(values), "accuracy": sum(v[1] for v in values) / len(values)}
 
 
+def evaluate_with_diagnostics(model: GPT, batches: List[Batch], device: torch.device, cp: ContextParallelGroup,
+                              precision: str = "fp32") -> Dict:
+    """:func:`evaluate`, plus ``"diagnostics"`` (:func:`nsa_dist.diagnostics.retrieval_diagnostics`: selection
+    recall, compressed mass on the needle and gates per NSA layer and KV head, accuracy by needle depth) for
+    retrieval batches on a single rank."""
+    result = evaluate(model, batches, device, cp, precision)
+    if cp.group is None and batches and batches[0].needles is not None:
+        result["diagnostics"] = retrieval_diagnostics(model, batches, device,
+                                                      functools.partial(autocast, device, precision))
+    return result
+
+
+def mean_selection_loss(model: GPT) -> Optional[float]:
+    """Mean over the NSA layers of the selection loss of the last training forward (None when it is off)."""
+    values = [m.last_selection_loss for m in model.modules()
+              if isinstance(m, NativeSparseAttention) and m.last_selection_loss is not None]
+    return torch.stack(values).mean().item() if values else None
+
+
 def use_context_parallel(model: GPT, group) -> None:
     """Make every attention layer of ``model`` (NSA or dense) context-parallel over ``group``; dense layers take
     the NSA layers' ``cp_layout`` (``model.nsa``), the layout batches are sharded in."""
@@ -157,6 +177,7 @@ def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: Context
              save_checkpoint: bool = True) -> Dict:
     """The training loop of one process of context-parallel group ``cp`` (a single process: ``cp.group=None``);
     rank 0 writes the checkpoint and metrics. Returns the metrics."""
+    out = ensure_writable_dir(config.out_dir)  # every rank, before any collective: all fail alike
     torch.manual_seed(config.seed)
     dataset = make_dataset(config)
     model = GPT(config.gpt_config(dataset.vocab_size)).to(dev)
@@ -172,7 +193,7 @@ def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: Context
     eval_dataset = make_dataset(config, "valid")
     eval_batches = [eval_dataset.sample(batch_size, seq_len, eval_gen) for _ in range(config.train.eval_batches)]
 
-    initial = evaluate(model, eval_batches, dev, cp, precision)
+    initial = evaluate_with_diagnostics(model, eval_batches, dev, cp, precision)
     history, evals, step_times = [], [{"step": 0, **initial}], []
     tokens_seen = 0
     bar = tqdm(range(config.train.steps), desc=f"train {model.config.attention}", disable=not progress,
@@ -191,7 +212,7 @@ def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: Context
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         cp.sum_gradients(model.parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip or math.inf)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss became {loss_value} at step {step}")
         optimizer.step()
@@ -205,14 +226,16 @@ def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: Context
             record = {"step": step + 1, "loss": sum(s.loss for s in window) / len(window),
                       "accuracy": sum(s.accuracy for s in window) / len(window), "lr": lr_at(step, config),
                       "grad_norm": grad_norm.item(), "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}
+            if (selection := mean_selection_loss(model)) is not None:
+                record["selection_loss"] = selection
             history.append(record)
             window = []
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}",
                             tok_s=f"{record['tokens_per_s']:.0f}")
         if config.train.eval_every and (step + 1) % config.train.eval_every == 0 and step + 1 < config.train.steps:
-            evals.append({"step": step + 1, **evaluate(model, eval_batches, dev, cp, precision)})
+            evals.append({"step": step + 1, **evaluate_with_diagnostics(model, eval_batches, dev, cp, precision)})
     train_time = sum(step_times)
-    final = evaluate(model, eval_batches, dev, cp, precision)
+    final = evaluate_with_diagnostics(model, eval_batches, dev, cp, precision)
     evals.append({"step": config.train.steps, **final})
     metrics = {"attention": model.config.attention, "parameters": model.num_parameters(),
                "device": str(dev), "cp": cp.world_size, "steps": config.train.steps, "tokens": tokens_seen,
@@ -221,8 +244,6 @@ def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: Context
                "initial_eval": initial, "final_eval": final, "evals": evals, "history": history}
     if cp.rank != 0:
         return metrics
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if save_checkpoint:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": config.train.steps,
                     "model_config": model.config.to_dict(), "train_config": config.to_dict()}, out / "checkpoint.pt")

@@ -5,20 +5,25 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import yaml
-
-from nsa_kernels.validation import check_non_negative_int
+from nsa_kernels.validation import check_non_negative_int, check_positive_int
 
 from .data import RetrievalTask
 from .models import GPTConfig
 from .parallel.layout import CPLayout
+from .validation import check_bool, check_mapping, check_optional_positive_int, check_real
+from .yaml_loader import load_yaml_mapping
 
 DATA_KINDS = ("retrieval", "text")
 PRECISIONS = ("fp32", "bf16")
 
 
 def _from_section(cls, values: Optional[Dict[str, Any]], section: str):
-    values = dict(values or {})
+    """``cls(**values)`` for config section ``section`` (None: all defaults); the section must be a mapping
+    whose keys are ``cls``'s fields (ValueError naming the section otherwise)."""
+    if values is None:
+        values = {}
+    check_mapping(f"section {section!r}", values)
+    values = dict(values)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -48,9 +53,7 @@ class DataConfig:
             raise ValueError(f"data.kind={self.kind!r} is not one of {DATA_KINDS}")
         if self.kind == "text" and not self.text_file:
             raise ValueError("data.kind='text' needs data.text_file (a path to a plain text file)")
-        if isinstance(self.valid_fraction, bool) or not isinstance(self.valid_fraction, (int, float)) or not (
-                0 <= self.valid_fraction < 0.5):
-            raise ValueError(f"data.valid_fraction must be a number in [0, 0.5), got {self.valid_fraction!r}")
+        check_real("data.valid_fraction", self.valid_fraction, 0, 0.5, high_open=True)
         if self.valid_fraction and self.kind != "text":
             raise ValueError(f"data.valid_fraction={self.valid_fraction} applies to kind='text' only (the retrieval "
                              "task draws fresh sequences for evaluation)")
@@ -91,7 +94,8 @@ class OptimConfig:
     ``deepspeed_config``: a DeepSpeed JSON (e.g. ``configs/deepspeed/zero3.json``) selects the DeepSpeed backend
     (launch with ``deepspeed``; see :mod:`nsa_dist.deepspeed`). ``activation_checkpointing``: recompute each
     transformer block in backward (DeepSpeed's checkpointing under that backend). ``save_every``: DeepSpeed backend
-    checkpoint interval in steps (None: only at the end).
+    checkpoint interval in steps (None: only at the end). ``grad_clip``: largest global gradient norm, 0 turns
+    clipping off (DeepSpeed's ``gradient_clipping`` meaning, in both backends).
     ``precision``: ``fp32`` or ``bf16`` (autocast of the forward, float32 weights and optimizer state; the plain
     backend; DeepSpeed takes its precision from the JSON's ``bf16`` section). ``eval_every``: also evaluate the
     held-out batches every that many steps (recorded in ``metrics["evals"]``; plain backend).
@@ -117,20 +121,29 @@ class OptimConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_batches", "log_every", "cp", "grad_accum"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"train.{name} must be a positive int, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr!r}")
-        for name in ("save_every", "eval_every"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"train.{name} must be a positive int or null, got {value!r}")
+            check_positive_int(f"train.{name}", getattr(self, name))
+        check_real("train.lr", self.lr, 0, low_open=True)
+        check_real("train.min_lr_ratio", self.min_lr_ratio, 0, 1, note="the final lr as a fraction of train.lr")
+        check_non_negative_int("train.warmup_steps", self.warmup_steps)
+        check_real("train.weight_decay", self.weight_decay, 0)
+        check_real("train.grad_clip", self.grad_clip, 0, note="the largest gradient norm; 0 turns clipping off")
+        self._check_betas()
+        for name in ("threads", "save_every", "eval_every"):
+            check_optional_positive_int(f"train.{name}", getattr(self, name))
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r} is not one of {PRECISIONS}")
-        if not isinstance(self.activation_checkpointing, bool):
-            raise ValueError(f"train.activation_checkpointing must be true or false, got "
-                             f"{self.activation_checkpointing!r}")
+        check_bool("train.activation_checkpointing", self.activation_checkpointing)
+        if self.deepspeed_config is not None and not isinstance(self.deepspeed_config, str):
+            raise ValueError(f"train.deepspeed_config must be a path to a DeepSpeed JSON or null, got "
+                             f"{self.deepspeed_config!r}")
+
+    def _check_betas(self) -> None:
+        """``betas`` must be two numbers in [0, 1) (AdamW's beta1, beta2); stored as a tuple."""
+        if isinstance(self.betas, (str, bytes)) or not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ValueError(f"train.betas must be a list of two numbers [beta1, beta2] in [0, 1), got "
+                             f"{self.betas!r}")
+        for i, beta in enumerate(self.betas):
+            check_real(f"train.betas[{i}]", beta, 0, 1, high_open=True)
         self.betas = tuple(self.betas)
 
 
@@ -145,25 +158,31 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
+        check_mapping("the config", values)
         values = dict(values)
         unknown = sorted(set(values) - {"model", "data", "train", "seed", "out_dir"})
         if unknown:
             raise ValueError(f"unknown top-level config keys {unknown}; valid: model, data, train, seed, out_dir")
-        model = dict(values.get("model") or {})
+        model = values.get("model")
+        model = {} if model is None else model
+        check_mapping("section 'model'", model)
+        model = dict(model)
         if "vocab_size" in model:
             raise ValueError("model.vocab_size is set by the data (retrieval task or bytes); remove it from the config")
         config = cls(model=model, data=_from_section(DataConfig, values.get("data"), "data"),
                      train=_from_section(OptimConfig, values.get("train"), "train"),
                      seed=values.get("seed", 0), out_dir=values.get("out_dir", "runs/default"))
+        check_non_negative_int("seed", config.seed)
+        if not isinstance(config.out_dir, str) or not config.out_dir:
+            raise ValueError(f"out_dir must be a directory path, got {config.out_dir!r}")
         config.check_context_parallel()  # validates the model section too
         return config
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        return cls.from_dict(yaml.safe_load(path.read_text()) or {})
+        """Read a training YAML (:func:`~nsa_dist.yaml_loader.load_yaml_mapping`: YAML 1.2 floats such as
+        ``1e-3``; a missing, empty or non-mapping file is an error naming it) and validate it."""
+        return cls.from_dict(load_yaml_mapping(path))
 
     def check_context_parallel(self) -> None:
         """With ``train.cp > 1`` ``data.seq_len`` must split into the CP layout (``model.nsa``'s ``cp_layout`` and

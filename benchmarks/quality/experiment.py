@@ -1,7 +1,7 @@
 """NSA against dense attention (and NSA ablations) trained from scratch on the same data, steps and optimizer.
 
-One invocation is one setting (a task at one length) for the listed variants, run one after another on one
-device; each run writes ``<out>/<task>-<seq_len>-<variant>.json`` (its config, metrics with the evaluation curve,
+One invocation is one setting (a task at one length) for the listed variants, learning rates and seeds, run one
+after another on one device; each run writes ``<out>/<task>-<seq_len>-<variant>-lr<lr>-s<seed>.json`` (its config, metrics with the evaluation curve,
 step time, the device and versions). ``report.py`` turns a folder of them into the table and plots.
 
     # multi-needle retrieval at 16k (one GPU call; the first 480 steps on 1k-token sequences), then ablations
@@ -21,9 +21,11 @@ import argparse
 import datetime
 import json
 import sys
+import itertools
 import tempfile
+import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -48,27 +50,42 @@ def environment() -> Dict[str, str]:
     return env
 
 
+def run_name(task: str, seq_len: int, variant: str, lr: float, seed: int) -> str:
+    """File name of one run's result: ``<task>-<seq_len>-<variant>-lr<lr>-s<seed>.json``."""
+    return f"{task}-{seq_len}-{variant}-lr{lr:g}-s{seed}.json"
+
+
 def run_setting(task: str, seq_len: int, variants: List[str], *, out: Path, size: str, steps: int,
-                tokens_per_step: int, lr: float, seed: int, precision: str, device: Optional[str],
-                progress: bool, short_seq_len: Optional[int] = None, short_steps: int = 0) -> List[Dict]:
-    """Train each variant in turn; write and return one result dictionary per variant."""
+                tokens_per_step: int, lrs: Sequence[float], seeds: Sequence[int], precision: str,
+                device: Optional[str], progress: bool, short_seq_len: Optional[int] = None, short_steps: int = 0,
+                done: Sequence[Path] = (), budget_s: Optional[float] = None) -> List[Dict]:
+    """Train every (variant, lr, seed) in turn; write and return one result dictionary per finished run.
+
+    A run whose file already exists in ``out`` or in one of the ``done`` folders is skipped (so a call that ran
+    out of time resumes where it stopped); no new run starts once ``budget_s`` seconds have passed."""
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    results, start = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         corpus = build_stdlib_corpus(Path(scratch) / "stdlib.py.txt") if task == "lm" else None
-        for variant in variants:
+        for seed, lr, variant in itertools.product(seeds, lrs, variants):
+            name = run_name(task, seq_len, variant, lr, seed)
+            if any((folder / name).exists() for folder in (out, *done)):
+                print(f"{name}: done already, skipped", flush=True)
+                continue
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                print(f"{name}: not started, the {budget_s:.0f} s budget is spent", flush=True)
+                continue
             raw = train_config(task, seq_len, variant, size=size, steps=steps, tokens_per_step=tokens_per_step,
                                lr=lr, seed=seed, precision=precision, short_seq_len=short_seq_len,
                                short_steps=short_steps, text_file=corpus["path"] if corpus else None,
                                out_dir=str(Path(scratch) / variant))
             metrics = train(TrainConfig.from_dict(raw), device=device, progress=progress, save_checkpoint=False)
-            result = {"task": task, "seq_len": seq_len, "variant": variant, "size": size, "config": raw,
-                      "corpus": corpus, "environment": environment(), "metrics": metrics}
-            path = out / f"{task}-{seq_len}-{variant}.json"
-            path.write_text(json.dumps(result, indent=1))
+            result = {"task": task, "seq_len": seq_len, "variant": variant, "lr": lr, "seed": seed, "size": size,
+                      "config": raw, "corpus": corpus, "environment": environment(), "metrics": metrics}
+            (out / name).write_text(json.dumps(result, indent=1))
             final = metrics["final_eval"]
-            print(f"{task} T={seq_len} {variant}: eval loss {final['loss']:.4f}, accuracy {final['accuracy']:.4f}, "
-                  f"{1e3 * metrics['step_time_s']:.1f} ms/step -> {path}", flush=True)
+            print(f"{task} T={seq_len} {variant} lr {lr:g} seed {seed}: eval loss {final['loss']:.4f}, accuracy "
+                  f"{final['accuracy']:.4f}, {1e3 * metrics['step_time_s']:.1f} ms/step -> {out / name}", flush=True)
             results.append(result)
     return results
 
@@ -81,21 +98,23 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--tokens-per-step", type=int, default=32768,
                         help="tokens per optimizer step (sequences per step = this / seq-len)")
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3], help="learning rates (each is a run)")
     parser.add_argument("--short-seq-len", type=int, help="curriculum: train the first --short-steps steps on "
                         "sequences this long (same tokens per step); evaluation stays at --seq-len")
     parser.add_argument("--short-steps", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (each is a run)")
     parser.add_argument("--size", choices=sorted(MODEL_SIZES), default="small")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", required=True, help="folder for the per-run JSON files")
     parser.add_argument("--progress", action="store_true", help="show a progress bar per run")
+    parser.add_argument("--done", type=Path, nargs="*", default=[], help="folders of finished runs to skip")
+    parser.add_argument("--budget-s", type=float, help="start no new run after this many seconds")
     args = parser.parse_args(argv)
     run_setting(args.task, args.seq_len, args.variants, out=Path(args.out), size=args.size, steps=args.steps,
-                tokens_per_step=args.tokens_per_step, lr=args.lr, seed=args.seed, precision=args.precision,
+                tokens_per_step=args.tokens_per_step, lrs=args.lrs, seeds=args.seeds, precision=args.precision,
                 device=args.device, progress=args.progress, short_seq_len=args.short_seq_len,
-                short_steps=args.short_steps)
+                short_steps=args.short_steps, done=args.done, budget_s=args.budget_s)
 
 
 if __name__ == "__main__":

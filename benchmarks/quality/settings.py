@@ -29,6 +29,9 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "nsa-no-selected": {"nsa": {"disabled_branches": ["selected"]}},
     "nsa-no-window": {"nsa": {"window": 0}},
     "nsa-mean-pool": {"nsa": {"compressor": "mean"}},
+    # the selection (indexer) loss of nsa_dist.selection_loss at two weights
+    "nsa-sel0.1": {"nsa": {"selection_loss_weight": 0.1}},
+    "nsa-sel1": {"nsa": {"selection_loss_weight": 1.0}},
 }
 
 # needles: 16 per sequence at every length, each one token standing for its (key, value) pair (RetrievalTask's

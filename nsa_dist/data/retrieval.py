@@ -14,17 +14,27 @@ match) that takes far longer to form from scratch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 IGNORE_INDEX = -100
 
 
+class Needles(NamedTuple):
+    """Where the retrieval task's answers and their needles are: ``answer_rows [B, P]`` the positions whose
+    target is a queried value (the queried key's position), ``needle_rows [B, P]`` the position holding the
+    answer in the context (the fused needle token, or the pair's value token), in the same order."""
+    answer_rows: torch.Tensor
+    needle_rows: torch.Tensor
+
+
 class Batch(NamedTuple):
-    """``tokens [B, T]`` input ids; ``targets [B, T]`` next-token labels, ``IGNORE_INDEX`` where no loss."""
+    """``tokens [B, T]`` input ids; ``targets [B, T]`` next-token labels, ``IGNORE_INDEX`` where no loss;
+    ``needles``: the answer and needle positions of a retrieval batch (None for other data)."""
     tokens: torch.Tensor
     targets: torch.Tensor
+    needles: Optional[Needles] = None
 
 
 @dataclass(frozen=True)
@@ -61,7 +71,8 @@ class RetrievalTask:
         return 5 * self.num_pairs
 
     def sample(self, batch_size: int, seq_len: int, generator: torch.Generator) -> Batch:
-        """A batch of ``batch_size`` independent sequences of ``seq_len`` tokens (CPU tensors)."""
+        """A batch of ``batch_size`` independent sequences of ``seq_len`` tokens (CPU tensors), with its
+        :class:`Needles`."""
         if seq_len < self.min_seq_len():
             raise ValueError(f"seq_len={seq_len} is too short for num_pairs={self.num_pairs}: "
                              f"need at least {self.min_seq_len()}")
@@ -71,20 +82,24 @@ class RetrievalTask:
         targets = torch.full((batch_size, seq_len), IGNORE_INDEX)
         key_base, value_base = self.num_filler, self.num_filler + self.num_keys
         fused_base = value_base + self.num_values
+        answer_rows = torch.empty(batch_size, P, dtype=torch.long)
+        needle_rows = torch.empty(batch_size, P, dtype=torch.long)
         for b in range(batch_size):
             key_ids = torch.randperm(self.num_keys, generator=generator)[:P]
             value_ids = torch.randint(0, self.num_values, (P,), generator=generator)
             keys, values = key_ids + key_base, value_ids + value_base
             if self.fused:  # one needle token per pair at P distinct places
-                tokens[b, torch.randperm(context, generator=generator)[:P]] = \
-                    fused_base + key_ids * self.num_values + value_ids
+                places = torch.randperm(context, generator=generator)[:P]
+                tokens[b, places] = fused_base + key_ids * self.num_values + value_ids
             else:  # P non-overlapping 2-token slots: choose P starts in a shrunk range, spread out
                 starts = torch.sort(torch.randperm(context - P, generator=generator)[:P]).values + torch.arange(P)
                 tokens[b, starts], tokens[b, starts + 1] = keys, values
+                places = starts + 1
             order = torch.randperm(P, generator=generator)
             q_pos = context + 3 * torch.arange(P)
             tokens[b, q_pos] = self.query_token
             tokens[b, q_pos + 1] = keys[order]
             tokens[b, q_pos + 2] = values[order]
             targets[b, q_pos + 1] = values[order]  # predicted at the key, i.e. the token before the value
-        return Batch(tokens, targets)
+            answer_rows[b], needle_rows[b] = q_pos + 1, places[order]
+        return Batch(tokens, targets, Needles(answer_rows, needle_rows))

@@ -30,7 +30,10 @@ class ByteTextDataset:
         if split != "all" and not 0 < valid_fraction < 1:
             raise ValueError(f"split={split!r} needs 0 < valid_fraction < 1, got {valid_fraction!r}")
         self.path, self.split = path, split
-        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+        raw = path.read_bytes()
+        if not raw:
+            raise ValueError(f"text data file {str(path)!r} is empty (0 bytes): it needs more than seq_len bytes")
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         cut = len(data) - int(len(data) * valid_fraction) if split != "all" else len(data)
         self.data = {"all": data, "train": data[:cut], "valid": data[cut:]}[split]
 

@@ -18,6 +18,7 @@ import math
 import os
 import resource
 import time
+import zipfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -30,6 +31,7 @@ from ..parallel.local_group import free_port
 from ..models import GPT
 from ..parallel.training import ContextParallelGroup
 from ..training_config import TrainConfig
+from ..validation import ensure_writable_dir
 from .config import fill_deepspeed_config, load_deepspeed_json
 from .groups import ContextDataParallelGroups
 from .requirements import require_deepspeed
@@ -50,11 +52,13 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
                     callback: Optional[StepCallback] = None) -> Dict:
     """Train per ``config`` with DeepSpeed (``config.train.deepspeed_config``); return the metrics rank 0 writes to
     ``<out_dir>/metrics.json`` (every rank returns its own copy). ``resume``: a checkpoint directory (e.g.
-    ``<out_dir>/checkpoints``) to continue from, at ``resume_tag`` or DeepSpeed's ``latest``. ``save_final``: write
-    the last step's checkpoint (``train.save_every`` checkpoints are written regardless). ``callback(step, record,
-    checkpoint_dir)``: called on every rank once for each step that logged (``record``: its log line, else None)
-    or saved (``checkpoint_dir``: the saved ``<out_dir>/checkpoints/step<N>``, complete on every rank, else None),
-    e.g. to report to Ray Train; the final checkpoint comes as ``(steps, None, dir)`` after the final evaluation."""
+    ``<out_dir>/checkpoints``) to continue from, at ``resume_tag`` or DeepSpeed's ``latest``, checked before
+    anything distributed starts (a missing tag, a truncated file or a step at or past ``train.steps`` is an
+    error, the same on every rank: :func:`_check_resume`). ``save_final``: write the last step's checkpoint
+    (``train.save_every`` checkpoints are written regardless). ``callback(step, record, checkpoint_dir)``: called
+    on every rank once for each step that logged (``record``: its log line, else None) or saved
+    (``checkpoint_dir``: the saved ``<out_dir>/checkpoints/step<N>``, complete on every rank, else None), e.g. to
+    report to Ray Train; the final checkpoint comes as ``(steps, None, dir)`` after the final evaluation."""
     require_deepspeed()
     for section, name, plain_only in (("train", "precision", "fp32"), ("train", "eval_every", None),
                                       ("data", "short_steps", 0)):
@@ -62,6 +66,8 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
         if value != plain_only:
             raise ValueError(f"{section}.{name}={value!r} applies to the plain backend; under DeepSpeed set the "
                              "precision in the JSON's bf16/fp16 section, and leave eval_every and short_steps unset")
+    resume_tag = _check_resume(resume, resume_tag, config.train.steps) if resume else None
+    out = ensure_writable_dir(config.out_dir)  # every rank, before the process group: all fail alike
     import deepspeed
 
     from ..train import batch_loss, evaluate, make_dataset, parameter_groups, use_context_parallel
@@ -89,12 +95,9 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
     eval_batches = [eval_dataset.sample(micro_batch, config.data.seq_len, eval_gen) for _ in range(t.eval_batches)]
     start_step = _resume(engine, resume, resume_tag) if resume else 0
     initial = _dp_mean(evaluate(engine, eval_batches, device, cp), groups)
-    out = Path(config.out_dir)
     log_path = out / "train_log.jsonl"
-    if groups.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if start_step == 0 and log_path.exists():
-            log_path.unlink()
+    if groups.rank == 0 and start_step == 0 and log_path.exists():
+        log_path.unlink()
     history: List[Dict] = []
     tokens_per_step = t.batch_size * config.data.seq_len
     bar = tqdm(range(start_step, t.steps), desc=f"train {model.config.attention} (deepspeed, DP {groups.dp} x CP "
@@ -183,12 +186,56 @@ def _init_distributed(deepspeed) -> torch.device:
     return device
 
 
-def _resume(engine, directory: str, tag: Optional[str]) -> int:
-    """Load model, optimizer, scheduler and RNG state; return the step to continue from."""
-    path, client = engine.load_checkpoint(directory, tag=tag)
+def _check_resume(directory: str, tag: Optional[str], steps: int) -> str:
+    """The tag to resume from checkpoint directory ``directory``: ``tag`` (``--resume-tag``), else the one its
+    ``latest`` file names. Checked on the filesystem, which every rank sees, before any rank builds the model or
+    joins a collective, so that all ranks raise the same error: the tag's directory exists (FileNotFoundError
+    listing the tags there), every ``*.pt`` file in it is a complete ``torch.save`` archive (ValueError naming the
+    file) and its step is below ``train.steps`` = ``steps`` (ValueError naming both)."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--resume {directory!r} is not a directory: expected a DeepSpeed checkpoint "
+                                f"directory such as <out_dir>/{CHECKPOINT_DIR}")
+    tags = sorted(p.name for p in root.iterdir() if p.is_dir())
+    available = f"available tags: {', '.join(tags)}" if tags else "it holds no checkpoint tags"
+    if tag is None:
+        if not (root / "latest").is_file():
+            raise FileNotFoundError(f"no DeepSpeed checkpoint (latest) in {directory!r}: it has no 'latest' file; "
+                                    f"pass --resume-tag ({available})")
+        tag = (root / "latest").read_text().strip()
+        named = f"the 'latest' file of {directory!r} names tag {tag!r}"
+    else:
+        named = f"--resume-tag {tag!r}"
+    if not (root / tag).is_dir():
+        raise FileNotFoundError(f"{named} but {directory!r} has no such checkpoint ({available})")
+    files = sorted((root / tag).glob("*.pt"))
+    for file in files:
+        try:
+            zipfile.ZipFile(file).close()  # reads the central directory at the end: a truncated file has none
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ValueError(f"checkpoint file {file} is not a complete torch.save archive (truncated or corrupt: "
+                             f"{exc}); resume from another tag ({available})") from exc
+    model_states = [f for f in files if f.name.endswith("model_states.pt")]
+    if not model_states:
+        raise FileNotFoundError(f"checkpoint {root / tag} holds no DeepSpeed *model_states.pt file ({available})")
+    step = torch.load(model_states[0], map_location="cpu", mmap=True, weights_only=False).get("step")
+    if step is None:
+        raise ValueError(f"checkpoint {model_states[0]} records no step: it was not written by train_deepspeed")
+    if step >= steps:
+        raise ValueError(f"checkpoint {root / tag} is at step {step} but train.steps={steps}: nothing left to "
+                         "train; raise train.steps to continue")
+    return tag
+
+
+def _resume(engine, directory: str, tag: str) -> int:
+    """Load model, optimizer, scheduler and RNG state (of a tag :func:`_check_resume` checked); return the step
+    to continue from. A failing load names the checkpoint (the original error is the cause)."""
+    try:
+        path, client = engine.load_checkpoint(directory, tag=tag)
+    except Exception as exc:
+        raise RuntimeError(f"loading DeepSpeed checkpoint {Path(directory) / tag} failed: {exc}") from exc
     if path is None:
-        raise FileNotFoundError(f"no DeepSpeed checkpoint {'tagged ' + repr(tag) if tag else '(latest)'} in "
-                                f"{directory!r}")
+        raise FileNotFoundError(f"no DeepSpeed checkpoint tagged {tag!r} in {directory!r}")
     torch.set_rng_state(client["torch_rng"])
     if torch.cuda.is_available() and client.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(client["cuda_rng"])

@@ -97,6 +97,7 @@ class NSASelfAttention(MegatronModule):
                                         input_is_parallel=True, skip_bias_add=True, is_expert=False,
                                         tp_comm_buffer_name="proj", tp_group=self.tp_group)
         self.last_cp_stats = None  # CPStats of the last context-parallel forward
+        self.last_selection_loss = None  # selection loss of the last training forward (nsa_selection_loss_weight)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 key_value_states=None, inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None,
@@ -127,7 +128,7 @@ class NSASelfAttention(MegatronModule):
             rope = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
             rotary = RotaryTable(rope, self._rope_row_positions(rope, s, cu_seqlens, cp_group), Dk,
                                  interleaved=getattr(self.config, "rotary_interleaved", False))
-        o, self.last_cp_stats = nsa_branches(
+        o, self.last_cp_stats, self.last_selection_loss = nsa_branches(
             nsa, q.contiguous(), k_c, v_c, k_s, v_s, k_w, v_w, torch.sigmoid(gate_logits).contiguous(),
             k_compressor=self.k_compressor, v_compressor=self.v_compressor, rotary=rotary, cu_seqlens=cu_seqlens,
             cp_group=cp_group)

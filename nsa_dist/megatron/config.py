@@ -14,7 +14,8 @@ NSA_FIELDS = {
     "window": "nsa_window", "init_blocks": "nsa_init_blocks", "local_blocks": "nsa_local_blocks",
     "compressor": "nsa_compressor", "compressor_hidden": "nsa_compressor_hidden",
     "kv_sharing": "nsa_kv_sharing", "cp_selection_exchange": "nsa_cp_selection_exchange",
-    "v_head_dim": "nsa_v_head_dim",
+    "v_head_dim": "nsa_v_head_dim", "selection_loss_weight": "nsa_selection_loss_weight",
+    "selection_loss_rows": "nsa_selection_loss_rows",
 }
 
 
@@ -45,6 +46,8 @@ class NSATransformerConfig(TransformerConfig):
     nsa_kv_sharing: str = _default("kv_sharing")
     nsa_cp_selection_exchange: str = _default("cp_selection_exchange")
     nsa_v_head_dim: Optional[int] = _default("v_head_dim")
+    nsa_selection_loss_weight: float = _default("selection_loss_weight")
+    nsa_selection_loss_rows: int = _default("selection_loss_rows")
 
     def __post_init__(self):
         super().__post_init__()

@@ -15,6 +15,7 @@ from ..parallel.dense import allgather_dense_attention
 from ..parallel.layout import CPLayout, check_layout_kind
 from ..parallel.segments import ShardedSequence
 from ..rotary import RotaryEmbedding
+from ..validation import check_layer_inputs
 
 
 def document_causal_mask(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -53,8 +54,10 @@ class DenseAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        cp_size = 1 if self.cp_group is None else dist.get_world_size(self.cp_group)
+        check_layer_inputs(x, position_ids, self.qkv_proj.in_features, self.qkv_proj.weight.dtype, cp_size)
         B, T, _ = x.shape
-        context_parallel = self.cp_group is not None and dist.get_world_size(self.cp_group) > 1
+        context_parallel = cp_size > 1
         if not context_parallel:
             check_cu_seqlens(cu_seqlens, B, T)
         q, k, v = self.qkv_proj(x).view(B, T, -1, self.head_dim).split(

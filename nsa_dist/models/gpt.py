@@ -10,7 +10,10 @@ from torch import nn
 
 from ..attention import NativeSparseAttention
 from ..compression import BlockCompressor
+from nsa_kernels.validation import check_positive_int
+
 from ..config import NSAConfig
+from ..validation import check_bool, check_mapping, check_optional_positive_int, check_real, check_token_ids
 from .dense import DenseAttention
 from .layers import RMSNorm, SwiGLU
 
@@ -38,9 +41,14 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, getattr(self, name))
+        for name in ("head_dim", "ffn_hidden_size"):
+            check_optional_positive_int(name, getattr(self, name))
+        check_real("rope_theta", self.rope_theta, 0, low_open=True)
+        check_real("norm_eps", self.norm_eps, 0, low_open=True)
+        check_real("init_std", self.init_std, 0, low_open=True)
+        check_bool("tie_embeddings", self.tie_embeddings)
+        check_mapping("model.nsa", self.nsa)
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_KINDS}")
         if self.head_dim is None:
@@ -117,9 +125,10 @@ class GPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``tokens`` int ``[B, T]`` (packed documents: ``B = 1`` with ``cu_seqlens``) -> logits ``[B, T, vocab]``."""
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be [B, T], got shape {tuple(tokens.shape)}")
+        """``tokens`` int ``[B, T]`` of ids in ``[0, vocab_size)`` (packed documents: ``B = 1`` with
+        ``cu_seqlens``) -> logits ``[B, T, vocab]``. A token id out of range is a ValueError (checked with one
+        min/max reduction, before the embedding, where it would be an opaque index error or a CUDA assert)."""
+        check_token_ids(tokens, self.config.vocab_size)
         x = self.embed(tokens)
         for block in self.blocks:
             if self.checkpoint_blocks is not None and self.training:

@@ -5,6 +5,8 @@
   their owners, which add them up.
 * :func:`all_gather_rows`: every rank contributes a variable number of rows and receives all of them in rank
   order; backward reduce-scatters the gradients (each rank gets the sum over ranks of its rows' gradients).
+* :func:`all_gather_ints`: a few integers of every rank in one fixed-size all-gather (checks that the ranks
+  of a call agree before they exchange anything).
 
 Both can be started early (:func:`start_fetch`, :func:`start_all_gather`, asynchronous collectives) and
 finished later, so local work overlaps the transfer. Tensors exchange along dim 0; index tensors live on
@@ -20,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 INDEX_BYTES = 8  # int64 entries of the plan messages
+SMALL_INTS = 16  # int64 entries of every all_gather_ints message, whatever a rank passes
 
 # torch >= 2.10 renamed the tensor collectives; older releases only have the first names
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -240,3 +243,16 @@ def all_gather_bytes(counts: Sequence[int], bytes_per_row: int) -> tuple:
     """``(sent, received)`` bytes of one rank in :func:`all_gather_rows` (padded rows travel too)."""
     moved = (len(counts) - 1) * max(counts) * bytes_per_row
     return moved, moved
+
+
+def all_gather_ints(values: Sequence[int], group, device) -> List[List[int]]:
+    """Every rank's ``values`` (at most :data:`SMALL_INTS` integers) in rank order, each list as long as this
+    rank's ``values``. One all-gather of a ``[SMALL_INTS]`` int64 tensor on ``device`` (a CUDA device under
+    NCCL), zero-padded: its size is the same on every rank whatever the ranks pass, so it cannot mismatch."""
+    if len(values) > SMALL_INTS:
+        raise ValueError(f"all_gather_ints takes at most SMALL_INTS={SMALL_INTS} values, got {len(values)}")
+    mine = torch.zeros(SMALL_INTS, dtype=torch.long, device=device)
+    mine[:len(values)] = torch.tensor(list(values), dtype=torch.long)
+    out = mine.new_empty(dist.get_world_size(group) * SMALL_INTS)
+    _all_gather_single(out, mine, group=group)
+    return [row[:len(values)] for row in out.view(-1, SMALL_INTS).tolist()]

@@ -29,6 +29,7 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Option
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shards: ShardedSequence, group) -> int:
+    rank = shards.rank_in(group, "context-parallel dense attention", q)  # before the local checks, on every rank
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [1, B*T/P, heads, dim], got shapes {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -40,7 +41,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shards: Sha
         raise ValueError(f"query heads HQ={q.shape[2]} must be a multiple of the KV heads H={k.shape[2]}")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"q has head dim {q.shape[3]} but k has {k.shape[3]}")
-    return shards.rank_in(group, "context-parallel dense attention")
+    return rank
 
 
 def allgather_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, shards: ShardedSequence, group,

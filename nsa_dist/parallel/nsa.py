@@ -3,6 +3,8 @@ three branches need (DESIGN.md, "Context parallelism").
 
 Per call, on every rank of the group:
 
+0. agreement: one small all-gather checks that every rank was given the same sequence (layout, batch,
+   cu_seqlens) and local rows (:func:`.agreement.check_same_sequence`);
 1. compression: the raw compression-branch K/V of each local segment plus a halo of fewer than ``l`` tokens
    from earlier chunks go through the compressors; the owned compressed K/V (rotated at their blocks' last
    token) are all-gathered (``T/d`` rows in all), gradients reduce-scattered in backward;
@@ -30,8 +32,9 @@ from nsa_kernels import compressed_cu_seqlens
 from nsa_kernels.validation import (check_attention_inputs, check_gates, check_non_negative_int,
                                     check_selection_geometry)
 
-from .comm import (INDEX_BYTES, ExchangePlan, Pending, all_gather_bytes, all_gather_rows, encode_requests,
-                   fetch_rows, plan_by_request, plan_from_requests, row_bytes, start_all_gather, start_fetch)
+from .comm import (INDEX_BYTES, SMALL_INTS, ExchangePlan, Pending, all_gather_bytes, all_gather_rows,
+                   encode_requests, fetch_rows, plan_by_request, plan_from_requests, row_bytes, start_all_gather,
+                   start_fetch)
 from .geometry import (KeySegments, compressor_inputs, owned_compressed_rows, prefix_compressed_rows,
                        window_keys)
 from .rows import RowSource, remote_requests
@@ -124,9 +127,9 @@ def _selection_source(shards: ShardedSequence, rank: int, kv: torch.Tensor, sele
     return RowSource.local_and_fetched(shards, rank, kv, fetched, positions[plan.recv_order])
 
 
-def _check_group(shards: ShardedSequence, group, select_len: int, exchange: str) -> Tuple[int, int]:
+def _check_group(shards: ShardedSequence, group, q: torch.Tensor, select_len: int, exchange: str) -> Tuple[int, int]:
     check_selection_exchange(exchange)
-    rank = shards.rank_in(group, "context-parallel NSA")
+    rank = shards.rank_in(group, "context-parallel NSA", q)
     shards.layout.check_select_len(select_len)
     return rank, shards.world_size
 
@@ -191,7 +194,7 @@ def context_parallel_nsa(q: torch.Tensor, k_cmp_raw: torch.Tensor, v_cmp_raw: to
     """
     check_selection_geometry(block_len, stride, select_len, top_n, init_blocks, local_blocks)
     check_non_negative_int("window", window)
-    rank, P = _check_group(shards, group, select_len, selection_exchange)
+    rank, P = _check_group(shards, group, q, select_len, selection_exchange)
     dims = check_attention_inputs(q, k_slc, v_slc, k_name="k_slc", v_name="v_slc")
     check_attention_inputs(q, k_win, v_win, k_name="k_win", v_name="v_win")
     check_attention_inputs(q, k_cmp_raw, v_cmp_raw, k_name="k_cmp_raw", v_name="v_cmp_raw")
@@ -201,6 +204,7 @@ def context_parallel_nsa(q: torch.Tensor, k_cmp_raw: torch.Tensor, v_cmp_raw: to
                          f"flattened local rows of rank {rank})")
     device, Dk = q.device, dims.Dk
     stats = CPStats(rank, P)
+    stats.add("agreement", *all_gather_bytes([SMALL_INTS] * P, INDEX_BYTES))  # rank_in's check_same_sequence
     segments = [shards.segments(r) for r in range(P)]
     local_cu = shards.local_cu_seqlens(rank, device)
     kv_c, kv_s = (torch.cat([k[0], v[0]], dim=-1) for k, v in ((k_cmp_raw, v_cmp_raw), (k_slc, v_slc)))

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from nsa_kernels.validation import check_cu_seqlens, check_positive_int
 
+from .agreement import check_same_sequence
 from .layout import CPLayout
 
 
@@ -44,6 +45,10 @@ class ShardedSequence:
         cu_seqlens: optional global int32 ``[N + 1]`` document offsets (``B = 1``, ending at ``T``): the same
             value a single-rank call gets. Without it each of the ``batch`` rows is one document.
         batch: rows ``B`` of the batch (1 with ``cu_seqlens``).
+
+    Attributes:
+        doc_bounds: the global document offsets (``cu_seqlens``, else ``[0, T, 2T, ..., B*T]``).
+        packed: whether ``cu_seqlens`` gave the documents.
     """
 
     def __init__(self, layout: CPLayout, cu_seqlens: Optional[torch.Tensor] = None, batch: int = 1):
@@ -58,7 +63,7 @@ class ShardedSequence:
             self.doc_bounds = [int(b) for b in cu_seqlens.tolist()]
         else:
             self.doc_bounds = [b * T for b in range(batch + 1)]
-        self.layout, self.batch = layout, batch
+        self.layout, self.batch, self.packed = layout, batch, cu_seqlens is not None
         self._segments = {}
 
     @property
@@ -124,14 +129,17 @@ class ShardedSequence:
             return None
         return position_ids.to(device).expand(self.batch, self.layout.seq_len).reshape(-1)
 
-    def rank_in(self, group, what: str) -> int:
-        """This process's rank in ``group``, checked against the layout: torch.distributed initialised (else
-        RuntimeError naming ``what``, e.g. "context-parallel NSA"), a member, and ``P`` ranks (else ValueError)."""
+    def rank_in(self, group, what: str, q: torch.Tensor) -> int:
+        """This process's rank in ``group``, checked against the layout and the other ranks: torch.distributed
+        initialised (else RuntimeError naming ``what``, e.g. "context-parallel NSA"), a member, every rank called
+        with the same sequence and local queries ``q`` of as many rows (:func:`.agreement.check_same_sequence`,
+        one small all-gather on every rank), and ``P`` ranks (else ValueError)."""
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(f"{what} needs torch.distributed to be initialised (init_process_group)")
         P, rank = dist.get_world_size(group), dist.get_rank(group)
         if rank < 0:
             raise ValueError("this process is not a member of the context-parallel group")
+        check_same_sequence(self, q, group, what)
         if P != self.world_size:
             raise ValueError(f"the context-parallel group has {P} ranks but the sequence layout splits T="
                              f"{self.layout.seq_len} over P={self.world_size} ranks")

@@ -24,7 +24,8 @@ class CPStats:
 
     Attributes:
         rank, world_size: this rank and the group size.
-        exchanges: bytes per exchange: ``compression_halo``, ``window_halo``, ``compressed_kv`` (all-gather),
+        exchanges: bytes per exchange: ``agreement`` (the check that the ranks split the same sequence),
+            ``compression_halo``, ``window_halo``, ``compressed_kv`` (all-gather),
             ``selection_ids`` (run lists of the sparse fetch and the all-reduced counts of the ``auto``
             choice), ``selection_kv`` (the selected blocks and the tail halo, or the raw all-gather).
         selection_path: ``"sparse"`` or ``"allgather"``.

@@ -1,15 +1,20 @@
 """The DeepSpeed backend of the training job on gloo CPU ranks, launched by DeepSpeed's own launcher as README says:
-context parallelism under ZeRO-2 and ZeRO-3 equals one process, and a resumed run replays the losses exactly."""
+context parallelism under ZeRO-2 and ZeRO-3 equals one process, a resumed run replays the losses exactly, and a
+checkpoint that cannot be resumed (at or past train.steps, a missing tag, a truncated file) is an error naming it,
+raised before anything distributed starts."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
 
 pytest.importorskip("deepspeed")
@@ -39,13 +44,18 @@ def write_job(tmp: Path, name: str, zero_json: str, **train) -> Path:
     return path
 
 
-def run_job(config: Path, ranks: int, *args: str) -> dict:
+def launch(config: Path, ranks: int, *args: str) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus ranks --module nsa_dist.train --config config ...`` (on the CPU the launcher starts
-    ``ranks`` processes); the metrics rank 0 wrote."""
+    ``ranks`` processes), its output captured."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
            str(free_port()), "--module", "nsa_dist.train", "--config", str(config), "--no-progress", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+
+
+def run_job(config: Path, ranks: int, *args: str) -> dict:
+    """:func:`launch`, which must succeed; the metrics rank 0 wrote."""
+    proc = launch(config, ranks, *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     out_dir = Path(yaml.safe_load(config.read_text())["out_dir"])
     return json.loads((out_dir / "metrics.json").read_text())
@@ -91,17 +101,81 @@ def test_training_steps_cp2_equal_cp1(tmp_path, zero_json, recompute):
     assert "embed.weight" in changed and len(changed) > len(w1) // 2, changed  # the step did update the model
 
 
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """A 6-step CP 2 run under ZeRO-2 saving checkpoints at steps 3 and 6: its YAML and metrics."""
+    config = write_job(tmp_path_factory.mktemp("full"), "full", "zero2.json", cp=2, steps=6, save_every=3)
+    return config, run_job(config, 2)
+
+
+def checkpoints_of(config: Path) -> Path:
+    return Path(yaml.safe_load(config.read_text())["out_dir"]) / "checkpoints"
+
+
 @pytest.mark.slow
-def test_resume_replays_the_same_losses(tmp_path):
-    config = write_job(tmp_path, "full", "zero2.json", cp=2, steps=6, save_every=3)
-    full = run_job(config, 2)
+def test_resume_replays_the_same_losses(tmp_path, full_run):
+    config, full = full_run
     resumed_config = tmp_path / "resumed.yaml"
     raw = yaml.safe_load(config.read_text())
     raw["out_dir"] = str(tmp_path / "resumed")
     resumed_config.write_text(yaml.safe_dump(raw))
-    resumed = run_job(resumed_config, 2, "--resume", str(tmp_path / "full" / "checkpoints"), "--resume-tag", "step3")
+    resumed = run_job(resumed_config, 2, "--resume", str(checkpoints_of(config)), "--resume-tag", "step3")
     assert resumed["start_step"] == 3
     assert [h["step"] for h in full["history"]] == [1, 2, 3, 4, 5, 6]
     assert [h["step"] for h in resumed["history"]] == [4, 5, 6]
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"][3:]]
     assert resumed["final_eval"] == full["final_eval"]
+
+
+@pytest.mark.slow
+def test_unresumable_checkpoints_are_errors_naming_them(tmp_path, full_run):
+    """Every check reads only the filesystem and runs before the process group exists, so every rank raises the
+    same error: checked in this process (no process group ever starts) and once through the launcher."""
+    from nsa_dist.deepspeed import train_deepspeed
+    from nsa_dist.training_config import TrainConfig
+
+    config, _ = full_run
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(checkpoints_of(config), checkpoints)  # latest: step6
+
+    def resume(tag=None, steps=6):
+        raw = TrainConfig.load(config).to_dict()
+        raw["train"]["steps"] = steps
+        train_deepspeed(TrainConfig.from_dict(raw), progress=False, resume=str(checkpoints), resume_tag=tag)
+
+    past_end = f"checkpoint {checkpoints / 'step6'} is at step 6 but train.steps=6: nothing left to train; " \
+               "raise train.steps to continue"
+    proc = launch(config, 2, "--resume", str(checkpoints))
+    assert proc.returncode != 0 and past_end in proc.stdout + proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with pytest.raises(ValueError, match=re.escape("is at step 3 but train.steps=2")):
+        resume("step3", steps=2)
+    with pytest.raises(FileNotFoundError) as missing:
+        resume("step7", steps=10)
+    assert str(missing.value) == (f"--resume-tag 'step7' but {str(checkpoints)!r} has no such checkpoint "
+                                  "(available tags: step3, step6)")
+    for file in sorted((checkpoints / "step3").glob("*.pt")):  # the model states and the ZeRO optimizer states
+        whole = file.read_bytes()
+        file.write_bytes(whole[:len(whole) // 2])
+        with pytest.raises(ValueError, match=re.escape(f"checkpoint file {file} is not a complete torch.save archive")):
+            resume("step3")
+        file.write_bytes(whole)
+    shutil.rmtree(checkpoints / "step6")
+    with pytest.raises(FileNotFoundError) as deleted:
+        resume()
+    assert str(deleted.value) == (f"the 'latest' file of {str(checkpoints)!r} names tag 'step6' but "
+                                  f"{str(checkpoints)!r} has no such checkpoint (available tags: step3)")
+    assert not dist.is_initialized()
+
+
+def test_unwritable_out_dir_fails_before_deepspeed_starts(tmp_path):
+    """An out_dir that cannot be written is an error naming it on every rank, before the process group starts
+    and before step 1 (not after training, losing the run)."""
+    from nsa_dist.deepspeed import train_deepspeed
+    from nsa_dist.training_config import TrainConfig
+
+    (tmp_path / "a-file").write_text("x")
+    raw = TrainConfig.load(write_job(tmp_path, "job", "zero2.json")).to_dict()
+    raw["out_dir"] = str(tmp_path / "a-file" / "runs")
+    with pytest.raises(ValueError, match=re.escape(f"out_dir={raw['out_dir']!r} is not writable")):
+        train_deepspeed(TrainConfig.from_dict(raw), progress=False)
+    assert not dist.is_initialized()
