@@ -1,6 +1,12 @@
-"""Input checks shared by every op: each failure names the offending value."""
+"""Input checks shared by every op: each failure names the offending value.
+
+Each implementation of an op, reference and Triton alike, calls the same check of this module first (the
+Triton one before launching anything), so a direct call of either backend is checked as well as a call
+through :mod:`nsa_kernels.dispatch`, which only routes; both backends therefore raise the same errors.
+"""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -29,6 +35,18 @@ def check_positive_int(name: str, value) -> None:
 def check_non_negative_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+
+def check_scale(scale) -> None:
+    """``scale`` (softmax scale) must be ``None`` (the default ``1 / sqrt(Dk)``) or a finite positive ``int`` or
+    ``float``: TypeError for any other type (``bool``, ``str``, a tensor), ValueError for nan, inf or ``<= 0``."""
+    if scale is None:
+        return
+    message = f"scale must be None or a finite positive real number (int or float), got {scale!r}"
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(message)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(message)
 
 
 def check_multiple(name: str, value: int, of_name: str, of: int) -> None:
@@ -114,6 +132,23 @@ def _check_tensor(name: str, x, ndim: int, layout: str) -> None:
         raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
 
 
+def _check_floating(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64), got {x.dtype}")
+
+
+def _check_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+
+
+def _check_like(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """``x`` must have ``ref``'s dtype and device."""
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name}.dtype {x.dtype} differs from {ref_name}.dtype {ref.dtype}")
+    _check_device(name, x, ref_name, ref)
+
+
 def check_attention_inputs(q, k, v, cu_seqlens=None, *, cu_seqlens_k: Optional[torch.Tensor] = None,
                            compression: Optional[Tuple[int, int]] = None, k_name: str = "k",
                            v_name: str = "v") -> AttnDims:
@@ -128,13 +163,9 @@ def check_attention_inputs(q, k, v, cu_seqlens=None, *, cu_seqlens_k: Optional[t
     _check_tensor("q", q, 4, "[B, T, HQ, Dk]")
     _check_tensor(k_name, k, 4, "[B, S, H, Dk]")
     _check_tensor(v_name, v, 4, "[B, S, H, Dv]")
-    if q.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"q must be a floating tensor (fp16, bf16, fp32, fp64), got {q.dtype}")
+    _check_floating("q", q)
     for name, x in ((k_name, k), (v_name, v)):
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name}.dtype {x.dtype} differs from q.dtype {q.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+        _check_like(name, x, "q", q)
     B, T, HQ, Dk = q.shape
     Bk, S, H, Dk2 = k.shape
     if Bk != B:
@@ -183,12 +214,32 @@ def check_block_idx(block_idx, dims: AttnDims) -> None:
                          f"B={dims.B}, T={dims.T}, H={dims.H}")
 
 
+def _check_gates_shape(gates, B: int, T: int, HQ: int) -> None:
+    _check_tensor("gates", gates, 4, "[B, T, HQ, 3]")
+    if tuple(gates.shape) != (B, T, HQ, 3):
+        raise ValueError(f"gates has shape {tuple(gates.shape)}: expected [B, T, HQ, 3] = [{B}, {T}, {HQ}, 3]")
+
+
 def check_gates(gates, dims: AttnDims) -> None:
     """``gates`` must be ``[B, T, HQ, 3]`` (compressed, selected, window), in q's dtype."""
-    _check_tensor("gates", gates, 4, "[B, T, HQ, 3]")
-    if tuple(gates.shape) != (dims.B, dims.T, dims.HQ, 3):
-        raise ValueError(f"gates has shape {tuple(gates.shape)}: expected [B, T, HQ, 3] = "
-                         f"[{dims.B}, {dims.T}, {dims.HQ}, 3]")
+    _check_gates_shape(gates, dims.B, dims.T, dims.HQ)
+
+
+def check_gate_combine_inputs(gates, o_cmp, o_slc, o_win) -> None:
+    """Arguments of ``gate_combine``: ``o_cmp [B, T, HQ, Dv]`` floating; ``o_slc`` and ``o_win`` (``None`` allowed:
+    no window branch) exactly ``o_cmp``'s shape (no broadcasting), dtype and device; ``gates [B, T, HQ, 3]``
+    floating (any float dtype: it is cast for the sum), on ``o_cmp``'s device."""
+    _check_tensor("o_cmp", o_cmp, 4, "[B, T, HQ, Dv]")
+    _check_floating("o_cmp", o_cmp)
+    branches = (("o_slc", o_slc),) if o_win is None else (("o_slc", o_slc), ("o_win", o_win))
+    for name, x in branches:
+        _check_tensor(name, x, 4, "[B, T, HQ, Dv]")
+        _check_like(name, x, "o_cmp", o_cmp)
+        if x.shape != o_cmp.shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}: expected o_cmp's shape {tuple(o_cmp.shape)}")
+    _check_gates_shape(gates, *o_cmp.shape[:3])
+    _check_floating("gates", gates)
+    _check_device("gates", gates, "o_cmp", o_cmp)
 
 
 def check_lse(lse, dims: AttnDims) -> None:

@@ -12,6 +12,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..layout import document_spans
+from ..validation import check_scale
 
 QUERY_TILE = 128
 
@@ -112,5 +113,7 @@ def run_tile(fn, *args):
 
 
 def default_scale(scale: Optional[float], head_dim: int) -> float:
-    """``scale`` if given, else ``1 / sqrt(head_dim)``."""
+    """``scale`` as a float if given, else ``1 / sqrt(head_dim)``. Every op of both backends resolves its scale
+    here, so every op rejects a bad one (:func:`nsa_kernels.validation.check_scale`)."""
+    check_scale(scale)
     return float(scale) if scale is not None else head_dim ** -0.5

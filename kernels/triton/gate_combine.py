@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..validation import check_gate_combine_inputs
 from .utils import new_output
 
 BLOCK_ROWS = 16  # (token, head) rows per program
@@ -124,8 +125,10 @@ def gate_combine(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor,
                  o_win: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``o = g_cmp * o_cmp + g_slc * o_slc (+ g_win * o_win)`` in one Triton pass (backward: one pass).
 
-    Same contract as :func:`nsa_kernels.reference.gate_combine`: ``gates [B, T, HQ, 3]``, branch outputs
-    ``[B, T, HQ, Dv]`` of one dtype; returns ``[B, T, HQ, Dv]`` in that dtype.
+    Same contract and checks as :func:`nsa_kernels.reference.gate_combine`: ``gates [B, T, HQ, 3]``, branch
+    outputs ``[B, T, HQ, Dv]`` of one shape, dtype and device (the kernel indexes every branch by ``o_cmp``'s
+    rows); returns ``[B, T, HQ, Dv]`` in that dtype.
     """
+    check_gate_combine_inputs(gates, o_cmp, o_slc, o_win)
     gates, o_cmp, o_slc = gates.contiguous(), o_cmp.contiguous(), o_slc.contiguous()
     return _GateCombine.apply(gates, o_cmp, o_slc, None if o_win is None else o_win.contiguous())

@@ -97,11 +97,12 @@ def nsa_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_s
     dims = check_nsa_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, block_len=block_len, stride=stride,
                             select_len=select_len, top_n=top_n, window=window, init_blocks=init_blocks,
                             local_blocks=local_blocks, cu_seqlens=cu_seqlens)
+    scale = default_scale(scale, dims.Dk)
     if dims.T == 0:  # nothing to attend: an empty output, differentiable in q and the gates (empty gradients)
         return (q[..., :1] * 0).expand(dims.B, 0, dims.HQ, dims.Dv) + gates[..., :1] * 0
     dtype = q.dtype
     geo = NSAGeometry(block_len, stride, select_len, top_n, window, init_blocks, local_blocks)
     o = _NSAFunction.apply(*prepare_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win),
-                           prepare_inputs(gates)[0].contiguous(), geo, default_scale(scale, dims.Dk), cu_seqlens,
+                           prepare_inputs(gates)[0].contiguous(), geo, scale, cu_seqlens,
                            *host_offsets(cu_seqlens))
     return o.to(dtype)
