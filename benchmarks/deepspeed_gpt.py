@@ -22,12 +22,14 @@ from pathlib import Path
 
 import yaml
 
+from nsa_dist.yaml_loader import load_yaml_mapping
+
 
 def run(args, attention: str, seq: int, steps: int) -> dict:
     """One training job; its metrics.json plus ``status``, or the failure."""
     name = f"{attention}-{seq}"
     out = Path(args.out) / name
-    raw = yaml.safe_load(Path(args.config).read_text())
+    raw = load_yaml_mapping(args.config)
     raw["model"]["attention"] = attention
     raw["data"]["seq_len"] = seq
     raw["train"]["steps"] = steps
@@ -80,7 +82,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="benchmarks/results/deepspeed")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    default_steps = yaml.safe_load(Path(args.config).read_text())["train"]["steps"]
+    default_steps = load_yaml_mapping(args.config)["train"]["steps"]
     results = []
     for spec in args.runs:
         parts = spec.split(":")

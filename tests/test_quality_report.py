@@ -1,16 +1,19 @@
-"""benchmarks/quality/report.py on real (tiny, CPU) runs of benchmarks/quality/experiment.py: the tables carry the
-runs' numbers, the plots are PNGs, and a run given twice is an error naming both files."""
+"""benchmarks/quality/report.py on real (tiny, CPU) runs of benchmarks/quality/experiment.py at two learning rates
+and two seeds: the tables carry the means over seeds at each variant's best learning rate, the retrieval summary
+lists every needle run, the plots are PNGs, files from before the sweep still load, and a run given twice is an
+error naming both files."""
 import importlib.util
 import json
 import math
 import shutil
 import sys
 from pathlib import Path
+from typing import Callable, Dict, List, Tuple
 
 import pytest
 
 QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality"
-NEEDLE_VARIANTS = ("nsa", "dense", "nsa-no-window")
+LRS, SEEDS = (1e-3, 3e-3), (0, 1)
 
 
 def load(name: str):
@@ -27,56 +30,114 @@ report = load("report")
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """A folder of tiny CPU runs: needle at 256 and 512 (NSA, dense, no window), LM at 256 (NSA, dense)."""
+    """A folder of tiny CPU runs: needle at 256 (NSA and dense at two lrs x two seeds, no window at one lr and
+    seed), needle at 512 and LM at 256 (NSA and dense at the two lrs, one seed)."""
     experiment = load("experiment")
     out = tmp_path_factory.mktemp("runs")
-    common = dict(out=out, size="tiny", steps=6, tokens_per_step=1024, lr=2e-3, seed=0, precision="fp32",
-                  device="cpu", progress=False)
-    for T in (256, 512):
-        experiment.run_setting("needle", T, list(NEEDLE_VARIANTS), **common)
-    experiment.run_setting("lm", 256, ["nsa", "dense"], **common)
+    common = dict(out=out, size="tiny", steps=6, tokens_per_step=1024, precision="fp32", device="cpu",
+                  progress=False)
+    experiment.run_setting("needle", 256, ["nsa", "dense"], lrs=LRS, seeds=SEEDS, **common)
+    experiment.run_setting("needle", 256, ["nsa-no-window"], lrs=LRS[:1], seeds=SEEDS[:1], **common)
+    experiment.run_setting("needle", 512, ["nsa", "dense"], lrs=LRS, seeds=SEEDS[:1], **common)
+    experiment.run_setting("lm", 256, ["nsa", "dense"], lrs=LRS, seeds=SEEDS[:1], **common)
     return out
 
 
-def run_json(folder: Path, task: str, T: int, variant: str) -> dict:
-    return json.loads((folder / f"{task}-{T}-{variant}.json").read_text())
+# ------------------------------------------------------------------------ the expected numbers, from the JSON files
+
+Setting = Tuple[str, int, str, float]  # (task, seq_len, variant, lr)
 
 
-def final(result: dict, key: str) -> float:
-    return result["metrics"]["final_eval"][key]
+def settings(folder: Path) -> Dict[Setting, List[dict]]:
+    """The runs in ``folder`` read here (not by the report), grouped by setting, each group ordered by seed."""
+    groups: Dict[Setting, List[dict]] = {}
+    for path in sorted(folder.glob("*.json")):
+        run = json.loads(path.read_text())
+        groups.setdefault((run["task"], run["seq_len"], run["variant"], run["lr"]), []).append(run)
+    return {key: sorted(group, key=lambda run: run["seed"]) for key, group in groups.items()}
 
 
-def ms(result: dict) -> float:
-    return 1e3 * result["metrics"]["step_time_s"]
+def accuracy(run: dict) -> float:
+    return 100 * run["metrics"]["final_eval"]["accuracy"]
 
 
-def as_printed(value: float, spec: str) -> float:
-    """``value`` as the report formats it, parsed back."""
-    return float(format(value, spec))
+def loss(run: dict) -> float:
+    return run["metrics"]["final_eval"]["loss"]
 
 
-def table(markdown: str, title: str) -> list:
+def ms(run: dict) -> float:
+    return 1e3 * run["metrics"]["step_time_s"]
+
+
+def average(metric: Callable[[dict], float], group: List[dict]) -> float:
+    return sum(metric(run) for run in group) / len(group)
+
+
+def expected_best(groups: Dict[Setting, List[dict]], task: str, variant: str) -> float:
+    """The best lr by the documented rule: at the shortest length with several lrs, the highest mean accuracy
+    (needle) or lowest mean loss (LM), the smaller lr on a tie."""
+    def lrs_at(T):
+        return sorted(lr for t, length, v, lr in groups if (t, length, v) == (task, T, variant))
+    Ts = sorted({T for t, T, v, _ in groups if (t, v) == (task, variant)})
+    T = next((T for T in Ts if len(lrs_at(T)) > 1), Ts[0])
+    score = {"needle": lambda lr: -average(accuracy, groups[task, T, variant, lr]),
+             "lm": lambda lr: average(loss, groups[task, T, variant, lr])}[task]
+    return min(lrs_at(T), key=score)
+
+
+def best_group(groups: Dict[Setting, List[dict]], task: str, T: int, variant: str) -> List[dict]:
+    return groups[task, T, variant, expected_best(groups, task, variant)]
+
+
+def expected_cells(group: List[dict], metric: Callable[[dict], float], spec: str) -> List[str]:
+    """A setting's lr, seed count, mean and min-max spread of ``metric``, formatted as the report prints them."""
+    values = [metric(run) for run in group]
+    return [format(group[0]["lr"], "g"), str(len(group)), format(average(metric, group), spec),
+            f"{min(values):{spec}}-{max(values):{spec}}"]
+
+
+def cells(row: dict, prefix: str, label: str) -> List[str]:
+    """A table row's lr, seeds, mean and spread cells of the columns named with ``prefix``."""
+    return [row[f"{prefix}lr"], row[f"{prefix}seeds"], row[f"{prefix}{label}"], row[f"{prefix}spread"]]
+
+
+# ------------------------------------------------------------------------ reading the report
+
+def table(markdown: str, title: str) -> List[dict]:
     """The rows of the table under ``## title`` as ``{column: cell}``."""
     lines = markdown.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0].splitlines()
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("|")]
     return [dict(zip(rows[0], row)) for row in rows[2:]]
 
 
-def by_length(rows: list) -> dict:
-    return {int(row["T"].replace(",", "")): row for row in rows}
+def length(row: dict) -> int:
+    return int(row["T"].replace(",", ""))
 
 
-def number(cell: str) -> float:
-    return float(cell.replace(",", ""))
+def by_length(rows: List[dict]) -> Dict[int, dict]:
+    return {length(row): row for row in rows}
 
 
 def run_report(argv: list) -> None:
-    """``report.main(argv)``; without matplotlib its ImportError (raised after results.md) is let pass."""
+    """``report.main(argv)``; without matplotlib its ImportError (raised after results.md and the retrieval summary)
+    is let pass."""
     try:
         report.main(argv)
     except ImportError:
         if importlib.util.find_spec("matplotlib") is not None:
             raise
+
+
+def copy_runs(source: Path, target: Path, keep: Callable[[str], bool] = lambda name: True,
+              edit: Callable[[dict], None] = lambda run: None) -> Path:
+    """The runs of ``source`` whose file name passes ``keep``, changed in place by ``edit``, written to ``target``."""
+    target.mkdir()
+    for path in sorted(source.glob("*.json")):
+        if keep(path.name):
+            run = json.loads(path.read_text())
+            edit(run)
+            (target / path.name).write_text(json.dumps(run))
+    return target
 
 
 @pytest.fixture(scope="module")
@@ -87,88 +148,172 @@ def written(runs, tmp_path_factory):
     return (out / "results.md").read_text(), out
 
 
-def test_needle_table_matches_runs(runs, written):
+# ------------------------------------------------------------------------ tests
+
+def test_sweep_table_has_every_setting_with_means_over_seeds(runs, written):
     text, _ = written
+    groups = settings(runs)
+    rows = {(r["task"], length(r), r["variant"], float(r["lr"])): r for r in table(text, "Learning-rate sweep")}
+    assert sorted(rows) == sorted(groups)
+    assert {len(groups["needle", 256, "nsa", lr]) for lr in LRS} == {2}  # means over two seeds
+    for key, row in rows.items():
+        group = groups[key]
+        assert cells(row, "", "acc %") == expected_cells(group, accuracy, ".1f")
+        assert [row["eval loss"], row["eval loss spread"]] == expected_cells(group, loss, ".4f")[2:]
+        assert row["best lr"] == ("yes" if key[3] == expected_best(groups, key[0], key[2]) else "no")
+
+
+def test_needle_table_is_nsa_against_dense_at_their_best_lrs(runs, written):
+    text, _ = written
+    groups = settings(runs)
     rows = by_length(table(text, "Needle retrieval"))
     assert sorted(rows) == [256, 512]
     for T, row in rows.items():
-        nsa, dense = run_json(runs, "needle", T, "nsa"), run_json(runs, "needle", T, "dense")
-        assert int(row["needles"]) == nsa["config"]["data"]["retrieval"]["num_pairs"]
-        assert number(row["NSA acc %"]) == as_printed(100 * final(nsa, "accuracy"), ".1f")
-        assert number(row["dense acc %"]) == as_printed(100 * final(dense, "accuracy"), ".1f")
-        assert number(row["NSA - dense (points)"]) == as_printed(
-            100 * (final(nsa, "accuracy") - final(dense, "accuracy")), "+.1f")
-        assert number(row["NSA ms/step"]) == as_printed(ms(nsa), ".1f")
-        assert number(row["dense ms/step"]) == as_printed(ms(dense), ".1f")
-        assert number(row["dense/NSA step time"]) == as_printed(ms(dense) / ms(nsa), ".2f")
+        nsa, dense = best_group(groups, "needle", T, "nsa"), best_group(groups, "needle", T, "dense")
+        assert int(row["needles"]) == nsa[0]["config"]["data"]["retrieval"]["num_pairs"]
+        assert cells(row, "NSA ", "acc %") == expected_cells(nsa, accuracy, ".1f")
+        assert cells(row, "dense ", "acc %") == expected_cells(dense, accuracy, ".1f")
+        assert row["NSA - dense (points)"] == format(average(accuracy, nsa) - average(accuracy, dense), "+.1f")
+        assert row["NSA ms/step"] == format(average(ms, nsa), ".1f")
+        assert row["dense ms/step"] == format(average(ms, dense), ".1f")
+        assert row["dense/NSA step time"] == format(average(ms, dense) / average(ms, nsa), ".2f")
+    assert [rows[256]["NSA seeds"], rows[512]["NSA seeds"]] == ["2", "1"]
 
 
-def test_ablation_table_matches_runs(runs, written):
+def test_ablation_table_has_every_variant_at_its_best_lr(runs, written):
     text, _ = written
-    rows = {(int(r["T"].replace(",", "")), r["variant"]): r for r in table(text, "Ablations (needle)")}
-    assert sorted(rows) == sorted((T, v) for T in (256, 512) for v in NEEDLE_VARIANTS)
+    groups = settings(runs)
+    rows = {(length(r), r["variant"]): r for r in table(text, "Ablations (needle)")}
+    assert sorted(rows) == sorted([(256, "nsa"), (256, "dense"), (256, "nsa-no-window"), (512, "nsa"),
+                                   (512, "dense")])
     for (T, variant), row in rows.items():
-        result, nsa = run_json(runs, "needle", T, variant), run_json(runs, "needle", T, "nsa")
-        assert number(row["acc %"]) == as_printed(100 * final(result, "accuracy"), ".1f")
-        assert number(row["eval loss"]) == as_printed(final(result, "loss"), ".4f")
-        assert number(row["ms/step"]) == as_printed(ms(result), ".1f")
-        assert number(row["acc - NSA (points)"]) == as_printed(
-            100 * (final(result, "accuracy") - final(nsa, "accuracy")), "+.1f")
+        group, nsa = best_group(groups, "needle", T, variant), best_group(groups, "needle", T, "nsa")
+        assert cells(row, "", "acc %") == expected_cells(group, accuracy, ".1f")
+        assert row["eval loss"] == format(average(loss, group), ".4f")
+        assert row["ms/step"] == format(average(ms, group), ".1f")
+        assert row["acc - NSA (points)"] == format(average(accuracy, group) - average(accuracy, nsa), "+.1f")
 
 
-def test_lm_table_matches_runs(runs, written):
+def test_lm_table_is_nsa_against_dense_at_their_lowest_loss_lrs(runs, written):
     text, _ = written
+    groups = settings(runs)
     rows = by_length(table(text, "Byte-level LM"))
     assert sorted(rows) == [256]
-    row, nsa, dense = rows[256], run_json(runs, "lm", 256, "nsa"), run_json(runs, "lm", 256, "dense")
-    assert number(row["NSA eval loss"]) == as_printed(final(nsa, "loss"), ".4f")
-    assert number(row["dense eval loss"]) == as_printed(final(dense, "loss"), ".4f")
-    assert number(row["NSA/dense - 1 (%)"]) == as_printed(100 * (final(nsa, "loss") / final(dense, "loss") - 1),
-                                                          "+.2f")
-    assert number(row["NSA bits/byte"]) == as_printed(final(nsa, "loss") / math.log(2), ".4f")
-    assert number(row["dense bits/byte"]) == as_printed(final(dense, "loss") / math.log(2), ".4f")
-    assert number(row["NSA ms/step"]) == as_printed(ms(nsa), ".1f")
-    assert number(row["dense ms/step"]) == as_printed(ms(dense), ".1f")
-    assert number(row["dense/NSA step time"]) == as_printed(ms(dense) / ms(nsa), ".2f")
+    row, nsa, dense = rows[256], best_group(groups, "lm", 256, "nsa"), best_group(groups, "lm", 256, "dense")
+    assert cells(row, "NSA ", "eval loss") == expected_cells(nsa, loss, ".4f")
+    assert cells(row, "dense ", "eval loss") == expected_cells(dense, loss, ".4f")
+    assert row["NSA/dense - 1 (%)"] == format(100 * (average(loss, nsa) / average(loss, dense) - 1), "+.2f")
+    assert row["NSA bits/byte"] == format(average(loss, nsa) / math.log(2), ".4f")
+    assert row["dense bits/byte"] == format(average(loss, dense) / math.log(2), ".4f")
+    assert row["NSA ms/step"] == format(average(ms, nsa), ".1f")
+    assert row["dense/NSA step time"] == format(average(ms, dense) / average(ms, nsa), ".2f")
 
 
-def test_runs_line_names_environment_steps_and_tokens(runs, written):
+def test_runs_lines_name_environment_lrs_seeds_steps_and_tokens(runs, written):
     text, _ = written
-    env = run_json(runs, "lm", 256, "nsa")["environment"]
+    env = json.loads(next(runs.glob("lm-*.json")).read_text())["environment"]
     lines = [line for line in text.splitlines() if line.startswith("Runs: ")]
-    assert len(lines) == 3  # one per table
+    assert len(lines) == 4  # one per table
     for line in lines:
         for value in (env["device"], env["torch"], env["triton"], env["date"], "steps 6", "tokens/step 1,024"):
             assert value in line
+    assert "lr 0.001, 0.003; seeds 0, 1;" in lines[0]  # the sweep: every run
 
 
-def test_missing_variant_is_a_dash(runs, tmp_path):
-    only_nsa = tmp_path / "nsa"
-    only_nsa.mkdir()
-    shutil.copy(runs / "needle-256-nsa.json", only_nsa)
-    run_report([str(only_nsa), "--out", str(tmp_path / "out")])
+def test_retrieval_summary_lists_every_needle_run(runs, written):
+    _, out = written
+    summary = json.loads((out / "retrieval-summary.json").read_text())
+    needle = [json.loads(path.read_text()) for path in sorted(runs.glob("needle-*.json"))]
+    assert len(summary) == len(needle) == 13
+    assert sorted(map(json.dumps, summary)) == sorted(
+        json.dumps({"variant": r["variant"], "seq_len": r["seq_len"], "seed": r["seed"], "lr": r["lr"],
+                    "steps": 6, "accuracy": r["metrics"]["final_eval"]["accuracy"]}) for r in needle)
+
+
+def test_best_lr_is_chosen_by_seed_means_at_the_shortest_swept_length(runs, tmp_path):
+    """Accuracies and losses set so that the rule's choice differs from one seed's, the longest length's, the
+    largest lr's on a tie and the highest loss's."""
+    chosen = {("needle", 256, "nsa", 1e-3): (0.5, 0.1), ("needle", 256, "nsa", 3e-3): (0.2, 0.3),
+              ("needle", 512, "nsa", 1e-3): (0.0,), ("needle", 512, "nsa", 3e-3): (0.9,),
+              ("needle", 256, "dense", 1e-3): (0.25, 0.25), ("needle", 256, "dense", 3e-3): (0.25, 0.25)}
+    losses = {("lm", 256, "nsa", 1e-3): 2.0, ("lm", 256, "nsa", 3e-3): 3.0}
+
+    def edit(run):
+        key = (run["task"], run["seq_len"], run["variant"], run["lr"])
+        final = run["metrics"]["final_eval"]
+        final["accuracy"] = chosen.get(key, (final["accuracy"],) * 2)[run["seed"]]
+        final["loss"] = losses.get(key, final["loss"])
+
+    results = report.load_results([copy_runs(runs, tmp_path / "edited", edit=edit)])
+    assert report.best_lr(results, "needle", "nsa") == 1e-3  # means 30% against 25%, at 256
+    assert report.best_lr(results, "needle", "dense") == 1e-3  # a tie: the smaller
+    assert report.best_lr(results, "lm", "nsa") == 1e-3  # the lower loss
+    rows = by_length(table(report.render(results), "Needle retrieval"))
+    assert cells(rows[256], "NSA ", "acc %") == ["0.001", "2", "30.0", "10.0-50.0"]
+    assert cells(rows[512], "NSA ", "acc %") == ["0.001", "1", "0.0", "0.0-0.0"]
+
+
+def test_missing_variant_or_best_lr_is_a_dash(runs, tmp_path):
+    groups = settings(runs)
+    other_lr = next(lr for lr in LRS if lr != expected_best(groups, "needle", "nsa"))
+    kept = copy_runs(runs, tmp_path / "nsa", keep=lambda name: name.startswith("needle-256-nsa-lr")
+                     or name == f"needle-512-nsa-lr{other_lr:g}-s0.json")
+    run_report([str(kept), "--out", str(tmp_path / "out")])
     text = (tmp_path / "out" / "results.md").read_text()
-    row = by_length(table(text, "Needle retrieval"))[256]
-    dense_columns = ("dense acc %", "NSA - dense (points)", "dense ms/step", "dense/NSA step time")
-    assert [row[c] for c in dense_columns] == ["-"] * 4
+    rows = by_length(table(text, "Needle retrieval"))
+    dense_columns = ("dense lr", "dense seeds", "dense acc %", "dense spread", "NSA - dense (points)",
+                     "dense ms/step", "dense/NSA step time")
+    assert [rows[256][c] for c in dense_columns] == ["-"] * len(dense_columns)
+    assert cells(rows[512], "NSA ", "acc %") == ["-"] * 4  # its best lr (chosen at 256) did not run at 512
     assert "## Ablations" not in text
     assert not (tmp_path / "out" / "lm_loss.png").exists()  # no LM runs: no LM plot
+
+
+def test_files_without_lr_and_seed_keys_still_load(runs, tmp_path):
+    def strip(run):
+        del run["lr"], run["seed"]
+
+    legacy = copy_runs(runs, tmp_path / "legacy", edit=strip)
+    assert "lr" not in json.loads(next(legacy.glob("*.json")).read_text())
+    old, new = report.load_results([legacy]), report.load_results([runs])
+    assert sorted(old) == sorted(new)
+    assert report.render(old) == report.render(new)
 
 
 def test_plots_are_pngs(written):
     pytest.importorskip("matplotlib")
     _, out = written
-    for name in ("needle_accuracy.png", "needle_curves.png", "lm_loss.png"):
+    for name in ("needle_accuracy.png", "needle_curves.png", "lm_loss.png", "needle_depth_heatmap.png",
+                 "selection_diagnostics.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_depth_heatmap_pools_the_seeds_answers(runs):
+    """The heatmap's cell is correct answers over answers at that needle depth, summed over the seeds' runs."""
+    group = settings(runs)[("needle", 256, "nsa", LRS[0])]
+    assert len(group) == len(SEEDS)
+    diagnostics = [run["metrics"]["final_eval"]["diagnostics"] for run in group]
+    expected = []
+    for i in range(len(diagnostics[0]["answers_by_depth"])):
+        answers = sum(d["answers_by_depth"][i] for d in diagnostics)
+        correct = sum(d["accuracy_by_depth"][i] * d["answers_by_depth"][i] for d in diagnostics
+                      if d["accuracy_by_depth"][i] is not None)
+        expected.append(None if answers == 0 else 100 * correct / answers)
+    got = report.depth_accuracy(report.seed_runs(report.load_results([runs]), "needle", 256, "nsa", LRS[0]))
+    assert got == pytest.approx(expected)
+    assert sum(d["answers_by_depth"][i] for d in diagnostics for i in range(len(expected))) == \
+        sum(run["config"]["data"]["retrieval"]["num_pairs"] * run["config"]["train"]["batch_size"] *
+            run["config"]["train"]["eval_batches"] for run in group)
 
 
 def test_duplicate_run_names_both_files(runs, tmp_path):
     again = tmp_path / "again"
     again.mkdir()
-    copy = Path(shutil.copy(runs / "needle-512-dense.json", again / "rerun.json"))
-    with pytest.raises(ValueError, match="appears twice") as error:
+    original = runs / "needle-512-dense-lr0.003-s0.json"
+    copy = Path(shutil.copy(original, again / "rerun.json"))
+    with pytest.raises(ValueError, match="needle T=512 dense lr 0.003 seed 0 appears twice") as error:
         report.main([str(runs), str(again), "--out", str(tmp_path / "out")])
-    assert str(runs / "needle-512-dense.json") in str(error.value) and str(copy) in str(error.value)
+    assert str(original) in str(error.value) and str(copy) in str(error.value)
 
 
 def test_plots_without_matplotlib_say_how_to_install(monkeypatch):

@@ -2,13 +2,26 @@
 
     python benchmarks/quality/report.py RESULT_DIR [RESULT_DIR ...] --out benchmarks/quality/results
 
-Reads every ``*.json`` in the folders (one run each: a task, a length, a variant) and writes to ``--out``:
-``results.md`` (also printed) with the needle-retrieval table (NSA against dense per length), the needle
-ablations and the byte-level LM table, each under a line naming the runs' device, versions, steps and tokens per
-step; and the plots whose runs exist: ``needle_accuracy.png`` (final accuracy against length),
-``needle_curves.png`` (evaluation accuracy against step, per length) and ``lm_loss.png`` (evaluation and
-training loss against step, per length). Accuracies are final-evaluation accuracies in percent, losses
-final-evaluation cross-entropies in nats per token (per byte for the LM), ms/step the median steady step time.
+Reads every ``*.json`` in the folders (one run each: a task, a length, a variant, a learning rate, a seed; files
+written before the learning-rate and seed sweep carry the last two only in their config) and writes to ``--out``:
+
+- ``results.md`` (also printed): the learning-rate sweep (every setting's mean and spread over seeds, when the
+  runs have more than one learning rate), the needle-retrieval table (NSA against dense per length), the needle
+  ablations and the byte-level LM table, each under a line naming its runs' device, versions, learning rates,
+  seeds, steps and tokens per step;
+- ``retrieval-summary.json``: one entry per needle run, ``{"variant", "seq_len", "seed", "lr", "steps",
+  "accuracy"}`` (final accuracy as a fraction);
+- the plots whose runs exist: ``needle_accuracy.png`` (final accuracy against length, error bars over seeds),
+  ``needle_curves.png`` (evaluation accuracy against step, per length) and ``lm_loss.png`` (evaluation and
+  training loss against step, per length).
+
+A setting is a (task, length, variant, learning rate); its numbers are means over its seeds, its spread the
+min-max over them. Outside the sweep table every variant is shown at its best learning rate, one per (task,
+variant): the one with the highest mean final accuracy (needle) or the lowest mean final evaluation loss (LM) at
+the shortest length where the variant ran at several learning rates (ties: the smaller); a variant never run at
+several is shown at its learning rate at its shortest length. Accuracies are final-evaluation accuracies in
+percent, losses final-evaluation cross-entropies in nats per token (per byte for the LM), ms/step the median steady
+step time.
 """
 from __future__ import annotations
 
@@ -22,20 +35,22 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from settings import VARIANTS  # noqa: E402
+from settings import TASKS, VARIANTS  # noqa: E402
 
-Key = Tuple[str, int, str]  # (task, seq_len, variant)
+Key = Tuple[str, int, str, float, int]  # (task, seq_len, variant, lr, seed)
 Run = Dict
 Results = Dict[Key, Run]
+Metric = Callable[[Run], float]
 
 MAIN_VARIANTS = ("nsa", "dense")
 ABLATION_MARKERS = ("s", "^", "v", "D", "P", "X")
+SPREAD = "min-max over seeds"
 
 
 # ---------------------------------------------------------------------------------------------------- loading
 
 def load_results(dirs: Sequence[Path]) -> Results:
-    """Every ``*.json`` run in ``dirs`` keyed by ``(task, seq_len, variant)``; each run gets its file as
+    """Every ``*.json`` run in ``dirs`` keyed by ``(task, seq_len, variant, lr, seed)``; each run gets its file as
     ``"source"``. Raises ``ValueError`` naming both files when a key appears twice."""
     results: Results = {}
     for folder in dirs:
@@ -43,9 +58,10 @@ def load_results(dirs: Sequence[Path]) -> Results:
             raise FileNotFoundError(f"{folder} is not a folder of result files")
         for path in sorted(Path(folder).glob("*.json")):
             run = read_run(path)
-            key = (run["task"], run["seq_len"], run["variant"])
+            key = (run["task"], run["seq_len"], run["variant"], run["lr"], run["seed"])
             if key in results:
-                raise ValueError(f"{key[0]} T={key[1]} {key[2]} appears twice: {results[key]['source']} and {path}")
+                raise ValueError(f"{key[0]} T={key[1]} {key[2]} lr {key[3]:g} seed {key[4]} appears twice: "
+                                 f"{results[key]['source']} and {path}")
             results[key] = run
     if not results:
         raise FileNotFoundError(f"no *.json results in {', '.join(map(str, dirs))}")
@@ -53,57 +69,83 @@ def load_results(dirs: Sequence[Path]) -> Results:
 
 
 def read_run(path: Path) -> Run:
-    """One result file, checked to be a quality run, with ``"source"`` set to its path."""
+    """One result file, checked to be a quality run, with ``"source"`` set to its path and ``"lr"`` and ``"seed"``
+    taken from its config where the file has no such keys (files from before the sweep)."""
     run = json.loads(Path(path).read_text())
     missing = [k for k in ("task", "seq_len", "variant", "config", "environment", "metrics") if k not in run]
     if missing:
         raise ValueError(f"{path} is not a quality-experiment result (no {', '.join(missing)})")
-    return {**run, "source": str(path)}
+    return {"lr": run["config"]["train"]["lr"], "seed": run["config"]["seed"], **run, "source": str(path)}
 
 
-def lengths(results: Results, task: str) -> List[int]:
-    """The sequence lengths that ``task`` has runs at, ascending."""
-    return sorted({T for t, T, _ in results if t == task})
+def lengths(results: Results, task: str, variant: Optional[str] = None) -> List[int]:
+    """The sequence lengths that ``task`` has runs at (of ``variant`` if given), ascending."""
+    return sorted({T for t, T, v, _, _ in results if t == task and variant in (None, v)})
 
 
 def variants(results: Results, task: str, seq_len: Optional[int] = None) -> List[str]:
     """The variants ``task`` has runs of (at ``seq_len`` if given), in ``settings.VARIANTS`` order."""
-    present = {v for t, T, v in results if t == task and seq_len in (None, T)}
+    present = {v for t, T, v, _, _ in results if t == task and seq_len in (None, T)}
     order = list(VARIANTS)
     return sorted(present, key=lambda v: (order.index(v) if v in order else len(order), v))
 
 
-def runs_of(results: Results, task: str, variant_names: Optional[Sequence[str]] = None) -> List[Run]:
-    """The runs of ``task`` (only ``variant_names`` if given), by length then variant."""
-    return [results[k] for k in sorted(results) if k[0] == task and (variant_names is None or k[2] in variant_names)]
+def learning_rates(results: Results, task: str, seq_len: int, variant: str) -> List[float]:
+    """The learning rates ``variant`` ran at on ``task`` at ``seq_len``, ascending."""
+    return sorted({lr for t, T, v, lr, _ in results if (t, T, v) == (task, seq_len, variant)})
+
+
+def seed_runs(results: Results, task: str, seq_len: int, variant: str, lr: float) -> List[Run]:
+    """The runs of one setting (task, length, variant, learning rate), one per seed, by seed."""
+    return [results[k] for k in sorted(results) if k[:4] == (task, seq_len, variant, lr)]
+
+
+def task_runs(results: Results, task: str) -> List[Run]:
+    """The runs of ``task``."""
+    return [results[k] for k in sorted(results) if k[0] == task]
 
 
 def runs_at(results: Results, task: str, T: int) -> List[Run]:
     """The runs of ``task`` at length ``T``."""
-    return [run for (t, length, _), run in sorted(results.items()) if t == task and length == T]
+    return [results[k] for k in sorted(results) if k[:2] == (task, T)]
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
 
-def accuracy_pct(run: Optional[Run]) -> Optional[float]:
-    """Final-evaluation accuracy in percent (``None`` without a run)."""
-    return None if run is None else 100.0 * run["metrics"]["final_eval"]["accuracy"]
+def accuracy_pct(run: Run) -> float:
+    """Final-evaluation accuracy in percent."""
+    return 100.0 * run["metrics"]["final_eval"]["accuracy"]
 
 
-def eval_loss(run: Optional[Run]) -> Optional[float]:
-    """Final-evaluation loss in nats per token (``None`` without a run)."""
-    return None if run is None else run["metrics"]["final_eval"]["loss"]
+def eval_loss(run: Run) -> float:
+    """Final-evaluation loss in nats per token."""
+    return run["metrics"]["final_eval"]["loss"]
 
 
-def bits_per_byte(run: Optional[Run]) -> Optional[float]:
+def bits_per_byte(run: Run) -> float:
     """Final-evaluation loss in bits (byte-level LM: bits per byte)."""
-    loss = eval_loss(run)
-    return None if loss is None else loss / math.log(2)
+    return eval_loss(run) / math.log(2)
 
 
-def ms_per_step(run: Optional[Run]) -> Optional[float]:
-    """Median steady step time in milliseconds (``None`` without a run)."""
-    return None if run is None else 1e3 * run["metrics"]["step_time_s"]
+def ms_per_step(run: Run) -> float:
+    """Median steady step time in milliseconds."""
+    return 1e3 * run["metrics"]["step_time_s"]
+
+
+def tokens_per_step(run: Run) -> int:
+    """Tokens per optimizer step: sequences per step times the sequence length."""
+    return run["config"]["train"]["batch_size"] * run["config"]["data"]["seq_len"]
+
+
+def mean(metric: Metric, runs: List[Run]) -> Optional[float]:
+    """The mean of ``metric`` over ``runs`` (``None`` without runs)."""
+    return sum(map(metric, runs)) / len(runs) if runs else None
+
+
+def extent(metric: Metric, runs: List[Run]) -> Tuple[float, float]:
+    """The smallest and the largest value of ``metric`` over ``runs`` (at least one)."""
+    values = [metric(run) for run in runs]
+    return min(values), max(values)
 
 
 def difference(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -116,9 +158,33 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return None if a is None or b is None else a / b
 
 
-def tokens_per_step(run: Run) -> int:
-    """Tokens per optimizer step: sequences per step times the sequence length."""
-    return run["config"]["train"]["batch_size"] * run["config"]["data"]["seq_len"]
+# ---------------------------------------------------------------------------------------------------- best lr
+
+# per task: the metric that ranks learning rates and how (the best is the max or the min of the seed means)
+RANKING: Dict[str, Tuple[Metric, Callable]] = {"needle": (accuracy_pct, max), "lm": (eval_loss, min)}
+
+
+def best_lr(results: Results, task: str, variant: str) -> float:
+    """``variant``'s learning rate on ``task``: at the shortest length where it ran at several, the one with the
+    highest mean final accuracy (needle) or lowest mean final evaluation loss (LM), the smaller on a tie; without
+    such a length, its learning rate at its shortest length."""
+    Ts = lengths(results, task, variant)
+    T = ([T for T in Ts if len(learning_rates(results, task, T, variant)) > 1] or Ts)[0]
+    metric, pick = RANKING[task]
+    return pick(learning_rates(results, task, T, variant),
+                key=lambda lr: mean(metric, seed_runs(results, task, T, variant, lr)))
+
+
+def best_runs(results: Results, task: str, T: int, variant: str) -> List[Run]:
+    """The runs (one per seed) of ``variant`` at length ``T`` at its best learning rate; empty without any."""
+    if not lengths(results, task, variant):
+        return []
+    return seed_runs(results, task, T, variant, best_lr(results, task, variant))
+
+
+def shown_runs(results: Results, task: str, variant_names: Sequence[str]) -> List[Run]:
+    """The best-learning-rate runs of ``variant_names`` on ``task`` at every length: the runs a table shows."""
+    return [run for T in lengths(results, task) for v in variant_names for run in best_runs(results, task, T, v)]
 
 
 # ---------------------------------------------------------------------------------------------------- tables
@@ -133,13 +199,20 @@ def distinct(values, spec: str = "") -> str:
     return ", ".join(format(v, spec) for v in sorted(set(values)))
 
 
+def spread(metric: Metric, runs: List[Run], spec: str) -> str:
+    """``min-max`` of ``metric`` over ``runs`` formatted with ``spec`` (``-`` without runs)."""
+    return "-" if not runs else "-".join(format(v, spec) for v in extent(metric, runs))
+
+
 def runs_line(runs: List[Run]) -> str:
-    """One line naming the runs' devices, versions, dates, model sizes, precisions, steps and tokens per step."""
+    """One line naming the runs' devices, versions, dates, model sizes, precisions, learning rates, seeds, steps
+    and tokens per step."""
     env = [r["environment"] for r in runs]
     return (f"Runs: device {distinct(e['device'] for e in env)}; torch {distinct(e['torch'] for e in env)}; "
             f"triton {distinct(e['triton'] for e in env)}; date {distinct(e['date'] for e in env)}; "
             f"model size {distinct(r['size'] for r in runs)}; "
             f"precision {distinct(r['config']['train']['precision'] for r in runs)}; "
+            f"lr {distinct((r['lr'] for r in runs), 'g')}; seeds {distinct(r['seed'] for r in runs)}; "
             f"steps {distinct(r['config']['train']['steps'] for r in runs)}; "
             f"tokens/step {distinct((tokens_per_step(r) for r in runs), ',')}.")
 
@@ -155,61 +228,117 @@ def section(title: str, runs: List[Run], header: Sequence[str], rows: Sequence[S
     return [f"## {title}", "", runs_line(runs), "", *markdown_table(header, rows), ""]
 
 
-NEEDLE_HEADER = ("T", "needles", "NSA acc %", "dense acc %", "NSA - dense (points)", "NSA ms/step",
-                 "dense ms/step", "dense/NSA step time")
+def setting_columns(prefix: str, label: str) -> List[str]:
+    """Header cells of :func:`setting_cells`: learning rate, seed count, mean ``label``, spread."""
+    return [f"{prefix}lr", f"{prefix}seeds", f"{prefix}{label}", f"{prefix}spread"]
 
 
-def needle_row(results: Results, T: int) -> List[str]:
-    """Needle table row at length ``T``: NSA against dense."""
-    nsa, dense = results.get(("needle", T, "nsa")), results.get(("needle", T, "dense"))
-    pairs = distinct(r["config"]["data"]["retrieval"]["num_pairs"] for r in runs_at(results, "needle", T))
-    return [f"{T:,}", pairs, fmt(accuracy_pct(nsa), ".1f"), fmt(accuracy_pct(dense), ".1f"),
-            fmt(difference(accuracy_pct(nsa), accuracy_pct(dense)), "+.1f"), fmt(ms_per_step(nsa), ".1f"),
-            fmt(ms_per_step(dense), ".1f"), fmt(ratio(ms_per_step(dense), ms_per_step(nsa)), ".2f")]
+def setting_cells(runs: List[Run], metric: Metric, spec: str) -> List[str]:
+    """One setting's cells: its learning rate, its number of seeds, the mean and the spread of ``metric`` over
+    them (all ``-`` without runs)."""
+    return [fmt(runs[0]["lr"] if runs else None, "g"), str(len(runs)) if runs else "-",
+            fmt(mean(metric, runs), spec), spread(metric, runs, spec)]
 
 
-ABLATION_HEADER = ("T", "variant", "acc %", "eval loss", "ms/step", "acc - NSA (points)")
+def step_time_cells(nsa: List[Run], dense: List[Run]) -> List[str]:
+    """NSA's and dense's mean ms/step and their ratio dense / NSA."""
+    nsa_ms, dense_ms = mean(ms_per_step, nsa), mean(ms_per_step, dense)
+    return [fmt(nsa_ms, ".1f"), fmt(dense_ms, ".1f"), fmt(ratio(dense_ms, nsa_ms), ".2f")]
 
 
-def ablation_rows(results: Results, T: int) -> List[List[str]]:
-    """Ablation table rows at length ``T``: every needle variant run there, against the full NSA."""
-    nsa_acc = accuracy_pct(results.get(("needle", T, "nsa")))
+STEP_TIME_HEADER = ("NSA ms/step", "dense ms/step", "dense/NSA step time")
+SWEEP_HEADER = ("task", "T", "variant", *setting_columns("", "acc %"), "eval loss", "eval loss spread", "best lr")
+
+
+def sweep_rows(results: Results) -> List[List[str]]:
+    """Learning-rate sweep rows: every setting (task, length, variant, learning rate), marking the best lr."""
     rows = []
-    for variant in variants(results, "needle", T):
-        run = results[("needle", T, variant)]
-        rows.append([f"{T:,}", variant, fmt(accuracy_pct(run), ".1f"), fmt(eval_loss(run), ".4f"),
-                     fmt(ms_per_step(run), ".1f"), fmt(difference(accuracy_pct(run), nsa_acc), "+.1f")])
+    for task in TASKS:
+        for T in lengths(results, task):
+            for variant in variants(results, task, T):
+                best = best_lr(results, task, variant)
+                for lr in learning_rates(results, task, T, variant):
+                    runs = seed_runs(results, task, T, variant, lr)
+                    rows.append([task, f"{T:,}", variant, *setting_cells(runs, accuracy_pct, ".1f"),
+                                 fmt(mean(eval_loss, runs), ".4f"), spread(eval_loss, runs, ".4f"),
+                                 "yes" if lr == best else "no"])
     return rows
 
 
-LM_HEADER = ("T", "NSA eval loss", "dense eval loss", "NSA/dense - 1 (%)", "NSA bits/byte", "dense bits/byte",
-             "NSA ms/step", "dense ms/step", "dense/NSA step time")
+NEEDLE_HEADER = ("T", "needles", *setting_columns("NSA ", "acc %"), *setting_columns("dense ", "acc %"),
+                 "NSA - dense (points)", *STEP_TIME_HEADER)
+
+
+def needle_row(results: Results, T: int) -> List[str]:
+    """Needle table row at length ``T``: NSA against dense, each at its best learning rate."""
+    nsa, dense = (best_runs(results, "needle", T, v) for v in MAIN_VARIANTS)
+    pairs = distinct(r["config"]["data"]["retrieval"]["num_pairs"] for r in runs_at(results, "needle", T))
+    return [f"{T:,}", pairs, *setting_cells(nsa, accuracy_pct, ".1f"), *setting_cells(dense, accuracy_pct, ".1f"),
+            fmt(difference(mean(accuracy_pct, nsa), mean(accuracy_pct, dense)), "+.1f"),
+            *step_time_cells(nsa, dense)]
+
+
+ABLATION_HEADER = ("T", "variant", *setting_columns("", "acc %"), "eval loss", "ms/step", "acc - NSA (points)")
+
+
+def ablation_rows(results: Results, T: int) -> List[List[str]]:
+    """Ablation table rows at length ``T``: every needle variant run there at its best learning rate, against
+    the full NSA at its own."""
+    nsa_acc = mean(accuracy_pct, best_runs(results, "needle", T, "nsa"))
+    rows = []
+    for variant in variants(results, "needle", T):
+        runs = best_runs(results, "needle", T, variant)
+        if runs:
+            rows.append([f"{T:,}", variant, *setting_cells(runs, accuracy_pct, ".1f"),
+                         fmt(mean(eval_loss, runs), ".4f"), fmt(mean(ms_per_step, runs), ".1f"),
+                         fmt(difference(mean(accuracy_pct, runs), nsa_acc), "+.1f")])
+    return rows
+
+
+LM_HEADER = ("T", *setting_columns("NSA ", "eval loss"), *setting_columns("dense ", "eval loss"),
+             "NSA/dense - 1 (%)", "NSA bits/byte", "dense bits/byte", *STEP_TIME_HEADER)
 
 
 def lm_row(results: Results, T: int) -> List[str]:
-    """LM table row at length ``T``: NSA against dense."""
-    nsa, dense = results.get(("lm", T, "nsa")), results.get(("lm", T, "dense"))
-    relative = ratio(eval_loss(nsa), eval_loss(dense))
-    return [f"{T:,}", fmt(eval_loss(nsa), ".4f"), fmt(eval_loss(dense), ".4f"),
+    """LM table row at length ``T``: NSA against dense, each at its best learning rate."""
+    nsa, dense = (best_runs(results, "lm", T, v) for v in MAIN_VARIANTS)
+    relative = ratio(mean(eval_loss, nsa), mean(eval_loss, dense))
+    return [f"{T:,}", *setting_cells(nsa, eval_loss, ".4f"), *setting_cells(dense, eval_loss, ".4f"),
             fmt(None if relative is None else 100.0 * (relative - 1.0), "+.2f"),
-            fmt(bits_per_byte(nsa), ".4f"), fmt(bits_per_byte(dense), ".4f"), fmt(ms_per_step(nsa), ".1f"),
-            fmt(ms_per_step(dense), ".1f"), fmt(ratio(ms_per_step(dense), ms_per_step(nsa)), ".2f")]
+            fmt(mean(bits_per_byte, nsa), ".4f"), fmt(mean(bits_per_byte, dense), ".4f"),
+            *step_time_cells(nsa, dense)]
 
 
 def render(results: Results) -> str:
     """The markdown report: the tables whose runs exist."""
     lines = ["# Quality: NSA against dense attention", "",
-             f"{len(results)} runs from `benchmarks/quality/experiment.py`.", ""]
+             f"{len(results)} runs from `benchmarks/quality/experiment.py`. A setting is a (task, length, variant, "
+             f"learning rate): its numbers are means over its seeds (`seeds` of them), its spread the {SPREAD}. "
+             "Outside the sweep every variant is at its best learning rate: the highest mean final accuracy "
+             "(needle) or lowest mean final evaluation loss (LM) at the shortest length where it ran at several "
+             "(ties: the smaller; never run at several: its learning rate at its shortest length).", ""]
     needle_lengths, lm_lengths = lengths(results, "needle"), lengths(results, "lm")
+    if len({lr for _, _, _, lr, _ in results}) > 1:
+        lines += section("Learning-rate sweep", [results[k] for k in sorted(results)], SWEEP_HEADER,
+                         sweep_rows(results))
     if needle_lengths:
-        lines += section("Needle retrieval", runs_of(results, "needle"), NEEDLE_HEADER,
+        lines += section("Needle retrieval", shown_runs(results, "needle", MAIN_VARIANTS), NEEDLE_HEADER,
                          [needle_row(results, T) for T in needle_lengths])
     if set(variants(results, "needle")) - set(MAIN_VARIANTS):
-        lines += section("Ablations (needle)", runs_of(results, "needle"), ABLATION_HEADER,
-                         [row for T in needle_lengths for row in ablation_rows(results, T)])
+        lines += section("Ablations (needle)", shown_runs(results, "needle", variants(results, "needle")),
+                         ABLATION_HEADER, [row for T in needle_lengths for row in ablation_rows(results, T)])
     if lm_lengths:
-        lines += section("Byte-level LM", runs_of(results, "lm"), LM_HEADER, [lm_row(results, T) for T in lm_lengths])
+        lines += section("Byte-level LM", shown_runs(results, "lm", MAIN_VARIANTS), LM_HEADER,
+                         [lm_row(results, T) for T in lm_lengths])
     return "\n".join(lines)
+
+
+def retrieval_summary(results: Results) -> List[Dict]:
+    """One entry per needle run: ``variant``, ``seq_len``, ``seed``, ``lr``, ``steps`` (optimizer steps) and
+    ``accuracy`` (final-evaluation accuracy, a fraction)."""
+    return [{"variant": run["variant"], "seq_len": run["seq_len"], "seed": run["seed"], "lr": run["lr"],
+             "steps": run["config"]["train"]["steps"], "accuracy": run["metrics"]["final_eval"]["accuracy"]}
+            for key, run in sorted(results.items()) if key[0] == "needle"]
 
 
 # ---------------------------------------------------------------------------------------------------- plots
@@ -231,9 +360,21 @@ def color(variant: str) -> str:
     return f"C{order.index(variant) if variant in order else len(order)}"
 
 
+def legend_label(results: Results, task: str, variant: str) -> str:
+    """``variant`` with its best learning rate on ``task``, for a legend."""
+    return f"{variant} (lr {best_lr(results, task, variant):g})"
+
+
 def length_label(T: int) -> str:
     """``4096 -> "4k"``, ``512 -> "512"``."""
     return f"{T // 1024}k" if T >= 1024 and T % 1024 == 0 else str(T)
+
+
+def mean_curve(runs: List[Run], series: str, field: str) -> Tuple[List[int], List[float]]:
+    """The steps of ``metrics[series]`` that every run has, and the mean of ``field`` over the runs there."""
+    curves = [{point["step"]: point[field] for point in run["metrics"][series]} for run in runs]
+    steps = sorted(set.intersection(*(set(curve) for curve in curves)))
+    return steps, [sum(curve[step] for curve in curves) / len(curves) for step in steps]
 
 
 def chance_pct(runs: List[Run]) -> List[float]:
@@ -248,71 +389,159 @@ def draw_chance(ax, runs: List[Run]) -> None:
 
 
 def plot_needle_accuracy(results: Results, path: Path) -> None:
-    """Final needle accuracy against length (log2 axis): NSA and dense as lines, ablations as markers."""
+    """Mean final needle accuracy against length (log2 axis), error bars from the smallest to the largest seed:
+    NSA and dense as lines, ablations as markers, each at its best learning rate."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ablations = [v for v in variants(results, "needle") if v not in MAIN_VARIANTS]
     for variant in variants(results, "needle"):
-        points = [(T, accuracy_pct(results[("needle", T, variant)])) for T in lengths(results, "needle")
-                  if ("needle", T, variant) in results]
+        points = [(T, runs) for T in lengths(results, "needle", variant)
+                  if (runs := best_runs(results, "needle", T, variant))]
+        means = [mean(accuracy_pct, runs) for _, runs in points]
+        bounds = [extent(accuracy_pct, runs) for _, runs in points]
+        errors = [[m - lo for m, (lo, _) in zip(means, bounds)], [hi - m for m, (_, hi) in zip(means, bounds)]]
         style = (dict(marker="o", linestyle="-") if variant in MAIN_VARIANTS else
                  dict(marker=ABLATION_MARKERS[ablations.index(variant) % len(ABLATION_MARKERS)], linestyle="none"))
-        ax.plot(*zip(*points), label=variant, color=color(variant), **style)
-    draw_chance(ax, runs_of(results, "needle"))
+        ax.errorbar([T for T, _ in points], means, yerr=errors, capsize=3,
+                    label=legend_label(results, "needle", variant), color=color(variant), **style)
+    draw_chance(ax, task_runs(results, "needle"))
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths(results, "needle"))
     ax.set_xticklabels([length_label(T) for T in lengths(results, "needle")])
     ax.minorticks_off()
-    ax.set(xlabel="context length (tokens)", ylabel="final accuracy (%)", title="Multi-needle retrieval")
+    ax.set(xlabel="context length (tokens)", ylabel="final accuracy (%), mean and min-max over seeds",
+           title="Multi-needle retrieval")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     save(fig, path)
 
 
 def plot_needle_curves(results: Results, path: Path) -> None:
-    """Needle evaluation accuracy against step, one subplot per length, a line per variant."""
+    """Needle evaluation accuracy (mean over seeds) against step, one subplot per length, a line per variant at
+    its best learning rate."""
     plt = pyplot()
     Ts = lengths(results, "needle")
     fig, axes = plt.subplots(1, len(Ts), figsize=(4.5 * len(Ts), 4), squeeze=False, sharey=True)
     for ax, T in zip(axes[0], Ts):
         for variant in variants(results, "needle", T):
-            evals = results[("needle", T, variant)]["metrics"]["evals"]
-            ax.plot([e["step"] for e in evals], [100.0 * e["accuracy"] for e in evals], label=variant,
-                    color=color(variant))
+            runs = best_runs(results, "needle", T, variant)
+            if runs:
+                steps, accuracy = mean_curve(runs, "evals", "accuracy")
+                ax.plot(steps, [100.0 * a for a in accuracy], label=legend_label(results, "needle", variant),
+                        color=color(variant))
         draw_chance(ax, runs_at(results, "needle", T))
         ax.set(title=f"T = {length_label(T)}", xlabel="step")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("eval accuracy (%)")
+    axes[0][0].set_ylabel("eval accuracy (%), mean over seeds")
     axes[0][0].legend(fontsize="small")
     save(fig, path)
 
 
 def plot_lm_loss(results: Results, path: Path) -> None:
-    """LM evaluation loss (lines with markers) and training loss (faint) against step for NSA and dense, one
-    subplot per length."""
+    """LM evaluation loss (lines with markers) and training loss (faint), means over seeds, against step for NSA
+    and dense at their best learning rates, one subplot per length."""
     plt = pyplot()
     Ts = lm_plot_lengths(results)
     fig, axes = plt.subplots(1, len(Ts), figsize=(4.5 * len(Ts), 4), squeeze=False)
     for ax, T in zip(axes[0], Ts):
         for variant in MAIN_VARIANTS:
-            run = results.get(("lm", T, variant))
-            if run is None:
+            runs = best_runs(results, "lm", T, variant)
+            if not runs:
                 continue
-            evals, history = run["metrics"]["evals"], run["metrics"]["history"]
-            ax.plot([h["step"] for h in history], [h["loss"] for h in history], color=color(variant), alpha=0.35,
-                    linewidth=1, label=f"{variant} train")
-            ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], color=color(variant), marker="o",
-                    markersize=3, label=f"{variant} eval")
+            label = legend_label(results, "lm", variant)
+            ax.plot(*mean_curve(runs, "history", "loss"), color=color(variant), alpha=0.35, linewidth=1,
+                    label=f"{label} train")
+            ax.plot(*mean_curve(runs, "evals", "loss"), color=color(variant), marker="o", markersize=3,
+                    label=f"{label} eval")
         ax.set(title=f"T = {length_label(T)}", xlabel="step")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("loss (nats/byte)")
+    axes[0][0].set_ylabel("loss (nats/byte), mean over seeds")
     axes[0][0].legend(fontsize="small")
     save(fig, path)
 
 
+def depth_accuracy(runs: List[Run]) -> Optional[List[Optional[float]]]:
+    """Final accuracy (%) by needle depth bin (``diagnostics.accuracy_by_depth``), pooled over the seeds'
+    answers; None when the runs predate the diagnostics."""
+    diagnostics = [run["metrics"]["final_eval"].get("diagnostics") for run in runs]
+    if not runs or any(d is None for d in diagnostics):
+        return None
+    correct = [sum((d["accuracy_by_depth"][i] or 0.0) * d["answers_by_depth"][i] for d in diagnostics)
+               for i in range(len(diagnostics[0]["answers_by_depth"]))]
+    answers = [sum(d["answers_by_depth"][i] for d in diagnostics) for i in range(len(correct))]
+    return [None if n == 0 else 100.0 * c / n for c, n in zip(correct, answers)]
+
+
+def diagnosed_variants(results: Results) -> List[str]:
+    """Needle variants whose best-learning-rate runs carry depth diagnostics at some length."""
+    return [v for v in variants(results, "needle")
+            if any(depth_accuracy(best_runs(results, "needle", T, v)) for T in lengths(results, "needle", v))]
+
+
+def plot_depth_heatmap(results: Results, path: Path) -> None:
+    """Needle-in-a-haystack heatmap per variant (best learning rate): final accuracy by needle depth (rows, 0 =
+    start of the sequence) and context length (columns); blank where a length was not run."""
+    plt = pyplot()
+    names, Ts = diagnosed_variants(results), lengths(results, "needle")
+    ncols = min(4, len(names))
+    nrows = -(-len(names) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * (1.6 + 0.8 * len(Ts)) + 1.2, 4.4 * nrows),
+                             squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for n, (ax, variant) in enumerate(zip(axes.flat, names)):
+        columns = [depth_accuracy(best_runs(results, "needle", T, variant)) for T in Ts]
+        bins = len(next(c for c in columns if c))
+        grid = [[float("nan") if c is None or c[i] is None else c[i] for c in columns] for i in range(bins)]
+        image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                if value == value:
+                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if value < 60 else "black")
+        ax.set_xticks(range(len(Ts)), [length_label(T) for T in Ts])
+        ax.set_yticks(range(bins), [f"{100 * i // bins}%" for i in range(bins)] if n % ncols == 0 else [])
+        ax.set_title(legend_label(results, "needle", variant).replace(" (", "\n("), fontsize=8)
+        ax.set(xlabel="context length", ylabel="needle depth" if n % ncols == 0 else "")
+    fig.colorbar(image, ax=axes.flat[:len(names)], label="final accuracy (%)")
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_selection_diagnostics(results: Results, path: Path) -> None:
+    """Per NSA variant (best learning rate, longest length it ran at, first seed): selection recall of the
+    needle's block and the compressed-attention mass on the needle at the answer positions, against step, one
+    line per layer (mean over its KV heads); the dotted line is recall by chance (``top_n`` of the blocks)."""
+    plt = pyplot()
+    picked = []
+    for variant in diagnosed_variants(results):
+        T = max(lengths(results, "needle", variant))
+        runs = best_runs(results, "needle", T, variant)
+        if runs and runs[0]["metrics"]["evals"][-1].get("diagnostics", {}).get("layers"):
+            picked.append((variant, T, runs[0]))
+    fig, axes = plt.subplots(2, max(1, len(picked)), figsize=(3.6 * max(1, len(picked)), 6), squeeze=False,
+                             sharey="row")
+    for j, (variant, T, run) in enumerate(picked):
+        evals = run["metrics"]["evals"]
+        steps = [e["step"] for e in evals]
+        for layer in range(len(evals[-1]["diagnostics"]["layers"])):
+            for row, field in enumerate(("selection_recall", "compressed_mass")):
+                values = [sum(h := e["diagnostics"]["layers"][layer][field]) / len(h) for e in evals]
+                axes[row][j].plot(steps, values, label=f"layer {layer}")
+        nsa = run["config"]["model"]["nsa"]
+        blocks = -(-T // nsa["select_len"])
+        axes[0][j].axhline(min(1.0, nsa["top_n"] / blocks), color="gray", linestyle=":", label="chance")
+        axes[0][j].set(title=f"{variant} T={length_label(T)}")
+        axes[1][j].set(xlabel="step")
+    axes[0][0].set_ylabel("selection recall of the needle")
+    axes[1][0].set_ylabel("compressed mass on the needle")
+    axes[0][0].legend(fontsize="x-small")
+    save(fig, path)
+
+
 def lm_plot_lengths(results: Results) -> List[int]:
-    """The LM lengths with an NSA or a dense run."""
-    return sorted({T for t, T, v in results if t == "lm" and v in MAIN_VARIANTS})
+    """The LM lengths with an NSA or a dense run at its best learning rate."""
+    return [T for T in lengths(results, "lm") if any(best_runs(results, "lm", T, v) for v in MAIN_VARIANTS)]
 
 
 def save(fig, path: Path) -> None:
@@ -328,6 +557,8 @@ def write_plots(results: Results, out: Path) -> List[Path]:
         ("needle_accuracy.png", bool(lengths(results, "needle")), plot_needle_accuracy),
         ("needle_curves.png", bool(lengths(results, "needle")), plot_needle_curves),
         ("lm_loss.png", bool(lm_plot_lengths(results)), plot_lm_loss),
+        ("needle_depth_heatmap.png", bool(diagnosed_variants(results)), plot_depth_heatmap),
+        ("selection_diagnostics.png", bool(diagnosed_variants(results)), plot_selection_diagnostics),
     ]
     written = []
     for name, has_data, draw in plots:
@@ -340,19 +571,22 @@ def write_plots(results: Results, out: Path) -> List[Path]:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 def main(argv: Optional[List[str]] = None) -> List[Path]:
-    """Write ``results.md`` (printed too) and the plots; return the written paths."""
+    """Write ``results.md`` (printed too), ``retrieval-summary.json`` and the plots; return the written paths."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", type=Path, help="folders of per-run JSON files from experiment.py")
-    parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for results.md and the plots")
+    parser.add_argument("--out", type=Path, default=HERE / "results",
+                        help="folder for results.md, retrieval-summary.json and the plots")
     args = parser.parse_args(argv)
     results = load_results(args.dirs)
     args.out.mkdir(parents=True, exist_ok=True)
     text = render(results)
-    (args.out / "results.md").write_text(text)
+    written = [args.out / "results.md", args.out / "retrieval-summary.json"]
+    written[0].write_text(text)
+    written[1].write_text(json.dumps(retrieval_summary(results), indent=1))
     print(text)
-    plots = write_plots(results, args.out)
-    print("wrote " + ", ".join(str(p) for p in [args.out / "results.md", *plots]), file=sys.stderr)
-    return [args.out / "results.md", *plots]
+    written += write_plots(results, args.out)
+    print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
+    return written
 
 
 if __name__ == "__main__":

@@ -32,6 +32,14 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     # the selection (indexer) loss of nsa_dist.selection_loss at two weights
     "nsa-sel0.1": {"nsa": {"selection_loss_weight": 0.1}},
     "nsa-sel1": {"nsa": {"selection_loss_weight": 1.0}},
+    # one K/V projection for all branches: the window's keys, trained on the short phase where the window covers
+    # the sequence, are then the selection keys, so the loss's teacher already points at the needle
+    "nsa-shared": {"nsa": {"kv_sharing": "shared"}},
+    "nsa-shared-sel1": {"nsa": {"kv_sharing": "shared", "selection_loss_weight": 1.0}},
+    "nsa-shared-sel10": {"nsa": {"kv_sharing": "shared", "selection_loss_weight": 10.0}},
+    # every row of a 4k sequence in the loss (the needle task's 16 answer rows are ~1 of 256 sampled rows)
+    "nsa-shared-sel1-rows4k": {"nsa": {"kv_sharing": "shared", "selection_loss_weight": 1.0,
+                                       "selection_loss_rows": 4096}},
 }
 
 # needles: 16 per sequence at every length, each one token standing for its (key, value) pair (RetrievalTask's
