@@ -39,7 +39,7 @@ FUNCTIONAL = [
     Case(4, "contiguous", "sparse", kv_heads=4, T=320),
     Case(4, "contiguous", "allgather", kv_heads=1, T=320, num_docs=0),
     Case(4, "zigzag", "sparse", kv_heads=4, T=192, window=40, num_docs=2),  # window 40 > chunk 24: two halos
-    # P = 8 (the largest CP of issue 10's runs): zigzag chunks of 24 / 16, contiguous chunks of 40
+    # P = 8 (the largest CP of the 8-rank launches): zigzag chunks of 24 / 16, contiguous chunks of 40
     Case(8, "zigzag", "sparse", kv_heads=2, T=384, num_docs=5),
     Case(8, "contiguous", "auto", kv_heads=4, T=320, num_docs=0),
     Case(8, "zigzag", "allgather", kv_heads=1, T=256, window=40),  # window 40 > chunk 16: three halos
