@@ -19,6 +19,10 @@ class BlockCompressor(nn.Module):
       so training starts from mean pooling and learns the rest (paper Sec. 3.3.1).
     - ``"linear"``: ``phi(x) = W flatten(x + pe)``, ``W`` initialised to mean pooling.
     - ``"mean"``: parameter-free mean pooling.
+    - ``"softmax"``: per-coordinate softmax pooling ``phi(x)_d = sum_i softmax_i(beta_d * x_{i,d}) x_{i,d}`` with a
+      learned sharpness ``beta [D]`` starting at 0 (exactly mean pooling); as ``beta_d`` grows it tends to the
+      block's max, so one token's large coordinate is no longer diluted ``l``-fold (negative ``beta_d`` tends to
+      the min).
     """
 
     def __init__(self, kind: str, head_dim: int, block_len: int, stride: int, hidden: int):
@@ -26,19 +30,26 @@ class BlockCompressor(nn.Module):
         self.kind, self.block_len, self.stride = kind, block_len, stride
         if kind == "mean":
             return
+        if kind == "softmax":
+            self.beta = nn.Parameter(torch.zeros(head_dim))
+            return
         self.pos_emb = nn.Parameter(torch.empty(block_len, head_dim))
         if kind == "mlp":
             self.mlp = nn.Sequential(nn.Linear(block_len * head_dim, hidden), nn.GELU(), nn.Linear(hidden, head_dim))
         elif kind == "linear":
             self.proj = nn.Linear(block_len * head_dim, head_dim, bias=False)
         else:
-            raise ValueError(f"unknown compressor kind {kind!r}; expected 'mlp', 'linear' or 'mean'")
+            raise ValueError(f"unknown compressor kind {kind!r}; expected 'mlp', 'linear', 'mean' or 'softmax'")
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Start at mean pooling: zero MLP output layer (``"mlp"``) or the averaging matrix (``"linear"``)."""
+        """Start at mean pooling: zero MLP output layer (``"mlp"``), the averaging matrix (``"linear"``) or zero
+        sharpness (``"softmax"``)."""
         if self.kind == "mean":
+            return
+        if self.kind == "softmax":
+            nn.init.zeros_(self.beta)
             return
         nn.init.normal_(self.pos_emb, std=0.02)
         if self.kind == "mlp":
@@ -55,6 +66,9 @@ class BlockCompressor(nn.Module):
         blocks = unfold_blocks(x, self.block_len, self.stride, cu_seqlens)  # [B, Nc, H, l, D]
         if self.kind == "mean":
             return blocks.mean(dim=-2)
+        if self.kind == "softmax":
+            weights = torch.softmax(blocks * self.beta.to(blocks.dtype), dim=-2)
+            return (weights * blocks).sum(dim=-2)
         flat = (blocks + self.pos_emb.to(blocks.dtype)).flatten(-2)
         if self.kind == "linear":
             return self.proj(flat)

@@ -10,7 +10,7 @@ from .parallel.layout import check_layout_kind
 from .parallel.nsa import check_selection_exchange
 from .validation import check_bool, check_real
 
-COMPRESSORS = ("mlp", "linear", "mean")
+COMPRESSORS = ("mlp", "linear", "mean", "softmax")
 KV_SHARING = ("separate", "shared")
 BRANCHES = ("compressed", "selected", "window")
 DISABLEABLE_BRANCHES = ("compressed", "selected")
@@ -29,8 +29,10 @@ class NSAConfig:
         window: sliding-window size ``w`` (512); 0 drops the window branch.
         init_blocks, local_blocks: always-selected leading blocks (1) and most recent blocks (2).
         compressor: ``"mlp"`` (paper; mean pooling plus a zero-initialised MLP over the block with intra-block
-            position embeddings), ``"linear"`` (one linear map, initialised to mean pooling) or ``"mean"``
-            (parameter-free mean pooling, as flash-linear-attention).
+            position embeddings), ``"linear"`` (one linear map, initialised to mean pooling), ``"mean"``
+            (parameter-free mean pooling, as flash-linear-attention) or ``"softmax"`` (per-coordinate softmax
+            pooling with a learned sharpness starting at mean pooling and able to reach max pooling, so a single
+            token's signal survives compression; see :class:`~nsa_dist.BlockCompressor`).
         compressor_hidden: MLP width of the ``"mlp"`` compressor (default ``4 * Dk``).
         kv_sharing: ``"separate"`` K/V projections per branch (paper) or ``"shared"`` by all three.
         rope_theta: rotary base; ``use_rope=False`` disables rotary embeddings.

@@ -1,4 +1,6 @@
 """NativeSparseAttention module: document isolation, batch independence, compressors, gradients."""
+import math
+
 import pytest
 import torch
 
@@ -20,7 +22,7 @@ def make_layer(seed, dtype=torch.float64, **overrides):
 
 
 @pytest.mark.parametrize("kv_sharing", ["separate", "shared"])
-@pytest.mark.parametrize("compressor", ["mlp", "linear", "mean"])
+@pytest.mark.parametrize("compressor", ["mlp", "linear", "mean", "softmax"])
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
 def test_packed_documents_equal_separate_runs(seed, kv_sharing, compressor, num_kv_heads):
     """Packing documents with cu_seqlens must give exactly each document's standalone output."""
@@ -60,6 +62,42 @@ def test_compressors_start_from_mean_pooling(seed, kind):
     torch.testing.assert_close(comp(x, cu), expected, rtol=0, atol=1e-12)
 
 
+def _softmax_pool_loops(x, beta, block_len, stride, cu_seqlens):
+    """Softmax pooling by explicit loops over documents, blocks, heads and coordinates (float64)."""
+    T = x.shape[1]
+    bounds = cu_seqlens.tolist() if cu_seqlens is not None else [0, T]
+    rows = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        for i in range(0, max(0, (end - start - block_len) // stride + 1)):
+            tokens = x[0, start + i * stride:start + i * stride + block_len]          # [l, H, D]
+            row = torch.empty(tokens.shape[1:], dtype=torch.float64)
+            for h in range(tokens.shape[1]):
+                for d in range(tokens.shape[2]):
+                    v = [float(t) for t in tokens[:, h, d]]
+                    e = [math.exp(float(beta[d]) * a - max(float(beta[d]) * b for b in v)) for a in v]
+                    row[h, d] = math.fsum(w * a for w, a in zip(e, v)) / math.fsum(e)
+            rows.append(row)
+    return torch.stack(rows)[None]
+
+
+def test_softmax_compressor_is_mean_at_start_and_tends_to_max(seed):
+    comp = BlockCompressor("softmax", head_dim=6, block_len=8, stride=4, hidden=16).double()
+    x = torch.randn(1, 33, 2, 6, dtype=torch.float64)
+    cu = torch.tensor([0, 13, 33], dtype=torch.int32)
+    torch.testing.assert_close(comp(x, cu), unfold_blocks(x, 8, 4, cu).mean(dim=-2), rtol=0, atol=1e-12)
+    with torch.no_grad():
+        comp.beta.copy_(torch.randn(6) * 3)
+    torch.testing.assert_close(comp(x, cu), _softmax_pool_loops(x, comp.beta, 8, 4, cu), rtol=1e-10, atol=1e-12,
+                               msg=lambda m: f"seed {seed}: {m}")
+    with torch.no_grad():
+        comp.beta.fill_(1e4)
+    # a value delta below the max weighs exp(-beta * delta): the gap to the max is at most
+    # (l - 1) * max_delta delta * exp(-beta * delta) = 7 / (e * beta) < 3e-4
+    torch.testing.assert_close(comp(x, cu), unfold_blocks(x, 8, 4, cu).amax(dim=-2), rtol=0, atol=3e-4)
+    assert torch.autograd.gradcheck(lambda xx, b: torch.func.functional_call(comp, {"beta": b}, (xx, cu)),
+                     (x[:, :21].clone().requires_grad_(), (torch.randn(6, dtype=torch.float64) * 2).requires_grad_()))
+
+
 def test_short_sequence_has_no_nan(seed):
     """T < block_len: no compressed block exists; forward and backward stay finite."""
     layer = make_layer(seed, dtype=torch.float32)
@@ -70,7 +108,7 @@ def test_short_sequence_has_no_nan(seed):
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("compressor", ["mlp", "linear"])
+@pytest.mark.parametrize("compressor", ["mlp", "linear", "softmax"])
 def test_gradcheck_through_compressor_gates_and_branches(seed, compressor):
     """float64 gradcheck w.r.t. the input and the compressor, gate and projection weights.
 
@@ -81,9 +119,11 @@ def test_gradcheck_through_compressor_gates_and_branches(seed, compressor):
                        head_dim=4, v_head_dim=4, compressor_hidden=4, block_len=8, stride=4, select_len=8, window=6)
     cu = torch.tensor([0, 13, 30], dtype=torch.int32)
     x = torch.randn(1, 30, 8, dtype=torch.float64, requires_grad=True)
-    names = ["k_compressor.pos_emb", "v_compressor.pos_emb", "gate_proj.weight", "kv_proj.weight"]
-    names += ["k_compressor.mlp.0.weight", "v_compressor.mlp.2.weight"] if compressor == "mlp" else [
-        "k_compressor.proj.weight"]
+    names = ["gate_proj.weight", "kv_proj.weight"]
+    names += {"mlp": ["k_compressor.pos_emb", "v_compressor.pos_emb", "k_compressor.mlp.0.weight",
+                      "v_compressor.mlp.2.weight"],
+              "linear": ["k_compressor.pos_emb", "v_compressor.pos_emb", "k_compressor.proj.weight"],
+              "softmax": ["k_compressor.beta", "v_compressor.beta"]}[compressor]
     params = dict(layer.named_parameters())
     leaves = [params[n].detach().clone().requires_grad_() for n in names]
 

@@ -29,6 +29,8 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "nsa-no-selected": {"nsa": {"disabled_branches": ["selected"]}},
     "nsa-no-window": {"nsa": {"window": 0}},
     "nsa-mean-pool": {"nsa": {"compressor": "mean"}},
+    # learned softmax pooling (mean at the start, up to max pooling): a needle token's key is not diluted 32-fold
+    "nsa-softmax-pool": {"nsa": {"compressor": "softmax"}},
     # the selection (indexer) loss of nsa_dist.selection_loss at two weights
     "nsa-sel0.1": {"nsa": {"selection_loss_weight": 0.1}},
     "nsa-sel1": {"nsa": {"selection_loss_weight": 1.0}},
