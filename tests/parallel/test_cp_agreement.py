@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from cp_cases import BRANCH_INPUTS, Case, branch_inputs, compressors
-from cp_harness import run_ranks
+from cp_harness import run_ranks, value_error_messages
 from nsa_dist.parallel import CPLayout, ShardedSequence, context_parallel_nsa
 from nsa_dist.parallel.dense import allgather_dense_attention
 
@@ -45,14 +45,7 @@ def mismatch_job(rank, world):
         lambda: dense_call(32 if rank == 0 else 64, batch=2 if rank == 0 else 1),
         lambda: dense_call(64, cu_seqlens=None if rank == 0 else cu(0, 10, 64)),
     ]
-    messages = []
-    for attempt in attempts:
-        try:
-            attempt()
-            messages.append(None)
-        except ValueError as exc:
-            messages.append(str(exc))
-    return messages, tuple(dense_call(64, cu_seqlens=cu(0, 10, 64)).shape)
+    return value_error_messages(attempts), tuple(dense_call(64, cu_seqlens=cu(0, 10, 64)).shape)
 
 
 def test_ranks_given_different_sequences_all_raise_the_same_error():

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import nsa_kernels
 from cp_cases import (BRANCH_INPUTS, GEOMETRY, Case, branch_inputs, compressors, cu_seqlens_of, grad_or_zero,
                       module_and_inputs, parameter_grads, sum_over_ranks)
-from cp_harness import run_ranks
+from cp_harness import run_ranks, value_error_messages
 from nsa_dist.parallel import CPLayout, ShardedSequence, context_parallel_nsa
 from nsa_dist.parallel.nsa import cheaper_selection_path
 
@@ -102,7 +102,6 @@ def error_job(rank, world, seed):
     case = Case(world, "zigzag", "auto", kv_heads=1, T=32 * world, num_docs=0)
     local = {n: t[:, :32] for n, t in branch_inputs(case, seed).items()}
     compress_k, compress_v, _ = compressors(case, seed)
-    messages = []
     attempts = [
         lambda: context_parallel_nsa(*(local[n] for n in BRANCH_INPUTS), shards=ShardedSequence(
             CPLayout(2 * world, 32 * world, "zigzag", L_SEL)), group=None, compress_k=compress_k, compress_v=compress_v,
@@ -111,13 +110,7 @@ def error_job(rank, world, seed):
         lambda: module_and_inputs(case, seed, dist.group.WORLD)[0](
             torch.randn(1, 32, 16), cu_seqlens=torch.tensor([0, 10, 60], dtype=torch.int32)),
     ]
-    for attempt in attempts:
-        try:
-            attempt()
-            messages.append(None)
-        except ValueError as exc:
-            messages.append(str(exc))
-    return messages
+    return value_error_messages(attempts)
 
 
 def all_jobs(P, seed):
