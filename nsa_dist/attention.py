@@ -12,10 +12,11 @@ from .compression import BlockCompressor
 from .config import NSAConfig
 from .parallel import CPStats
 from .rotary import RotaryEmbedding
+from .selection_warmup import FullSelectionSwitch
 from .validation import check_layer_inputs
 
 
-class NativeSparseAttention(nn.Module):
+class NativeSparseAttention(FullSelectionSwitch, nn.Module):
     """Native Sparse Attention layer (DeepSeek, arXiv 2502.11089).
 
     ``x [B, T, hidden]`` -> ``[B, T, hidden]``: q and per-branch K/V projections, learnable compressors
@@ -69,7 +70,7 @@ class NativeSparseAttention(nn.Module):
         gates = torch.sigmoid(self.gate_proj(x)).view(B, T, c.num_heads, 3)
         out = nsa_branches(c, q, k_c, v_c, k_s, v_s, k_w, v_w, gates, k_compressor=self.k_compressor,
                            v_compressor=self.v_compressor, rotary=self.rotary, cu_seqlens=cu_seqlens,
-                           position_ids=position_ids, cp_group=self.cp_group)
+                           position_ids=position_ids, cp_group=self.cp_group, full_selection=self.full_selection)
         if self.cp_group is not None:
             self.last_cp_stats = out.cp_stats
         self.last_selection_loss = out.selection_loss

@@ -30,7 +30,7 @@ def nsa_branches(config: NSAConfig, q: torch.Tensor, k_c: torch.Tensor, v_c: tor
                  v_s: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, gates: torch.Tensor, *,
                  k_compressor: Callable, v_compressor: Callable, rotary: Optional[Callable] = None,
                  cu_seqlens: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                 cp_group=None) -> BranchOutput:
+                 cp_group=None, full_selection: bool = False) -> BranchOutput:
     """Gated NSA output of projected heads.
 
     Args:
@@ -52,6 +52,8 @@ def nsa_branches(config: NSAConfig, q: torch.Tensor, k_c: torch.Tensor, v_c: tor
             under context parallelism.
         cp_group: context-parallel process group, or None. Then ``T`` is the local shard ``T_global / P`` in
             the ``config.cp_layout`` layout.
+        full_selection: the selected branch attends every block (causal attention over ``k_s``, ``v_s``): the
+            warm-up of :mod:`nsa_dist.selection_warmup`. Single rank only.
     Returns:
         A :class:`BranchOutput`. With ``config.selection_loss_weight > 0`` and gradients enabled, ``o`` carries
         the selection loss (:func:`~nsa_dist.selection_loss.attach_aux_loss`): backpropagating any loss through
@@ -64,6 +66,10 @@ def nsa_branches(config: NSAConfig, q: torch.Tensor, k_c: torch.Tensor, v_c: tor
         gates = gates * gates.new_tensor(c.branch_gate_mask)
     k_compressor, v_compressor = (_output_cast_to(phi, q.dtype) for phi in (k_compressor, v_compressor))
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        if full_selection:
+            raise ValueError(f"selection_warmup_steps={c.selection_warmup_steps} (full selection) is not supported "
+                             "under context parallelism (its selected branch would need every rank's selection "
+                             "K/V for every query); set it to 0 or run the layer on one rank")
         if c.selection_loss_weight:
             raise ValueError(f"selection_loss_weight={c.selection_loss_weight} is not supported under context "
                              "parallelism (its teacher needs every rank's selection keys for each sampled query); "
@@ -81,11 +87,14 @@ def nsa_branches(config: NSAConfig, q: torch.Tensor, k_c: torch.Tensor, v_c: tor
         k_cmp = rotary(k_cmp, position_ids[..., last])
         k_s = rotary(k_s, position_ids)
         k_w = k_s if c.kv_sharing == "shared" else rotary(k_w, position_ids)
-    observe_branches(c, q, k_cmp, v_cmp, gates, cu_seqlens)
-    o = nsa_kernels.nsa_attention(
-        q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates, block_len=c.block_len, stride=c.stride,
-        select_len=c.select_len, top_n=c.top_n, window=c.window, init_blocks=c.init_blocks,
-        local_blocks=c.local_blocks, scale=c.softmax_scale, cu_seqlens=cu_seqlens)
+    observe_branches(c, q, k_cmp, v_cmp, k_s, gates, cu_seqlens)
+    if full_selection:
+        o = _full_selection_nsa(c, q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates, cu_seqlens)
+    else:
+        o = nsa_kernels.nsa_attention(
+            q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates, block_len=c.block_len, stride=c.stride,
+            select_len=c.select_len, top_n=c.top_n, window=c.window, init_blocks=c.init_blocks,
+            local_blocks=c.local_blocks, scale=c.softmax_scale, cu_seqlens=cu_seqlens)
     if not (c.selection_loss_weight and torch.is_grad_enabled()):
         return BranchOutput(o, None, None)
     loss = selection_loss(q, k_cmp, k_s, block_len=c.block_len, stride=c.stride, select_len=c.select_len,
@@ -93,6 +102,17 @@ def nsa_branches(config: NSAConfig, q: torch.Tensor, k_c: torch.Tensor, v_c: tor
                           scale=c.softmax_scale or q.shape[-1] ** -0.5, num_rows=c.selection_loss_rows,
                           cu_seqlens=cu_seqlens)
     return BranchOutput(attach_aux_loss(o, loss, c.selection_loss_weight), None, loss.detach())
+
+
+def _full_selection_nsa(c: NSAConfig, q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates, cu_seqlens) -> torch.Tensor:
+    """The gated NSA output with every block selected: the selected branch is causal attention over all of
+    ``k_s``, ``v_s`` (a window as long as the sequence), so it equals ``nsa_attention`` with ``top_n`` at least the
+    number of selection blocks; the compressed and window branches are unchanged."""
+    geometry = dict(block_len=c.block_len, stride=c.stride, scale=c.softmax_scale, cu_seqlens=cu_seqlens)
+    o_cmp, _ = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, **geometry)
+    o_slc = nsa_kernels.window_attention(q, k_s, v_s, q.shape[1], c.softmax_scale, cu_seqlens)
+    o_win = nsa_kernels.window_attention(q, k_w, v_w, c.window, c.softmax_scale, cu_seqlens) if c.window else None
+    return nsa_kernels.gate_combine(gates, o_cmp, o_slc, o_win)
 
 
 def _output_cast_to(compressor: Callable, dtype: torch.dtype) -> Callable:

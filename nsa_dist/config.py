@@ -53,6 +53,11 @@ class NSAConfig:
             under context parallelism).
         selection_loss_rows: query rows per sequence the selection loss samples (its cost is
             ``O(rows * T * HQ * Dk)`` per layer).
+        selection_warmup_steps: training steps, from the first, during which the selected branch attends every
+            block (causal attention over the selection K/V; :mod:`nsa_dist.selection_warmup`), so the model
+            learns with full attention while the selection loss trains the block scores; then the paper's top-n.
+            0 (default): top-n from the start. Read by the trainers; evaluation always uses top-n. Single rank
+            only (not under context parallelism).
     """
 
     hidden_size: int
@@ -79,6 +84,7 @@ class NSAConfig:
     disabled_branches: Tuple[str, ...] = ()
     selection_loss_weight: float = 0.0
     selection_loss_rows: int = 256
+    selection_warmup_steps: int = 0
 
     def __post_init__(self):
         for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim"):
@@ -109,6 +115,7 @@ class NSAConfig:
         check_selection_exchange(self.cp_selection_exchange, "cp_selection_exchange")
         check_real("selection_loss_weight", self.selection_loss_weight, 0)
         check_positive_int("selection_loss_rows", self.selection_loss_rows)
+        check_non_negative_int("selection_warmup_steps", self.selection_warmup_steps)
 
     def _check_disabled_branches(self) -> None:
         if isinstance(self.disabled_branches, str):

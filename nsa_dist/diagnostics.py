@@ -15,8 +15,8 @@ and, for any model (dense too), ``accuracy_by_depth``: the answers' accuracy by 
 over the sequence length) in ``depth_bins`` equal bins (None for a bin without answers).
 
 While :class:`NeedleProbe` is active the single-rank path of :func:`~nsa_dist.branches.nsa_branches` hands each
-NSA layer's rotated q, compressed keys and gates to it (:func:`observe_branches`); the probe recomputes the
-selection with the public ops at the answer rows only. It needs unpacked sequences and one rank.
+NSA layer's rotated q, compressed keys, selection keys and gates to it (:func:`observe_branches`); the probe
+recomputes the selection with the public ops at the answer rows only. It needs unpacked sequences and one rank.
 """
 from __future__ import annotations
 
@@ -55,11 +55,11 @@ class NeedleProbe:
             self._needles, _active = None, None
 
     @torch.no_grad()
-    def observe(self, config, q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, gates: torch.Tensor,
-                cu_seqlens: Optional[torch.Tensor]) -> None:
-        """Add one NSA layer's statistics. ``q [B, T, HQ, Dk]`` and ``k_cmp [B, Nc, H, Dk]`` rotated as the
-        kernels see them, ``v_cmp [B, Nc, H, Dv]``, ``gates [B, T, HQ, 3]`` after the sigmoid (and the
-        disabled-branch mask); ``config`` the layer's :class:`~nsa_dist.NSAConfig`."""
+    def observe(self, config, q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc: torch.Tensor,
+                gates: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> None:
+        """Add one NSA layer's statistics. ``q [B, T, HQ, Dk]``, ``k_cmp [B, Nc, H, Dk]`` and the selection keys
+        ``k_slc [B, T, H, Dk]`` rotated as the kernels see them, ``v_cmp [B, Nc, H, Dv]``, ``gates [B, T, HQ, 3]``
+        after the sigmoid (and the disabled-branch mask); ``config`` the layer's :class:`~nsa_dist.NSAConfig`."""
         if cu_seqlens is not None:
             raise ValueError("NeedleProbe needs unpacked sequences (cu_seqlens=None)")
         rows, needles = (t.to(q.device) for t in self._needles)
@@ -84,8 +84,15 @@ class NeedleProbe:
         p = torch.exp(logits - lse[b, rows].double().view(B, -1, H, G, 1))
         mass = torch.where((visible & holds)[:, :, None, None, :], p, 0.0).sum(-1).mean(-1)  # [B, P, H]
         gate = gates[b, rows].double().view(B, -1, H, G, 3).mean(3)                        # [B, P, H, 3]
+        key_logits = torch.einsum("bphgd,bthd->bphgt", q_rows, k_slc.double()) * scale
+        keys = torch.arange(T, device=q.device)
+        key_probs = torch.softmax(key_logits.masked_fill((keys > rows[:, :, None])[:, :, None, None], float("-inf")),
+                                  dim=-1)
+        in_block = (keys // config.select_len)[None, None, :] == (needles // config.select_len)[:, :, None]
+        key_mass = torch.where(in_block[:, :, None, None], key_probs, 0.0).sum(-1).mean(-1)   # [B, P, H]
 
         stats = {"selection_recall": recall.sum((0, 1)), "compressed_mass": mass.sum((0, 1)),
+                 "selection_key_mass": key_mass.sum((0, 1)),
                  **{f"gate_{name}": gate[..., i].sum((0, 1)) for i, name in enumerate(BRANCH_NAMES)},
                  "count": torch.tensor(float(B * rows.shape[1]), dtype=torch.float64, device=q.device)}
         if self._layer == len(self.layers):
@@ -95,19 +102,20 @@ class NeedleProbe:
         self._layer += 1
 
     def summary(self) -> List[Dict]:
-        """Per layer: ``{"selection_recall": [H], "compressed_mass": [H], "gates": {branch: [H]}}`` (means)."""
+        """Per layer: ``{"selection_recall": [H], "compressed_mass": [H], "selection_key_mass": [H],
+        "gates": {branch: [H]}}`` (means)."""
         out = []
         for stats in self.layers:
             mean = {k: (v / stats["count"]).tolist() for k, v in stats.items() if k != "count"}
             out.append({"selection_recall": mean["selection_recall"], "compressed_mass": mean["compressed_mass"],
-                        "gates": {name: mean[f"gate_{name}"] for name in BRANCH_NAMES}})
+                        "selection_key_mass": mean["selection_key_mass"], "gates": {name: mean[f"gate_{name}"] for name in BRANCH_NAMES}})
         return out
 
 
-def observe_branches(config, q, k_cmp, v_cmp, gates, cu_seqlens) -> None:
+def observe_branches(config, q, k_cmp, v_cmp, k_slc, gates, cu_seqlens) -> None:
     """Hand one NSA layer's branch inputs to the active :class:`NeedleProbe`, if any (see its ``observe``)."""
     if _active is not None:
-        _active.observe(config, q, k_cmp, v_cmp, gates, cu_seqlens)
+        _active.observe(config, q, k_cmp, v_cmp, k_slc, gates, cu_seqlens)
 
 
 @torch.no_grad()

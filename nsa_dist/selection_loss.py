@@ -12,9 +12,10 @@ and KV heads of ``KL(teacher || student)``. It is only defined for rows with mor
 slots (``t // l' + 1 > top_n``): elsewhere every candidate is selected anyway.
 
 Nothing ``[T, T]`` is built: the teacher takes ``rows_per_chunk`` rows at a time against all ``T`` keys, the student
-is ``[B, R, HQ, Nc]`` for ``R`` sampled rows. Its gradient reaches q and the compressed keys (so the compressor and
-the compression branch's key projection); it is attached to the layer output by :func:`attach_aux_loss`, so any
-trainer's ``loss.backward()`` applies it.
+is ``[B, R, HQ, Nc]`` for ``R`` sampled rows. Its gradient reaches only the compressed keys (so the compressor and
+the compression branch's key projection): the student sees the queries detached, as DSA detaches its indexer's
+input, so the loss cannot pull the attention's queries towards what the compressed keys can express. It is
+attached to the layer output by :func:`attach_aux_loss`, so any trainer's ``loss.backward()`` applies it.
 """
 from __future__ import annotations
 
@@ -136,15 +137,16 @@ def selection_loss(q: torch.Tensor, k_cmp: torch.Tensor, k_sel: torch.Tensor, *,
             document); k_sel: ``[B, T, H, Dk]`` rotated selection keys; cu_seqlens: optional packed documents.
         The geometry and ``scale`` are those of the NSA call.
     Returns:
-        A scalar, float32 (float64 for float64 inputs); 0, attached to q, when no row has to choose. Gradients flow to q and k_cmp only.
+        A scalar, float32 (float64 for float64 inputs); 0, attached to k_cmp, when no row has to choose. Gradients
+        flow to k_cmp only (q and k_sel are detached).
     """
     T = q.shape[1]
     geometry = sequence_geometry(cu_seqlens, T, block_len, stride, q.device)
     rows = sample_rows(geometry, num_rows, select_len, top_n)
     if rows.numel() == 0:
-        return q.sum().to(compute_dtype(q.dtype)) * 0.0
+        return k_cmp.sum().to(compute_dtype(q.dtype)) * 0.0
     num_sel = int(geometry.local.max()) // select_len + 1
-    q_rows = q[:, rows]
+    q_rows = q.detach()[:, rows]
     teacher = teacher_block_mass(q_rows, k_sel, rows, geometry, num_sel, select_len, scale)
     student = student_block_importance(q_rows, k_cmp, rows, geometry, num_sel, block_len, stride, select_len, scale)
     ranked = ranked_blocks(geometry.local[rows], num_sel, select_len, init_blocks, local_blocks)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .attention import NativeSparseAttention
 from .data import IGNORE_INDEX, Batch, ByteTextDataset, RetrievalTask
 from .diagnostics import retrieval_diagnostics
+from .selection_warmup import set_full_selection
 from .models import DenseAttention, GPT
 from .parallel.local_group import run_local_group
 from .parallel.training import ContextParallelGroup
@@ -94,7 +95,9 @@ def batch_loss(model: GPT, batch: Batch, device: torch.device, cp: ContextParall
 @torch.no_grad()
 def evaluate(model: GPT, batches: List[Batch], device: torch.device, cp: ContextParallelGroup,
              precision: str = "fp32") -> Dict[str, float]:
-    """Mean loss and accuracy over fixed held-out batches."""
+    """Mean loss and accuracy over fixed held-out batches, with the NSA layers' top-n selection (a full-selection
+    warm-up is switched off; the training loop sets it again at its next step)."""
+    set_full_selection(model, False)
     model.eval()
     values = [batch_loss(model, batch, device, cp, precision)[2] for batch in batches]
     model.train()
@@ -199,8 +202,10 @@ def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: Context
     bar = tqdm(range(config.train.steps), desc=f"train {model.config.attention}", disable=not progress,
                dynamic_ncols=True)
     window: List[StepStats] = []
+    full_selection_steps = model.config.nsa_config().selection_warmup_steps
     for step in bar:
         step_start = time.perf_counter()
+        set_full_selection(model, step < full_selection_steps)
         if step < config.data.short_steps:
             batch = dataset.sample(batch_size * seq_len // config.data.short_seq_len, config.data.short_seq_len,
                                    train_gen)

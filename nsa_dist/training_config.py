@@ -193,6 +193,11 @@ class TrainConfig:
         if self.train.cp == 1:
             return
         nsa = model.nsa_config()
+        if model.attention == "nsa":
+            for name in ("selection_loss_weight", "selection_warmup_steps"):
+                if getattr(nsa, name):
+                    raise ValueError(f"model.nsa.{name}={getattr(nsa, name)} is not supported with train.cp="
+                                     f"{self.train.cp} (context parallelism); set it to 0 or train on one rank")
         for length in (self.data.seq_len, self.data.short_seq_len):
             if length is not None:
                 CPLayout(self.train.cp, length, nsa.cp_layout, nsa.select_len)

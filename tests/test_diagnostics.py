@@ -45,8 +45,9 @@ def test_needles_point_at_answers_and_their_needles(fused, seed):
     assert torch.equal(again.tokens, batch.tokens) and torch.equal(again.needles.needle_rows, needles)
 
 
-def _oracle_stats(q, k_cmp, gates, rows, needles, config: NSAConfig):
-    """Per KV head: recall, compressed mass on the needle's blocks, gates; float64 loops over the oracle."""
+def _oracle_stats(q, k_cmp, k_slc, gates, rows, needles, config: NSAConfig):
+    """Per KV head: recall, compressed mass on the needle's blocks, full attention's mass on the needle's
+    selection block, gates; float64 loops over the oracle."""
     B, T, HQ, _ = q.shape
     H = k_cmp.shape[2]
     G = HQ // H
@@ -54,8 +55,8 @@ def _oracle_stats(q, k_cmp, gates, rows, needles, config: NSAConfig):
     idx = O.oracle_select_blocks(q, k_cmp, top_n=config.top_n, init_blocks=config.init_blocks,
                                  local_blocks=config.local_blocks, scale=config.softmax_scale, **geo)
     scale = config.softmax_scale or q.shape[-1] ** -0.5
-    recall, mass, gate = torch.zeros(H, dtype=torch.float64), torch.zeros(H, dtype=torch.float64), \
-        torch.zeros(H, 3, dtype=torch.float64)
+    recall, mass, key_mass, gate = (torch.zeros(H, dtype=torch.float64), torch.zeros(H, dtype=torch.float64),
+                                    torch.zeros(H, dtype=torch.float64), torch.zeros(H, 3, dtype=torch.float64))
     count = 0
     for b in range(B):
         for t, n in zip(rows[b].tolist(), needles[b].tolist()):
@@ -68,8 +69,14 @@ def _oracle_stats(q, k_cmp, gates, rows, needles, config: NSAConfig):
                     on_needle = [p for i, p in zip(visible, probs)
                                  if i * config.stride <= n < i * config.stride + config.block_len]
                     mass[h] += math.fsum(on_needle) / G
+                    logits = [float(q[b, t, hq].double() @ k_slc[b, j, h].double()) * scale for j in range(t + 1)]
+                    top = max(logits)
+                    weights = [math.exp(x - top) for x in logits]
+                    block = range(n // config.select_len * config.select_len, t + 1)
+                    key_mass[h] += math.fsum(weights[j] for j in block if j // config.select_len ==
+                                             n // config.select_len) / math.fsum(weights) / G
                     gate[h] += gates[b, t, hq].double() / G
-    return recall / count, mass / count, gate / count
+    return recall / count, mass / count, key_mass / count, gate / count
 
 
 @pytest.mark.parametrize("HQ,H", [(4, 2), (3, 3), (6, 1)])
@@ -78,22 +85,25 @@ def test_probe_matches_brute_force(HQ, H, seed):
     B, T, D = 2, 77, 8  # T not a multiple of the blocks; answers where top-n must choose (t // 16 + 1 > 3)
     nc = (T - config.block_len) // config.stride + 1
     q, k_cmp, v_cmp = torch.randn(B, T, HQ, D) * 2, torch.randn(B, nc, H, D), torch.randn(B, nc, H, D)
+    k_slc = torch.randn(B, T, H, D) * 2
     gates = torch.rand(B, T, HQ, 3)
     rows = torch.stack([torch.randperm(T - 48)[:4] + 48 for _ in range(B)])
     needles = torch.stack([torch.randint(0, int(r), ()) for r in rows.flatten()]).view(B, 4)
     probe = NeedleProbe()
     for _ in range(2):  # two forwards of one layer accumulate into one layer
         with probe.watching(Needles(rows, needles)):
-            observe_branches(config, q, k_cmp, v_cmp, gates, None)
+            observe_branches(config, q, k_cmp, v_cmp, k_slc, gates, None)
     (layer,) = probe.summary()
-    recall, mass, gate = _oracle_stats(q, k_cmp, gates, rows, needles, config)
+    recall, mass, key_mass, gate = _oracle_stats(q, k_cmp, k_slc, gates, rows, needles, config)
     msg = f"HQ={HQ} H={H} seed={seed}"
     torch.testing.assert_close(torch.tensor(layer["selection_recall"], dtype=torch.float64), recall, msg=msg)
     torch.testing.assert_close(torch.tensor(layer["compressed_mass"], dtype=torch.float64), mass, rtol=1e-5,
                                atol=1e-6, msg=msg)
+    torch.testing.assert_close(torch.tensor(layer["selection_key_mass"], dtype=torch.float64), key_mass, rtol=1e-6,
+                               atol=1e-9, msg=msg)
     for i, name in enumerate(BRANCH_NAMES):
         torch.testing.assert_close(torch.tensor(layer["gates"][name], dtype=torch.float64), gate[:, i], msg=msg)
-    assert 0 < mass.sum() and 0 < recall.sum(), msg  # the case is not degenerate
+    assert 0 < mass.sum() and 0 < recall.sum() and 0 < key_mass.sum(), msg  # the case is not degenerate
 
 
 @pytest.mark.parametrize("attention", ["nsa", "dense"])

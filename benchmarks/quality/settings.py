@@ -42,6 +42,14 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     # every row of a 4k sequence in the loss (the needle task's 16 answer rows are ~1 of 256 sampled rows)
     "nsa-shared-sel1-rows4k": {"nsa": {"kv_sharing": "shared", "selection_loss_weight": 1.0,
                                        "selection_loss_rows": 4096}},
+    # full-selection warm-up (nsa_dist.selection_warmup) over the first 600 or 800 steps of the 1000-step
+    # protocol (400 short + 200 / 400 long): the selected branch attends every block while the selection loss
+    # teaches the block scores; then top-n
+    "nsa-warmup600": {"nsa": {"selection_warmup_steps": 600}},
+    "nsa-warmup600-sel1": {"nsa": {"selection_warmup_steps": 600, "selection_loss_weight": 1.0}},
+    "nsa-warmup800-sel1": {"nsa": {"selection_warmup_steps": 800, "selection_loss_weight": 1.0}},
+    "nsa-softmax-warmup600-sel1": {"nsa": {"compressor": "softmax", "selection_warmup_steps": 600,
+                                           "selection_loss_weight": 1.0}},
 }
 
 # needles: 16 per sequence at every length, each one token standing for its (key, value) pair (RetrievalTask's

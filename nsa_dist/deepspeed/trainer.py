@@ -30,6 +30,7 @@ from ..launch import discover_launch, export_torch_env, launcher_present
 from ..parallel.local_group import free_port
 from ..models import GPT
 from ..parallel.training import ContextParallelGroup
+from ..selection_warmup import set_full_selection
 from ..training_config import TrainConfig
 from ..validation import ensure_writable_dir
 from .config import fill_deepspeed_config, load_deepspeed_json
@@ -104,8 +105,10 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
                f"{groups.cp})", disable=not (progress and groups.rank == 0), dynamic_ncols=True)
     start = window_start = time.perf_counter()
     window: List[List[float]] = []
+    full_selection_steps = model.config.nsa_config().selection_warmup_steps
     for step in bar:
         record, saved = None, None
+        set_full_selection(engine, step < full_selection_steps)
         lr = engine.get_lr()[0]  # the rate this step applies (read after the step, DeepSpeed gives the next one's)
         values = []
         for micro in range(t.grad_accum):

@@ -13,6 +13,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from ..branches import nsa_branches
 from ..compression import BlockCompressor
 from ..parallel import CPLayout
+from ..selection_warmup import FullSelectionSwitch
 from .batch import cu_seqlens_from_packed_seq_params
 from .config import nsa_config_from_transformer_config
 from .rotary import RotaryTable
@@ -37,7 +38,7 @@ class NSASelfAttentionSubmodules:
     linear_proj: Union[ModuleSpec, type] = None
 
 
-class NSASelfAttention(MegatronModule):
+class NSASelfAttention(FullSelectionSwitch, MegatronModule):
     """Native Sparse Attention as the ``self_attention`` of megatron-core's ``TransformerLayer``.
 
     ``forward(hidden_states [s, b, h]) -> (output [s, b, h], bias)`` like Megatron's ``SelfAttention`` (``s`` is
@@ -131,7 +132,7 @@ class NSASelfAttention(MegatronModule):
         o, self.last_cp_stats, self.last_selection_loss = nsa_branches(
             nsa, q.contiguous(), k_c, v_c, k_s, v_s, k_w, v_w, torch.sigmoid(gate_logits).contiguous(),
             k_compressor=self.k_compressor, v_compressor=self.v_compressor, rotary=rotary, cu_seqlens=cu_seqlens,
-            cp_group=cp_group)
+            cp_group=cp_group, full_selection=self.full_selection)
         return self.linear_proj(o.transpose(0, 1).reshape(s, b, self.local_heads * Dv))
 
     def _rope_row_positions(self, rope: torch.Tensor, s: int, cu_seqlens, cp_group) -> torch.Tensor:

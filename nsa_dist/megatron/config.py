@@ -15,7 +15,7 @@ NSA_FIELDS = {
     "compressor": "nsa_compressor", "compressor_hidden": "nsa_compressor_hidden",
     "kv_sharing": "nsa_kv_sharing", "cp_selection_exchange": "nsa_cp_selection_exchange",
     "v_head_dim": "nsa_v_head_dim", "selection_loss_weight": "nsa_selection_loss_weight",
-    "selection_loss_rows": "nsa_selection_loss_rows",
+    "selection_loss_rows": "nsa_selection_loss_rows", "selection_warmup_steps": "nsa_selection_warmup_steps",
 }
 
 
@@ -48,6 +48,7 @@ class NSATransformerConfig(TransformerConfig):
     nsa_v_head_dim: Optional[int] = _default("v_head_dim")
     nsa_selection_loss_weight: float = _default("selection_loss_weight")
     nsa_selection_loss_rows: int = _default("selection_loss_rows")
+    nsa_selection_warmup_steps: int = _default("selection_warmup_steps")
 
     def __post_init__(self):
         super().__post_init__()
