@@ -12,6 +12,7 @@ from .validation import check_bool, check_real
 
 COMPRESSORS = ("mlp", "linear", "mean", "softmax")
 KV_SHARING = ("separate", "shared")
+SELECTION_SCORINGS = ("compressed", "key_bound")
 BRANCHES = ("compressed", "selected", "window")
 DISABLEABLE_BRANCHES = ("compressed", "selected")
 
@@ -53,6 +54,10 @@ class NSAConfig:
             under context parallelism).
         selection_loss_rows: query rows per sequence the selection loss samples (its cost is
             ``O(rows * T * HQ * Dk)`` per layer).
+        selection_scoring: what ranks the selection blocks: ``"compressed"`` (paper: the compressed-attention
+            probabilities) or ``"key_bound"`` (an upper bound of the selected branch's own logits from per-tile
+            key minima and maxima, :mod:`nsa_dist.key_bound_selection`; nothing to learn, so the selection
+            follows the selected branch's queries and keys). Single rank only.
         selection_warmup_steps: training steps, from the first, during which the selected branch attends every
             block (causal attention over the selection K/V; :mod:`nsa_dist.selection_warmup`), so the model
             learns with full attention while the selection loss trains the block scores; then the paper's top-n.
@@ -84,6 +89,7 @@ class NSAConfig:
     disabled_branches: Tuple[str, ...] = ()
     selection_loss_weight: float = 0.0
     selection_loss_rows: int = 256
+    selection_scoring: str = "compressed"
     selection_warmup_steps: int = 0
 
     def __post_init__(self):
@@ -116,6 +122,11 @@ class NSAConfig:
         check_real("selection_loss_weight", self.selection_loss_weight, 0)
         check_positive_int("selection_loss_rows", self.selection_loss_rows)
         check_non_negative_int("selection_warmup_steps", self.selection_warmup_steps)
+        if self.selection_scoring not in SELECTION_SCORINGS:
+            raise ValueError(f"selection_scoring={self.selection_scoring!r} is not one of {SELECTION_SCORINGS}")
+        if self.selection_scoring == "key_bound" and self.selection_loss_weight:
+            raise ValueError(f"selection_loss_weight={self.selection_loss_weight} trains the compressed scores, "
+                             "which do not rank blocks under selection_scoring='key_bound'; set it to 0")
 
     def _check_disabled_branches(self) -> None:
         if isinstance(self.disabled_branches, str):

@@ -50,6 +50,11 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "nsa-warmup800-sel1": {"nsa": {"selection_warmup_steps": 800, "selection_loss_weight": 1.0}},
     "nsa-softmax-warmup600-sel1": {"nsa": {"compressor": "softmax", "selection_warmup_steps": 600,
                                            "selection_loss_weight": 1.0}},
+    # blocks ranked by an upper bound of the selected branch's logits (nsa_dist.key_bound_selection), alone and
+    # after a full-selection warm-up
+    "nsa-key-bound": {"nsa": {"selection_scoring": "key_bound"}},
+    "nsa-key-bound-warmup600": {"nsa": {"selection_scoring": "key_bound", "selection_warmup_steps": 600}},
+    "nsa-key-bound-shared": {"nsa": {"selection_scoring": "key_bound", "kv_sharing": "shared"}},
 }
 
 # needles: 16 per sequence at every length, each one token standing for its (key, value) pair (RetrievalTask's

@@ -16,6 +16,7 @@ NSA_FIELDS = {
     "kv_sharing": "nsa_kv_sharing", "cp_selection_exchange": "nsa_cp_selection_exchange",
     "v_head_dim": "nsa_v_head_dim", "selection_loss_weight": "nsa_selection_loss_weight",
     "selection_loss_rows": "nsa_selection_loss_rows", "selection_warmup_steps": "nsa_selection_warmup_steps",
+    "selection_scoring": "nsa_selection_scoring",
 }
 
 
@@ -49,6 +50,7 @@ class NSATransformerConfig(TransformerConfig):
     nsa_selection_loss_weight: float = _default("selection_loss_weight")
     nsa_selection_loss_rows: int = _default("selection_loss_rows")
     nsa_selection_warmup_steps: int = _default("selection_warmup_steps")
+    nsa_selection_scoring: str = _default("selection_scoring")
 
     def __post_init__(self):
         super().__post_init__()
