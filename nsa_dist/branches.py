@@ -54,7 +54,7 @@ def nsa_branches(config: NSAConfig, q: torch.Tensor, k_c: torch.Tensor, v_c: tor
         cp_group: context-parallel process group, or None. Then ``T`` is the local shard ``T_global / P`` in
             the ``config.cp_layout`` layout.
         full_selection: the selected branch attends every block (causal attention over ``k_s``, ``v_s``): the
-            warm-up of :mod:`nsa_dist.selection_warmup`. Single rank only.
+            warm-up of :mod:`nsa_dist.selection_warmup`.
     Returns:
         A :class:`BranchOutput`. With ``config.selection_loss_weight > 0`` and gradients enabled, ``o`` carries
         the selection loss (:func:`~nsa_dist.selection_loss.attach_aux_loss`): backpropagating any loss through
@@ -67,20 +67,13 @@ def nsa_branches(config: NSAConfig, q: torch.Tensor, k_c: torch.Tensor, v_c: tor
         gates = gates * gates.new_tensor(c.branch_gate_mask)
     k_compressor, v_compressor = (_output_cast_to(phi, q.dtype) for phi in (k_compressor, v_compressor))
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
-        if full_selection:
-            raise ValueError(f"selection_warmup_steps={c.selection_warmup_steps} (full selection) is not supported "
-                             "under context parallelism (its selected branch would need every rank's selection "
-                             "K/V for every query); set it to 0 or run the layer on one rank")
-        if c.selection_scoring != "compressed":
-            raise ValueError(f"selection_scoring={c.selection_scoring!r} is not supported under context "
-                             "parallelism (the ranks exchange compressed tokens, not key bounds); use "
-                             "'compressed' or run the layer on one rank")
         if c.selection_loss_weight:
             raise ValueError(f"selection_loss_weight={c.selection_loss_weight} is not supported under context "
                              "parallelism (its teacher needs every rank's selection keys for each sampled query); "
                              "set it to 0 or run the layer on one rank")
+        selection = "all" if full_selection else c.selection_scoring
         return _context_parallel(c, q, k_c, v_c, k_s, v_s, k_w, v_w, gates, k_compressor, v_compressor, rotary,
-                                 cu_seqlens, position_ids, cp_group)
+                                 cu_seqlens, position_ids, cp_group, selection)
     check_cu_seqlens(cu_seqlens, B, T)
     k_cmp = k_compressor(k_c, cu_seqlens)
     v_cmp = v_compressor(v_c, cu_seqlens)
@@ -135,7 +128,7 @@ def _output_cast_to(compressor: Callable, dtype: torch.dtype) -> Callable:
 
 
 def _context_parallel(c, q, k_c, v_c, k_s, v_s, k_w, v_w, gates, k_compressor, v_compressor, rotary, cu_seqlens,
-                      position_ids, cp_group):
+                      position_ids, cp_group, selection: str):
     """The local shard's ``[B, T/P, ...]`` tensors flatten to one packed row (each batch row a document unless
     ``cu_seqlens`` packs them) for :func:`~nsa_dist.parallel.context_parallel_nsa`."""
     B, T_local = q.shape[:2]
@@ -153,5 +146,6 @@ def _context_parallel(c, q, k_c, v_c, k_s, v_s, k_w, v_w, gates, k_compressor, v
         q, k_c, v_c, k_s, v_s, k_w, v_w, gates, shards=shards, group=cp_group, compress_k=k_compressor,
         compress_v=v_compressor, rotary=rotary, position_ids=shards.flat_position_ids(position_ids, q.device),
         block_len=c.block_len, stride=c.stride, select_len=c.select_len, top_n=c.top_n, window=c.window, init_blocks=c.init_blocks,
-        local_blocks=c.local_blocks, scale=c.softmax_scale, selection_exchange=c.cp_selection_exchange)
+        local_blocks=c.local_blocks, scale=c.softmax_scale, selection_exchange=c.cp_selection_exchange,
+        selection=selection)
     return BranchOutput(o.reshape(B, T_local, *o.shape[2:]), stats, None)

@@ -57,12 +57,13 @@ class NSAConfig:
         selection_scoring: what ranks the selection blocks: ``"compressed"`` (paper: the compressed-attention
             probabilities) or ``"key_bound"`` (an upper bound of the selected branch's own logits from per-tile
             key minima and maxima, :mod:`nsa_dist.key_bound_selection`; nothing to learn, so the selection
-            follows the selected branch's queries and keys). Single rank only.
+            follows the selected branch's queries and keys; under context parallelism the ranks all-reduce the
+            tile bounds).
         selection_warmup_steps: training steps, from the first, during which the selected branch attends every
             block (causal attention over the selection K/V; :mod:`nsa_dist.selection_warmup`), so the model
             learns with full attention while the selection loss trains the block scores; then the paper's top-n.
-            0 (default): top-n from the start. Read by the trainers; evaluation always uses top-n. Single rank
-            only (not under context parallelism).
+            0 (default): top-n from the start. Read by the trainers; evaluation always uses top-n. Under context
+            parallelism the warm-up's selected branch all-gathers the raw selection K/V (as dense attention).
     """
 
     hidden_size: int

@@ -194,10 +194,10 @@ class TrainConfig:
             return
         nsa = model.nsa_config()
         if model.attention == "nsa":
-            for name in ("selection_loss_weight", "selection_warmup_steps"):
-                if getattr(nsa, name):
-                    raise ValueError(f"model.nsa.{name}={getattr(nsa, name)} is not supported with train.cp="
-                                     f"{self.train.cp} (context parallelism); set it to 0 or train on one rank")
+            if nsa.selection_loss_weight:
+                raise ValueError(f"model.nsa.selection_loss_weight={nsa.selection_loss_weight} is not supported "
+                                 f"with train.cp={self.train.cp} (context parallelism); set it to 0 or train on "
+                                 "one rank")
         for length in (self.data.seq_len, self.data.short_seq_len):
             if length is not None:
                 CPLayout(self.train.cp, length, nsa.cp_layout, nsa.select_len)

@@ -1,6 +1,7 @@
 """Full-selection warm-up: the switched layer equals NSA with every block selected (both backends, packed
-documents, several GQA ratios), the trainers switch it for the configured steps only and evaluate with top-n, and
-context parallelism refuses it by name."""
+documents, several GQA ratios), the trainers switch it for the configured steps only and evaluate with top-n;
+training configs under context parallelism take it (its CP path: tests/parallel) but refuse the selection loss by
+name."""
 import math
 
 import pytest
@@ -55,7 +56,7 @@ def _tiny_config(tmp_path, warmup_steps: int, **train) -> TrainConfig:
     raw = TrainConfig.load("configs/train/tiny-cpu.yaml").to_dict()
     raw["train"].update({"cp": 1, "steps": 5, "eval_every": 2, "eval_batches": 1, "batch_size": 2, "log_every": 1,
                          **train})
-    raw["data"]["seq_len"] = 96
+    raw["data"]["seq_len"] = 128  # 4 zigzag chunks of l' = 32 under cp=2
     raw["model"]["nsa"]["selection_warmup_steps"] = warmup_steps
     raw["out_dir"] = str(tmp_path)
     return TrainConfig.from_dict(raw)
@@ -86,9 +87,12 @@ def test_trainer_warms_up_for_the_configured_steps_and_evaluates_with_top_n(tmp_
     assert evaluation and not any(evaluation), "evaluation runs top-n"
 
 
-def test_context_parallel_refuses_the_warmup_by_name(tmp_path):
-    with pytest.raises(ValueError, match=r"model\.nsa\.selection_warmup_steps=4 .*train\.cp=2"):
-        _tiny_config(tmp_path, 4, cp=2)
+def test_context_parallel_takes_the_warmup_but_refuses_the_selection_loss_by_name(tmp_path):
+    assert _tiny_config(tmp_path, 4, cp=2).train.cp == 2  # the CP path is checked in tests/parallel
+    raw = _tiny_config(tmp_path, 4, cp=2).to_dict()
+    raw["model"]["nsa"]["selection_loss_weight"] = 0.5
+    with pytest.raises(ValueError, match=r"model\.nsa\.selection_loss_weight=0\.5 .*train\.cp=2.*set it to 0"):
+        TrainConfig.from_dict(raw)
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "3", True])

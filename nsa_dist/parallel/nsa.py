@@ -9,10 +9,13 @@ Per call, on every rank of the group:
    from earlier chunks go through the compressors; the owned compressed K/V (rotated at their blocks' last
    token) are all-gathered (``T/d`` rows in all), gradients reduce-scattered in backward;
 2. compressed attention and top-n selection of the local queries against their documents' global compressed
-   K/V (block numbers are document-relative, i.e. global);
+   K/V (block numbers are document-relative, i.e. global), or by key bounds (``selection="key_bound"``: one
+   all-reduce of the tiles' key minima and maxima, :mod:`.key_bounds`);
 3. selected attention against a compact key buffer per segment (:mod:`.selection`), whose rows come from a
    sparse fetch of exactly those rows (all-to-all) or from an all-gather of the raw selection K/V, whichever
    moves fewer bytes (``"auto"``, decided identically on all ranks) or as forced;
+   with ``selection="all"`` (the full-selection warm-up) the selected branch is instead causal attention over
+   the whole document (:func:`~.dense.allgather_dense_attention`, an all-gather of the raw selection K/V);
 4. window attention with a halo of up to ``w - 1`` earlier tokens (possibly from several ranks);
 5. the gated sum of the branches.
 
@@ -37,12 +40,15 @@ from .comm import (INDEX_BYTES, SMALL_INTS, ExchangePlan, Pending, all_gather_by
                    start_fetch)
 from .geometry import (KeySegments, compressor_inputs, owned_compressed_rows, prefix_compressed_rows,
                        window_keys)
+from .dense import allgather_dense_attention
+from .key_bounds import context_parallel_key_bound_blocks
 from .rows import RowSource, remote_requests
 from .segments import ShardedSequence
 from .selection import CompactSelection, compact_selection
 from .stats import CPStats
 
 SELECTION_EXCHANGES = ("auto", "sparse", "allgather")
+SELECTIONS = ("compressed", "key_bound", "all")
 
 
 def check_selection_exchange(value: str, name: str = "selection_exchange") -> None:
@@ -127,6 +133,27 @@ def _selection_source(shards: ShardedSequence, rank: int, kv: torch.Tensor, sele
     return RowSource.local_and_fetched(shards, rank, kv, fetched, positions[plan.recv_order])
 
 
+def _attend_selected(q, kv_s, block_idx, shards, rank, segments, select_len, scale, local_cu, exchange,
+                     pending_gather, group, stats: CPStats) -> torch.Tensor:
+    """Stage 3: selected attention of the local queries over ``block_idx`` against the compact key buffers."""
+    selection = compact_selection(block_idx, segments, select_len)
+    stats.unique_remote_blocks = _unique_remote_blocks(shards, rank, selection, select_len)
+    source = _selection_source(shards, rank, kv_s, selection, exchange, pending_gather, group, stats)
+    k_s, v_s = _split_kv(source.take(selection.keys.positions), q.shape[-1])
+    return nsa_kernels.selected_attention(q, k_s, v_s, selection.block_idx, select_len, scale, local_cu,
+                                          selection.keys.cu_seqlens_k)
+
+
+def _attend_every_block(q, k_slc, v_slc, shards, group, scale, stats: CPStats) -> torch.Tensor:
+    """The selected branch with every block selected: causal attention over the whole document (an all-gather
+    of the raw selection K/V, counted as ``selection_kv``)."""
+    stats.selection_path = "allgather"
+    kv_bytes = row_bytes(k_slc[0]) + row_bytes(v_slc[0])
+    stats.add("selection_kv", *all_gather_bytes([shards.local_len] * shards.world_size, kv_bytes))
+    stats.add("agreement", *all_gather_bytes([SMALL_INTS] * shards.world_size, INDEX_BYTES))  # its own check
+    return allgather_dense_attention(q, k_slc, v_slc, shards=shards, group=group, scale=scale)
+
+
 def _check_group(shards: ShardedSequence, group, q: torch.Tensor, select_len: int, exchange: str) -> Tuple[int, int]:
     check_selection_exchange(exchange)
     rank = shards.rank_in(group, "context-parallel NSA", q)
@@ -165,8 +192,8 @@ def context_parallel_nsa(q: torch.Tensor, k_cmp_raw: torch.Tensor, v_cmp_raw: to
                          rotary: Optional[Callable] = None, position_ids: Optional[torch.Tensor] = None,
                          block_len: int = 32, stride: int = 16, select_len: int = 64, top_n: int = 16,
                          window: int = 512, init_blocks: int = 1, local_blocks: int = 2,
-                         scale: Optional[float] = None,
-                         selection_exchange: str = "auto") -> Tuple[torch.Tensor, CPStats]:
+                         scale: Optional[float] = None, selection_exchange: str = "auto",
+                         selection: str = "compressed") -> Tuple[torch.Tensor, CPStats]:
     """NSA output of this rank's query tokens, equal to the single-rank ``nsa_attention`` rows of those tokens.
 
     Args:
@@ -187,6 +214,9 @@ def context_parallel_nsa(q: torch.Tensor, k_cmp_raw: torch.Tensor, v_cmp_raw: to
         block_len .. scale: the NSA geometry as in :func:`nsa_kernels.nsa_attention` (``window=0`` drops the
             window branch).
         selection_exchange: ``"auto"`` (fewer bytes, same choice on every rank), ``"sparse"`` or ``"allgather"``.
+        selection: what picks the selected blocks: ``"compressed"`` (the paper's scores), ``"key_bound"``
+            (:mod:`nsa_dist.key_bound_selection`, tiles of ``stride`` keys) or ``"all"`` (every block: the
+            selected branch is causal attention over the document, equal to ``top_n`` >= the number of blocks).
     Returns:
         ``o [1, B*T/P, HQ, Dv]`` in q's dtype and the call's :class:`CPStats` (also logged at debug level).
         Differentiable w.r.t. every tensor input and the compressors' and rotary's parameters; parameter
@@ -194,6 +224,8 @@ def context_parallel_nsa(q: torch.Tensor, k_cmp_raw: torch.Tensor, v_cmp_raw: to
     """
     check_selection_geometry(block_len, stride, select_len, top_n, init_blocks, local_blocks)
     check_non_negative_int("window", window)
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r} is not one of {SELECTIONS}")
     rank, P = _check_group(shards, group, q, select_len, selection_exchange)
     dims = check_attention_inputs(q, k_slc, v_slc, k_name="k_slc", v_name="v_slc")
     check_attention_inputs(q, k_win, v_win, k_name="k_win", v_name="v_win")
@@ -217,7 +249,7 @@ def context_parallel_nsa(q: torch.Tensor, k_cmp_raw: torch.Tensor, v_cmp_raw: to
         win_keys = [window_keys(segments[r], window, device) for r in range(P)]
         win_halo = _start_halo(shards, rank, [w.halo for w in win_keys], kv_w, group)
     pending_gather = (start_all_gather(kv_s, [shards.local_len] * P, group)
-                      if selection_exchange == "allgather" else None)
+                      if selection_exchange == "allgather" and selection != "all" else None)
 
     # 1. compress the owned blocks, then all-gather them
     source = _finish_halo(shards, rank, kv_c, cmp_halo, group, stats, "compression_halo")
@@ -243,16 +275,20 @@ def context_parallel_nsa(q: torch.Tensor, k_cmp_raw: torch.Tensor, v_cmp_raw: to
     k_cmp, v_cmp = _split_kv(gathered.index_select(0, gathered_row[prefix_rows].to(device)), Dk)
     cu_cmp = cu_cmp.to(device)
     o_cmp, lse = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, block_len, stride, scale, local_cu, cu_cmp)
-    block_idx = nsa_kernels.select_blocks(q, k_cmp, lse, block_len, stride, select_len, top_n, init_blocks,
-                                          local_blocks, scale, local_cu, cu_cmp)
-
-    # 3. selected attention against the compact key buffers
-    selection = compact_selection(block_idx, segments[rank], select_len)
-    stats.unique_remote_blocks = _unique_remote_blocks(shards, rank, selection, select_len)
-    source = _selection_source(shards, rank, kv_s, selection, selection_exchange, pending_gather, group, stats)
-    k_s, v_s = _split_kv(source.take(selection.keys.positions), Dk)
-    o_slc = nsa_kernels.selected_attention(q, k_s, v_s, selection.block_idx, select_len, scale, local_cu,
-                                           selection.keys.cu_seqlens_k)
+    if selection == "all":
+        o_slc = _attend_every_block(q, k_slc, v_slc, shards, group, scale, stats)
+    else:
+        if selection == "key_bound":
+            block_idx = context_parallel_key_bound_blocks(
+                q, k_slc, shards=shards, rank=rank, group=group, select_len=select_len, tile_len=stride,
+                top_n=top_n, init_blocks=init_blocks, local_blocks=local_blocks, scale=scale or Dk ** -0.5,
+                stats=stats)
+        else:
+            block_idx = nsa_kernels.select_blocks(q, k_cmp, lse, block_len, stride, select_len, top_n, init_blocks,
+                                                  local_blocks, scale, local_cu, cu_cmp)
+        # 3. selected attention against the compact key buffers
+        o_slc = _attend_selected(q, kv_s, block_idx, shards, rank, segments[rank], select_len, scale, local_cu,
+                                 selection_exchange, pending_gather, group, stats)
 
     # 5. gated sum
     o = nsa_kernels.gate_combine(gates, o_cmp, o_slc, o_win if window > 0 else None)

@@ -245,10 +245,13 @@ def checkpoint_round_trip(rank: int, world: int, case: GPTCase, save: Tuple[int,
     return float(next_loss), float(loaded_loss)
 
 
-def layer_against_native(rank: int, world: int, docs: Optional[Tuple[int, ...]], rope: bool, G: int):
+def layer_against_native(rank: int, world: int, docs: Optional[Tuple[int, ...]], rope: bool, G: int,
+                         selection: Optional[Dict] = None, full_selection: bool = False):
     """``NSASelfAttention`` (TP = CP = 1, float64) and :class:`nsa_dist.NativeSparseAttention` with the same
     weights (the q/gate and K/V rows rearranged from Megatron's head-major layout) on the same input; rotary from a
-    float64 RoPE table in Megatron's ``[S, 1, 1, D]`` format. Returns ``(megatron out, native out)`` as ``[b, s, h]``."""
+    float64 RoPE table in Megatron's ``[S, 1, 1, D]`` format. ``selection``: extra NSA fields for both (e.g.
+    ``selection_scoring``); ``full_selection``: both layers switched to the full-selection warm-up. Returns
+    ``(megatron out, native out)`` as ``[b, s, h]``."""
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.spec_utils import build_module
 
@@ -259,7 +262,7 @@ def layer_against_native(rank: int, world: int, docs: Optional[Tuple[int, ...]],
     init_parallel(1, 1)
     torch.manual_seed(3)
     H, Dk, s, h = 2, 16, 200, 48
-    geometry = dict(block_len=8, stride=4, select_len=16, top_n=3, window=24)
+    geometry = dict(block_len=8, stride=4, select_len=16, top_n=3, window=24, **(selection or {}))
     config = NSATransformerConfig(num_layers=1, hidden_size=h, num_attention_heads=H * G, num_query_groups=H,
                                   kv_channels=Dk, add_bias_linear=False, use_cpu_initialization=True,
                                   params_dtype=torch.float64, **{f"nsa_{k}": v for k, v in geometry.items()})
@@ -288,6 +291,7 @@ def layer_against_native(rank: int, world: int, docs: Optional[Tuple[int, ...]],
         inv_freq = 10000.0 ** (-torch.arange(0, Dk, 2, dtype=torch.float64) / Dk)
         freqs = torch.outer(torch.arange(s, dtype=torch.float64), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+    layer.full_selection = native.full_selection = full_selection
     out, bias = layer(x, None, rotary_pos_emb=emb, packed_seq_params=psp)
     assert bias is None
     return out.transpose(0, 1).detach(), native(x.transpose(0, 1), cu_seqlens=cu).detach()

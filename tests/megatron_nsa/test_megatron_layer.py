@@ -20,10 +20,14 @@ from nsa_dist.parallel import CPLayout  # noqa: E402
 from nsa_dist.parallel.local_group import run_local_group  # noqa: E402
 
 
-@pytest.mark.parametrize("docs,rope,G", [(None, False, 1), (None, True, 4), ((70, 9, 121), True, 2),
-                                         ((150, 50), False, 4)])
-def test_layer_equals_native_sparse_attention(docs, rope, G):
-    ours, native = run_local_group(gpt_cases.layer_against_native, 1, docs, rope, G, timeout=300)[0]
+@pytest.mark.parametrize("docs,rope,G,selection,full", [
+    (None, False, 1, None, False), (None, True, 4, None, False), ((70, 9, 121), True, 2, None, False),
+    ((150, 50), False, 4, None, False),
+    ((70, 9, 121), True, 2, {"selection_scoring": "key_bound"}, False),  # nsa_selection_scoring reaches the layer
+    ((150, 50), True, 4, None, True)])  # the full-selection warm-up switch
+def test_layer_equals_native_sparse_attention(docs, rope, G, selection, full):
+    ours, native = run_local_group(gpt_cases.layer_against_native, 1, docs, rope, G, selection, full,
+                                   timeout=300)[0]
     assert ours.shape == native.shape
     assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours, native, rtol=0, atol=1e-12)

@@ -34,6 +34,8 @@ class Case:
     geometry: tuple = ()  # overrides of GEOMETRY
     dtype: torch.dtype = torch.float32  # inputs are drawn in float32, then converted
     kv_sharing: str = "separate"  # module cases
+    selection_scoring: str = "compressed"  # module cases
+    full_selection: bool = False  # module cases: the layer's full-selection warm-up switch
 
     @property
     def nsa(self) -> Dict[str, int]:
@@ -41,7 +43,8 @@ class Case:
 
     def name(self) -> str:
         return (f"P{self.P}-{self.kind}-{self.exchange}-G{HQ // self.kv_heads}-T{self.T}-w{self.window}"
-                f"-docs{self.doc_lengths or self.num_docs}-B{self.batch}-{self.kv_sharing}-{str(self.dtype).split('.')[-1]}")
+                f"-docs{self.doc_lengths or self.num_docs}-B{self.batch}-{self.kv_sharing}-{str(self.dtype).split('.')[-1]}"
+                f"-{self.selection_scoring}{'-full' if self.full_selection else ''}")
 
 
 def cu_seqlens_of(case: Case, seed: int) -> Optional[torch.Tensor]:
@@ -83,8 +86,9 @@ def module_and_inputs(case: Case, seed: int, cp_group=None):
     """The NSA layer (mlp compressor, random weights), global x ``[B, T, hidden]``, dy and position_ids."""
     cfg = NSAConfig(hidden_size=16, num_heads=HQ, num_kv_heads=case.kv_heads, head_dim=DK, v_head_dim=DV,
                     compressor_hidden=8, kv_sharing=case.kv_sharing, cp_layout=case.kind,
-                    cp_selection_exchange=case.exchange, **case.nsa)
+                    cp_selection_exchange=case.exchange, selection_scoring=case.selection_scoring, **case.nsa)
     layer = NativeSparseAttention(cfg, cp_group=cp_group)
+    layer.full_selection = case.full_selection
     gen = generator(seed, 3)
     with torch.no_grad():
         for p in layer.parameters():

@@ -53,6 +53,14 @@ MODULE = [
     Case(2, "zigzag", "sparse", kv_heads=4, T=160, num_docs=4, dtype=torch.float64),
     Case(4, "contiguous", "auto", kv_heads=1, T=128, num_docs=0, batch=2, dtype=torch.float64),
     Case(8, "zigzag", "auto", kv_heads=2, T=256, num_docs=0, batch=2),
+    # key-bound selection (tile bounds all-reduced) and the full-selection warm-up (dense selected branch)
+    Case(2, "zigzag", "auto", kv_heads=2, T=160, num_docs=3, selection_scoring="key_bound"),
+    Case(4, "contiguous", "sparse", kv_heads=1, T=128, num_docs=3, selection_scoring="key_bound",
+         dtype=torch.float64),
+    Case(4, "zigzag", "auto", kv_heads=4, T=192, num_docs=0, batch=2, selection_scoring="key_bound"),
+    Case(2, "zigzag", "allgather", kv_heads=4, T=160, num_docs=3, full_selection=True),
+    Case(4, "contiguous", "allgather", kv_heads=2, T=128, num_docs=0, batch=2, full_selection=True,
+         dtype=torch.float64),
 ]
 TRITON = Case(2, "zigzag", "sparse", kv_heads=2, T=64, window=3, doc_lengths=(3, 1, 7, 2, 5, 0, 30, 4, 8, 4))
 # only the most recent blocks are selected: remote rows are at most one block and a tail halo per segment
