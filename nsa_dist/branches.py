@@ -112,7 +112,7 @@ def _composed_nsa(c: NSAConfig, q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates, cu_s
     geometry = dict(block_len=c.block_len, stride=c.stride, scale=c.softmax_scale, cu_seqlens=cu_seqlens)
     o_cmp, _ = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, **geometry)
     if full_selection:
-        o_slc = nsa_kernels.window_attention(q, k_s, v_s, q.shape[1], c.softmax_scale, cu_seqlens)
+        o_slc = nsa_kernels.window_attention(q, k_s, v_s, max(q.shape[1], 1), c.softmax_scale, cu_seqlens)
     else:
         block_idx = key_bound_select_blocks(q, k_s, select_len=c.select_len, tile_len=c.stride, top_n=c.top_n,
                                             init_blocks=c.init_blocks, local_blocks=c.local_blocks,

@@ -90,7 +90,7 @@ def test_trainer_warms_up_for_the_configured_steps_and_evaluates_with_top_n(tmp_
 def test_context_parallel_takes_the_warmup_but_refuses_the_selection_loss_by_name(tmp_path):
     assert _tiny_config(tmp_path, 4, cp=2).train.cp == 2  # the CP path is checked in tests/parallel
     raw = _tiny_config(tmp_path, 4, cp=2).to_dict()
-    raw["model"]["nsa"]["selection_loss_weight"] = 0.5
+    raw["model"]["nsa"].update(selection_loss_weight=0.5, selection_scoring="compressed")
     with pytest.raises(ValueError, match=r"model\.nsa\.selection_loss_weight=0\.5 .*train\.cp=2.*set it to 0"):
         TrainConfig.from_dict(raw)
 

@@ -486,7 +486,7 @@ def plot_depth_heatmap(results: Results, path: Path) -> None:
     ncols = min(4, len(names))
     nrows = -(-len(names) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * (1.6 + 0.8 * len(Ts)) + 1.2, 4.4 * nrows),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     for ax in axes.flat[len(names):]:
         ax.axis("off")
     for n, (ax, variant) in enumerate(zip(axes.flat, names)):

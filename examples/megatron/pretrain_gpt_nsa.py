@@ -36,6 +36,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from nsa_dist.megatron import NSATransformerConfig, get_batch_on_this_cp_rank, get_gpt_decoder_block_nsa_spec
+from nsa_dist.selection_warmup import set_full_selection
 
 NSA_FIELDS = [name for name in NSATransformerConfig.__dataclass_fields__ if name.startswith("nsa_")]
 # the distributed optimizer's checkpoint format (Megatron-LM's default): one shard per data-parallel rank
@@ -406,6 +407,7 @@ def train(args):
                     f"{args.num_microbatches} micro-batches of {args.micro_batch_size} x {args.seq_length}")
     window_start, window_iters = time.perf_counter(), 0
     for iteration in range(start + 1, args.train_iters + 1):
+        set_full_selection(model, iteration <= args.nsa_selection_warmup_steps)  # the full-selection warm-up
         model.zero_grad_buffer()
         optimizer.zero_grad()
         losses_reduced = forward_backward(

@@ -1,6 +1,7 @@
 """examples/megatron/pretrain_gpt_nsa.py, launched with torchrun on 2 gloo CPU ranks (``--cpu``): a tiny NSA GPT
-on megatron's mock data must train under context parallelism (CP=2) and under tensor parallelism (TP=2), and the
-two runs, the same model on the same batches split differently, must log the same losses; it also trains on a
+(with the retrieval recipe: key-bound scoring, 3 full-selection iterations) on megatron's mock data must train
+under context parallelism (CP=2) and under tensor parallelism (TP=2), and the two runs, the same model on the same
+batches split differently, must log the same losses; it also trains on a
 byte-level indexed dataset written by examples/megatron/make_byte_dataset.py."""
 import importlib.util
 import json
@@ -20,7 +21,8 @@ TINY = ["--cpu", "--num-layers", "2", "--hidden-size", "64", "--num-attention-he
         "--seq-length", "256", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-2",
         "--lr-warmup-iters", "0", "--log-interval", "1"]
 # vocab 256 pads to 256 under TP=1 and TP=2 alike, so both runs build the same model (CPU init is TP-invariant)
-MOCK = [*TINY, "--vocab-size", "256", "--train-iters", str(ITERS), "--min-lr", "1e-3"]
+MOCK = [*TINY, "--vocab-size", "256", "--train-iters", str(ITERS), "--min-lr", "1e-3",
+        "--nsa-selection-scoring", "key_bound", "--nsa-selection-warmup-steps", "3"]  # the retrieval recipe
 PARALLEL = {"cp2": ["--context-parallel-size", "2"], "tp2": ["--tensor-model-parallel-size", "2"]}
 
 
