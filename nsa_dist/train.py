@@ -28,10 +28,10 @@ from tqdm import tqdm
 from .attention import NativeSparseAttention
 from .data import IGNORE_INDEX, Batch, ByteTextDataset, RetrievalTask
 from .diagnostics import retrieval_diagnostics
-from .selection_warmup import set_full_selection
 from .models import DenseAttention, GPT
 from .parallel.local_group import run_local_group
 from .parallel.training import ContextParallelGroup
+from .selection_warmup import set_full_selection
 from .training_config import TrainConfig
 from .validation import ensure_writable_dir
 

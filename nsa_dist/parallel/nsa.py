@@ -38,9 +38,9 @@ from nsa_kernels.validation import (check_attention_inputs, check_gates, check_n
 from .comm import (INDEX_BYTES, SMALL_INTS, ExchangePlan, Pending, all_gather_bytes, all_gather_rows,
                    encode_requests, fetch_rows, plan_by_request, plan_from_requests, row_bytes, start_all_gather,
                    start_fetch)
+from .dense import allgather_dense_attention
 from .geometry import (KeySegments, compressor_inputs, owned_compressed_rows, prefix_compressed_rows,
                        window_keys)
-from .dense import allgather_dense_attention
 from .key_bounds import context_parallel_key_bound_blocks
 from .rows import RowSource, remote_requests
 from .segments import ShardedSequence
