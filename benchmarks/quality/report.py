@@ -510,8 +510,10 @@ def plot_depth_heatmap(results: Results, path: Path) -> None:
 
 def plot_selection_diagnostics(results: Results, path: Path) -> None:
     """Per NSA variant (best learning rate, longest length it ran at, first seed): selection recall of the
-    needle's block and the compressed-attention mass on the needle at the answer positions, against step, one
-    line per layer (mean over its KV heads); the dotted line is recall by chance (``top_n`` of the blocks)."""
+    needle's block, the compressed-attention mass on the needle and full attention's mass on the needle's block
+    (``selection_key_mass``; runs recorded before it existed leave that row empty) at the answer positions,
+    against step, one line per layer (mean over its KV heads); the dotted line is recall by chance (``top_n`` of
+    the blocks)."""
     plt = pyplot()
     picked = []
     for variant in diagnosed_variants(results):
@@ -519,22 +521,25 @@ def plot_selection_diagnostics(results: Results, path: Path) -> None:
         runs = best_runs(results, "needle", T, variant)
         if runs and runs[0]["metrics"]["evals"][-1].get("diagnostics", {}).get("layers"):
             picked.append((variant, T, runs[0]))
-    fig, axes = plt.subplots(2, max(1, len(picked)), figsize=(3.6 * max(1, len(picked)), 6), squeeze=False,
-                             sharey="row")
+    fields = ("selection_recall", "compressed_mass", "selection_key_mass")
+    fig, axes = plt.subplots(len(fields), max(1, len(picked)), figsize=(3.6 * max(1, len(picked)), 9),
+                             squeeze=False, sharey="row")
     for j, (variant, T, run) in enumerate(picked):
         evals = run["metrics"]["evals"]
         steps = [e["step"] for e in evals]
         for layer in range(len(evals[-1]["diagnostics"]["layers"])):
-            for row, field in enumerate(("selection_recall", "compressed_mass")):
-                values = [sum(h := e["diagnostics"]["layers"][layer][field]) / len(h) for e in evals]
-                axes[row][j].plot(steps, values, label=f"layer {layer}")
+            for row, field in enumerate(fields):
+                per_head = [e["diagnostics"]["layers"][layer].get(field) for e in evals]
+                if all(h is not None for h in per_head):
+                    axes[row][j].plot(steps, [sum(h) / len(h) for h in per_head], label=f"layer {layer}")
         nsa = run["config"]["model"]["nsa"]
         blocks = -(-T // nsa["select_len"])
         axes[0][j].axhline(min(1.0, nsa["top_n"] / blocks), color="gray", linestyle=":", label="chance")
         axes[0][j].set(title=f"{variant} T={length_label(T)}")
-        axes[1][j].set(xlabel="step")
+        axes[-1][j].set(xlabel="step")
     axes[0][0].set_ylabel("selection recall of the needle")
     axes[1][0].set_ylabel("compressed mass on the needle")
+    axes[2][0].set_ylabel("full attention's mass on\nthe needle's block")
     axes[0][0].legend(fontsize="x-small")
     save(fig, path)
 
