@@ -2,8 +2,8 @@
 
 Each rank folds its local selection keys into the per-coordinate minima and maxima of the document tiles they
 belong to (a tile may straddle a chunk boundary, so a rank may hold only part of one); one all-reduce (max over
-``[-kmin, kmax]``) completes every tile's bounds on every rank: ``2 * T/d * H * Dk`` floats, as many as the
-compressed keys' all-gather moves. Each rank then scores its own queries against their documents' tiles exactly
+``[-kmin, kmax]``) completes every tile's bounds on every rank: ``2 * T/d * H * Dk`` float32 values, about what
+the compressed K/V all-gather moves. Each rank then scores its own queries against their documents' tiles exactly
 as a single rank does, so the selection equals the single-rank one.
 """
 from __future__ import annotations

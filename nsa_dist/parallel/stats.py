@@ -27,7 +27,8 @@ class CPStats:
         exchanges: bytes per exchange: ``agreement`` (the check that the ranks split the same sequence),
             ``compression_halo``, ``window_halo``, ``compressed_kv`` (all-gather),
             ``selection_ids`` (run lists of the sparse fetch and the all-reduced counts of the ``auto``
-            choice), ``selection_kv`` (the selected blocks and the tail halo, or the raw all-gather).
+            choice), ``selection_kv`` (the selected blocks and the tail halo, or the raw all-gather),
+            ``key_bounds`` (the all-reduce of key-bound scoring, a ring estimate).
         selection_path: ``"sparse"`` or ``"allgather"``.
         unique_remote_blocks: distinct selection blocks needed by this rank that hold rows of another rank.
         sparse_bytes_total, allgather_bytes_total: bytes (summed over ranks) of each selection path as
