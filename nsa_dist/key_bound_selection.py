@@ -97,9 +97,12 @@ def key_bound_select_blocks(q: torch.Tensor, k: torch.Tensor, *, select_len: int
     pick = dict(select_len=select_len, tile_len=tile_len, top_n=top_n, init_blocks=init_blocks,
                 local_blocks=local_blocks, scale=scale)
     out = torch.full((B, T, k.shape[2], top_n), -1, dtype=torch.int32, device=q.device)
+    segment = None
     for tile in query_tiles(cu_seqlens, T, tile=ROWS_PER_CHUNK):
-        doc_keys = k[:, tile.key_start:tile.key_start + tile.key_len].to(compute_dtype(k.dtype))
-        kmin, kmax = tile_key_bounds(doc_keys, tile_len)
+        if tile.segment != segment:  # the tiles of one document come in a row: its bounds once
+            segment = tile.segment
+            doc_keys = k[:, tile.key_start:tile.key_start + tile.key_len].to(compute_dtype(k.dtype))
+            kmin, kmax = tile_key_bounds(doc_keys, tile_len)
         out[:, tile.t0:tile.t1] = pick_by_key_bounds(q[:, tile.t0:tile.t1], tile.local_positions(q.device), kmin,
                                                      kmax, **pick)
     return out

@@ -504,8 +504,7 @@ def plot_depth_heatmap(results: Results, path: Path) -> None:
         ax.set_title(legend_label(results, "needle", variant).replace(" (", "\n("), fontsize=8)
         ax.set(xlabel="context length", ylabel="needle depth" if n % ncols == 0 else "")
     fig.colorbar(image, ax=axes.flat[:len(names)], label="final accuracy (%)")
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_selection_diagnostics(results: Results, path: Path) -> None:
@@ -550,8 +549,9 @@ def lm_plot_lengths(results: Results) -> List[int]:
 
 
 def save(fig, path: Path) -> None:
-    """Write ``fig`` to ``path`` and close it."""
-    fig.tight_layout()
+    """Write ``fig`` to ``path`` and close it (laid out tightly unless it has a layout engine of its own)."""
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=130)
     pyplot().close(fig)
 
