@@ -1,7 +1,8 @@
 """benchmarks/quality/report.py on real (tiny, CPU) runs of benchmarks/quality/experiment.py at two learning rates
-and two seeds: the tables carry the means over seeds at each variant's best learning rate, the retrieval summary
-lists every needle run, the plots are PNGs, files from before the sweep still load, and a run given twice is an
-error naming both files."""
+and two seeds: the tables carry the means over seeds at each variant's best learning rate, the recipe's alias
+reads as the recipe, the phase step times are the logged step times' means, the retrieval summary lists every
+needle run, the plots are PNGs, files from before the sweep still load, and a run given twice is an error naming
+both files."""
 import importlib.util
 import json
 import math
@@ -26,18 +27,22 @@ def load(name: str):
 
 
 report = load("report")
+RECIPE = load("settings").RECIPE
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """A folder of tiny CPU runs: needle at 256 (NSA and dense at two lrs x two seeds, no window at one lr and
-    seed), needle at 512 and LM at 256 (NSA and dense at the two lrs, one seed)."""
+    seed; the recipe under its alias "nsa-recipe", after 2 steps on 128-token sequences, at one lr and seed),
+    needle at 512 and LM at 256 (NSA and dense at the two lrs, one seed)."""
     experiment = load("experiment")
     out = tmp_path_factory.mktemp("runs")
     common = dict(out=out, size="tiny", steps=6, tokens_per_step=1024, precision="fp32", device="cpu",
                   progress=False)
     experiment.run_setting("needle", 256, ["nsa", "dense"], lrs=LRS, seeds=SEEDS, **common)
     experiment.run_setting("needle", 256, ["nsa-no-window"], lrs=LRS[:1], seeds=SEEDS[:1], **common)
+    experiment.run_setting("needle", 256, ["nsa-recipe"], lrs=LRS[:1], seeds=SEEDS[:1], short_seq_len=128,
+                           short_steps=2, **common)
     experiment.run_setting("needle", 512, ["nsa", "dense"], lrs=LRS, seeds=SEEDS[:1], **common)
     experiment.run_setting("lm", 256, ["nsa", "dense"], lrs=LRS, seeds=SEEDS[:1], **common)
     return out
@@ -49,11 +54,13 @@ Setting = Tuple[str, int, str, float]  # (task, seq_len, variant, lr)
 
 
 def settings(folder: Path) -> Dict[Setting, List[dict]]:
-    """The runs in ``folder`` read here (not by the report), grouped by setting, each group ordered by seed."""
+    """The runs in ``folder`` read here (not by the report), grouped by setting (runs of the alias "nsa-recipe"
+    under the recipe's name), each group ordered by seed."""
     groups: Dict[Setting, List[dict]] = {}
     for path in sorted(folder.glob("*.json")):
         run = json.loads(path.read_text())
-        groups.setdefault((run["task"], run["seq_len"], run["variant"], run["lr"]), []).append(run)
+        variant = RECIPE if run["variant"] == "nsa-recipe" else run["variant"]
+        groups.setdefault((run["task"], run["seq_len"], variant, run["lr"]), []).append(run)
     return {key: sorted(group, key=lambda run: run["seed"]) for key, group in groups.items()}
 
 
@@ -73,24 +80,34 @@ def average(metric: Callable[[dict], float], group: List[dict]) -> float:
     return sum(metric(run) for run in group) / len(group)
 
 
+def lrs_at(groups: Dict[Setting, List[dict]], task: str, T: int, variant: str) -> List[float]:
+    return sorted(lr for t, length, v, lr in groups if (t, length, v) == (task, T, variant))
+
+
 def expected_best(groups: Dict[Setting, List[dict]], task: str, variant: str) -> float:
     """The best lr by the documented rule: at the shortest length with several lrs, the highest mean accuracy
     (needle) or lowest mean loss (LM), the smaller lr on a tie."""
-    def lrs_at(T):
-        return sorted(lr for t, length, v, lr in groups if (t, length, v) == (task, T, variant))
     Ts = sorted({T for t, T, v, _ in groups if (t, v) == (task, variant)})
-    T = next((T for T in Ts if len(lrs_at(T)) > 1), Ts[0])
+    T = next((T for T in Ts if len(lrs_at(groups, task, T, variant)) > 1), Ts[0])
     score = {"needle": lambda lr: -average(accuracy, groups[task, T, variant, lr]),
              "lm": lambda lr: average(loss, groups[task, T, variant, lr])}[task]
-    return min(lrs_at(T), key=score)
+    return min(lrs_at(groups, task, T, variant), key=score)
 
 
 def best_group(groups: Dict[Setting, List[dict]], task: str, T: int, variant: str) -> List[dict]:
-    return groups[task, T, variant, expected_best(groups, task, variant)]
+    """The runs of ``variant`` at ``T`` at its best lr, or (the best did not run there) at its other lr run there
+    (each variant here ran at two lrs at most); empty if it never ran at ``T``."""
+    ran = lrs_at(groups, task, T, variant)
+    if not ran:
+        return []
+    best = expected_best(groups, task, variant)
+    return groups[task, T, variant, best if best in ran else ran[0]]
 
 
 def expected_cells(group: List[dict], metric: Callable[[dict], float], spec: str) -> List[str]:
     """A setting's lr, seed count, mean and min-max spread of ``metric``, formatted as the report prints them."""
+    if not group:
+        return ["-"] * 4
     values = [metric(run) for run in group]
     return [format(group[0]["lr"], "g"), str(len(group)), format(average(metric, group), spec),
             f"{min(values):{spec}}-{max(values):{spec}}"]
@@ -163,29 +180,55 @@ def test_sweep_table_has_every_setting_with_means_over_seeds(runs, written):
         assert row["best lr"] == ("yes" if key[3] == expected_best(groups, key[0], key[2]) else "no")
 
 
-def test_needle_table_is_nsa_against_dense_at_their_best_lrs(runs, written):
+COMPARED = ((RECIPE, "recipe"), ("nsa", "NSA"), ("dense", "dense"))
+
+
+def optional_format(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def mean_or_none(metric: Callable[[dict], float], group: List[dict]):
+    return average(metric, group) if group else None
+
+
+def assert_compared(row: dict, groups: Dict[Setting, List[dict]], task: str, T: int, metric, spec: str,
+                    label: str) -> None:
+    """The recipe's, paper NSA's and dense's cells and step times of a needle or LM row."""
+    compared = {name: best_group(groups, task, T, variant) for variant, name in COMPARED}
+    for name, group in compared.items():
+        assert cells(row, f"{name} ", label) == expected_cells(group, metric, spec)
+        assert row[f"{name} ms/step"] == optional_format(mean_or_none(ms, group), ".1f")
+    dense_ms = mean_or_none(ms, compared["dense"])
+    for name in ("recipe", "NSA"):
+        sparse_ms = mean_or_none(ms, compared[name])
+        assert row[f"{name}/dense step time"] == optional_format(
+            None if sparse_ms is None or dense_ms is None else sparse_ms / dense_ms, ".2f")
+
+
+def test_needle_table_is_recipe_and_nsa_against_dense_at_their_best_lrs(runs, written):
     text, _ = written
     groups = settings(runs)
     rows = by_length(table(text, "Needle retrieval"))
     assert sorted(rows) == [256, 512]
     for T, row in rows.items():
+        assert_compared(row, groups, "needle", T, accuracy, ".1f", "acc %")
         nsa, dense = best_group(groups, "needle", T, "nsa"), best_group(groups, "needle", T, "dense")
         assert int(row["needles"]) == nsa[0]["config"]["data"]["retrieval"]["num_pairs"]
-        assert cells(row, "NSA ", "acc %") == expected_cells(nsa, accuracy, ".1f")
-        assert cells(row, "dense ", "acc %") == expected_cells(dense, accuracy, ".1f")
         assert row["NSA - dense (points)"] == format(average(accuracy, nsa) - average(accuracy, dense), "+.1f")
-        assert row["NSA ms/step"] == format(average(ms, nsa), ".1f")
-        assert row["dense ms/step"] == format(average(ms, dense), ".1f")
-        assert row["dense/NSA step time"] == format(average(ms, dense) / average(ms, nsa), ".2f")
-    assert [rows[256]["NSA seeds"], rows[512]["NSA seeds"]] == ["2", "1"]
+    recipe = groups["needle", 256, RECIPE, LRS[0]]
+    assert rows[256]["recipe - dense (points)"] == format(
+        average(accuracy, recipe) - average(accuracy, best_group(groups, "needle", 256, "dense")), "+.1f")
+    assert [rows[256]["NSA seeds"], rows[512]["NSA seeds"], rows[256]["recipe seeds"]] == ["2", "1", "1"]
+    assert cells(rows[512], "recipe ", "acc %") == ["-"] * 4  # the recipe ran at 256 only
+    assert rows[512]["recipe - dense (points)"] == "-"
 
 
 def test_ablation_table_has_every_variant_at_its_best_lr(runs, written):
     text, _ = written
     groups = settings(runs)
     rows = {(length(r), r["variant"]): r for r in table(text, "Ablations (needle)")}
-    assert sorted(rows) == sorted([(256, "nsa"), (256, "dense"), (256, "nsa-no-window"), (512, "nsa"),
-                                   (512, "dense")])
+    assert sorted(rows) == sorted([(256, "nsa"), (256, "dense"), (256, "nsa-no-window"), (256, RECIPE),
+                                   (512, "nsa"), (512, "dense")])
     for (T, variant), row in rows.items():
         group, nsa = best_group(groups, "needle", T, variant), best_group(groups, "needle", T, "nsa")
         assert cells(row, "", "acc %") == expected_cells(group, accuracy, ".1f")
@@ -200,20 +243,18 @@ def test_lm_table_is_nsa_against_dense_at_their_lowest_loss_lrs(runs, written):
     rows = by_length(table(text, "Byte-level LM"))
     assert sorted(rows) == [256]
     row, nsa, dense = rows[256], best_group(groups, "lm", 256, "nsa"), best_group(groups, "lm", 256, "dense")
-    assert cells(row, "NSA ", "eval loss") == expected_cells(nsa, loss, ".4f")
-    assert cells(row, "dense ", "eval loss") == expected_cells(dense, loss, ".4f")
+    assert_compared(row, groups, "lm", 256, loss, ".4f", "eval loss")
     assert row["NSA/dense - 1 (%)"] == format(100 * (average(loss, nsa) / average(loss, dense) - 1), "+.2f")
+    assert row["recipe/dense - 1 (%)"] == "-"  # no LM run of the recipe
     assert row["NSA bits/byte"] == format(average(loss, nsa) / math.log(2), ".4f")
     assert row["dense bits/byte"] == format(average(loss, dense) / math.log(2), ".4f")
-    assert row["NSA ms/step"] == format(average(ms, nsa), ".1f")
-    assert row["dense/NSA step time"] == format(average(ms, dense) / average(ms, nsa), ".2f")
 
 
 def test_runs_lines_name_environment_lrs_seeds_steps_and_tokens(runs, written):
     text, _ = written
     env = json.loads(next(runs.glob("lm-*.json")).read_text())["environment"]
     lines = [line for line in text.splitlines() if line.startswith("Runs: ")]
-    assert len(lines) == 4  # one per table
+    assert len(lines) == 5  # one per table
     for line in lines:
         for value in (env["device"], env["torch"], env["triton"], env["date"], "steps 6", "tokens/step 1,024"):
             assert value in line
@@ -224,7 +265,7 @@ def test_retrieval_summary_lists_every_needle_run(runs, written):
     _, out = written
     summary = json.loads((out / "retrieval-summary.json").read_text())
     needle = [json.loads(path.read_text()) for path in sorted(runs.glob("needle-*.json"))]
-    assert len(summary) == len(needle) == 13
+    assert len(summary) == len(needle) == 14
     assert sorted(map(json.dumps, summary)) == sorted(
         json.dumps({"variant": r["variant"], "seq_len": r["seq_len"], "seed": r["seed"], "lr": r["lr"],
                     "steps": 6, "accuracy": r["metrics"]["final_eval"]["accuracy"]}) for r in needle)
@@ -253,20 +294,61 @@ def test_best_lr_is_chosen_by_seed_means_at_the_shortest_swept_length(runs, tmp_
     assert cells(rows[512], "NSA ", "acc %") == ["0.001", "1", "0.0", "0.0-0.0"]
 
 
-def test_missing_variant_or_best_lr_is_a_dash(runs, tmp_path):
+def test_missing_variant_is_a_dash_and_a_length_without_the_best_lr_shows_the_next(runs, tmp_path):
     groups = settings(runs)
-    other_lr = next(lr for lr in LRS if lr != expected_best(groups, "needle", "nsa"))
+    best = expected_best(groups, "needle", "nsa")
+    other_lr = next(lr for lr in LRS if lr != best)
     kept = copy_runs(runs, tmp_path / "nsa", keep=lambda name: name.startswith("needle-256-nsa-lr")
                      or name == f"needle-512-nsa-lr{other_lr:g}-s0.json")
     run_report([str(kept), "--out", str(tmp_path / "out")])
     text = (tmp_path / "out" / "results.md").read_text()
     rows = by_length(table(text, "Needle retrieval"))
-    dense_columns = ("dense lr", "dense seeds", "dense acc %", "dense spread", "NSA - dense (points)",
-                     "dense ms/step", "dense/NSA step time")
-    assert [rows[256][c] for c in dense_columns] == ["-"] * len(dense_columns)
-    assert cells(rows[512], "NSA ", "acc %") == ["-"] * 4  # its best lr (chosen at 256) did not run at 512
+    missing = ("dense lr", "dense seeds", "dense acc %", "dense spread", "NSA - dense (points)", "dense ms/step",
+               "NSA/dense step time", "recipe lr", "recipe acc %", "recipe ms/step")
+    assert [rows[256][c] for c in missing] == ["-"] * len(missing)
+    # its best lr (chosen at 256) did not run at 512: the row shows the lr that did
+    assert cells(rows[512], "NSA ", "acc %") == expected_cells(groups["needle", 512, "nsa", other_lr], accuracy, ".1f")
+    assert cells(rows[256], "NSA ", "acc %") == expected_cells(groups["needle", 256, "nsa", best], accuracy, ".1f")
     assert "## Ablations" not in text
     assert not (tmp_path / "out" / "lm_loss.png").exists()  # no LM runs: no LM plot
+
+
+def test_alias_run_of_another_model_is_refused(runs, tmp_path):
+    def widen_window(run):
+        run["config"]["model"]["nsa"]["window"] += 1
+
+    edited = copy_runs(runs, tmp_path / "alias", keep=lambda name: "nsa-recipe" in name, edit=widen_window)
+    with pytest.raises(ValueError, match="ran variant 'nsa-recipe' with another model than today's recipe"):
+        report.load_results([edited])
+    assert {key[2] for key in report.load_results([runs])} >= {RECIPE}
+    assert "nsa-recipe" not in {key[2] for key in report.load_results([runs])}
+
+
+def test_phase_step_times_are_the_logged_windows_means(runs, tmp_path):
+    """A 12-step run logged every 2 steps, 3 short steps and a full-selection warm-up to step 8: each phase's
+    mean is its windows' step time over their steps, the first window of each phase (and any window across a
+    phase boundary) left out."""
+    elapsed = [0.0]
+    for step in range(1, 13):  # step time 10 ms in the short phase, 30 ms in the warm-up, 20 ms after
+        elapsed.append(elapsed[-1] + (0.010 if step <= 3 else 0.030 if step <= 8 else 0.020) * step)
+
+    def phases(run):
+        run["config"]["train"]["steps"] = 12
+        run["config"]["data"]["short_steps"] = 3
+        run["config"]["model"]["nsa"]["selection_warmup_steps"] = 8
+        run["metrics"]["history"] = [{"step": s, "elapsed_s": elapsed[s]} for s in range(1, 13)]
+
+    folder = copy_runs(runs, tmp_path / "phases", keep=lambda name: name == "needle-256-nsa-lr0.001-s0.json",
+                       edit=phases)
+    run = next(iter(report.load_results([folder]).values()))
+    assert report.phase_bounds(run) == {"short": (0, 3), "full selection": (3, 8), "main": (8, 12)}
+    # short: windows (0,1] (1,2] (2,3], the first left out; warm-up: (3,4] ... (7,8], the first left out
+    assert report.phase_ms_per_step(run, "short") == pytest.approx(1e3 * (elapsed[3] - elapsed[1]) / 2)
+    assert report.phase_ms_per_step(run, "full selection") == pytest.approx(1e3 * (elapsed[8] - elapsed[4]) / 4)
+    assert report.phase_ms_per_step(run, "main") == pytest.approx(1e3 * (elapsed[12] - elapsed[9]) / 3)
+    rows = {r["variant"]: r for r in table(report.render(report.load_results([folder])), "Step time by phase (needle)")}
+    assert rows["nsa"]["full selection ms/step"] == format(1e3 * (elapsed[8] - elapsed[4]) / 4, ".1f")
+    assert rows["nsa"]["main / dense main"] == "-"  # no dense run
 
 
 def test_files_without_lr_and_seed_keys_still_load(runs, tmp_path):

@@ -6,22 +6,25 @@ Reads every ``*.json`` in the folders (one run each: a task, a length, a variant
 written before the learning-rate and seed sweep carry the last two only in their config) and writes to ``--out``:
 
 - ``results.md`` (also printed): the learning-rate sweep (every setting's mean and spread over seeds, when the
-  runs have more than one learning rate), the needle-retrieval table (NSA against dense per length), the needle
-  ablations and the byte-level LM table, each under a line naming its runs' device, versions, learning rates,
-  seeds, steps and tokens per step;
+  runs have more than one learning rate), the needle-retrieval table (the retrieval recipe ``settings.RECIPE``,
+  NSA with the paper's semantics and dense, per length), the needle ablations, the step time of every needle
+  variant by training phase (short sequences, full-selection warm-up, the rest) and the byte-level LM table (the
+  same three models), each under a line naming its runs' device, versions, learning rates, seeds, steps and
+  tokens per step;
 - ``retrieval-summary.json``: one entry per needle run, ``{"variant", "seq_len", "seed", "lr", "steps",
-  "accuracy"}`` (final accuracy as a fraction);
+  "accuracy"}`` (final accuracy as a fraction; the recipe's runs as ``"nsa-recipe"``);
 - the plots whose runs exist: ``needle_accuracy.png`` (final accuracy against length, error bars over seeds),
   ``needle_curves.png`` (evaluation accuracy against step, per length) and ``lm_loss.png`` (evaluation and
   training loss against step, per length).
 
 A setting is a (task, length, variant, learning rate); its numbers are means over its seeds, its spread the
-min-max over them. Outside the sweep table every variant is shown at its best learning rate, one per (task,
-variant): the one with the highest mean final accuracy (needle) or the lowest mean final evaluation loss (LM) at
-the shortest length where the variant ran at several learning rates (ties: the smaller); a variant never run at
-several is shown at its learning rate at its shortest length. Accuracies are final-evaluation accuracies in
-percent, losses final-evaluation cross-entropies in nats per token (per byte for the LM), ms/step the median steady
-step time.
+min-max over them. Learning rates are ranked per (task, variant) at the shortest length where the variant ran at
+several: highest mean final accuracy (needle) or lowest mean final evaluation loss (LM) first, the smaller first
+on a tie (a variant never run at several: its learning rates ascending). Outside the sweep table every variant is
+shown at each length at the best-ranked learning rate it ran at there; the tables' ``lr`` columns say which.
+Accuracies are final-evaluation accuracies in percent, losses final-evaluation cross-entropies in nats per token
+(per byte for the LM), ms/step the median steady step time at the target length (phase tables: the mean over the
+phase).
 """
 from __future__ import annotations
 
@@ -35,14 +38,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from settings import TASKS, VARIANTS  # noqa: E402
+from settings import RECIPE, TASKS, VARIANTS, model_section  # noqa: E402
 
 Key = Tuple[str, int, str, float, int]  # (task, seq_len, variant, lr, seed)
 Run = Dict
 Results = Dict[Key, Run]
 Metric = Callable[[Run], float]
 
-MAIN_VARIANTS = ("nsa", "dense")
+# the models the main tables compare, with their column labels: the retrieval recipe (settings.RECIPE, named
+# "nsa-recipe" in the retrieval summary), NSA with the paper's semantics, dense attention
+COMPARED: Tuple[Tuple[str, str], ...] = ((RECIPE, "recipe"), ("nsa", "NSA"), ("dense", "dense"))
+MAIN_VARIANTS = tuple(variant for variant, _ in COMPARED)
 ABLATION_MARKERS = ("s", "^", "v", "D", "P", "X")
 SPREAD = "min-max over seeds"
 
@@ -70,12 +76,19 @@ def load_results(dirs: Sequence[Path]) -> Results:
 
 def read_run(path: Path) -> Run:
     """One result file, checked to be a quality run, with ``"source"`` set to its path and ``"lr"`` and ``"seed"``
-    taken from its config where the file has no such keys (files from before the sweep)."""
+    taken from its config where the file has no such keys (files from before the sweep); a run of the alias
+    ``"nsa-recipe"`` is read as ``settings.RECIPE`` (``ValueError`` if its model is not that variant's)."""
     run = json.loads(Path(path).read_text())
     missing = [k for k in ("task", "seq_len", "variant", "config", "environment", "metrics") if k not in run]
     if missing:
         raise ValueError(f"{path} is not a quality-experiment result (no {', '.join(missing)})")
-    return {"lr": run["config"]["train"]["lr"], "seed": run["config"]["seed"], **run, "source": str(path)}
+    run = {"lr": run["config"]["train"]["lr"], "seed": run["config"]["seed"], **run, "source": str(path)}
+    if run["variant"] == "nsa-recipe":  # the alias: read as the variant it names, if it ran that variant's model
+        if run["config"]["model"] != model_section(run["size"], RECIPE):
+            raise ValueError(f"{path} ran variant 'nsa-recipe' with another model than today's recipe "
+                             f"{RECIPE!r}: set its \"variant\" to the name of the settings it ran")
+        run["variant"] = RECIPE
+    return run
 
 
 def lengths(results: Results, task: str, variant: Optional[str] = None) -> List[int]:
@@ -132,6 +145,39 @@ def ms_per_step(run: Run) -> float:
     return 1e3 * run["metrics"]["step_time_s"]
 
 
+def phase_bounds(run: Run) -> Dict[str, Tuple[int, int]]:
+    """The run's training phases as step ranges ``[start, end)``: ``"short"`` (``data.short_steps`` on short
+    sequences), ``"full selection"`` (the rest of ``nsa.selection_warmup_steps``, at the target length) and
+    ``"main"`` (the remaining steps at the target length); empty phases are left out. Dense runs have no
+    full-selection phase."""
+    config = run["config"]
+    steps, short = config["train"]["steps"], min(config["data"].get("short_steps", 0), config["train"]["steps"])
+    warmup = 0 if config["model"]["attention"] == "dense" else config["model"]["nsa"].get("selection_warmup_steps", 0)
+    warmup = min(max(warmup, short), steps)
+    bounds = {"short": (0, short), "full selection": (short, warmup), "main": (warmup, steps)}
+    return {name: (a, b) for name, (a, b) in bounds.items() if b > a}
+
+
+def phase_ms_per_step(run: Run, phase: str) -> Optional[float]:
+    """Mean training ms/step of ``phase`` (:func:`phase_bounds`): the step time summed over the logged windows
+    (consecutive ``history`` records; ``elapsed_s`` sums step times, evaluation left out) inside the phase, the
+    phase's first window left out (compilation at a new shape), over their steps; ``None`` when the run lacks the
+    phase or the phase has no second window."""
+    if phase not in phase_bounds(run):
+        return None
+    start, end = phase_bounds(run)[phase]
+    marks = [(0, 0.0)] + [(r["step"], r["elapsed_s"]) for r in run["metrics"]["history"]]
+    windows = [(s1 - s0, e1 - e0) for (s0, e0), (s1, e1) in zip(marks, marks[1:]) if start <= s0 and s1 <= end][1:]
+    if not windows:
+        return None
+    return 1e3 * sum(t for _, t in windows) / sum(n for n, _ in windows)
+
+
+def train_seconds(run: Run) -> float:
+    """Training time of the whole run in seconds (step times summed, evaluation left out)."""
+    return run["metrics"]["train_time_s"]
+
+
 def tokens_per_step(run: Run) -> int:
     """Tokens per optimizer step: sequences per step times the sequence length."""
     return run["config"]["train"]["batch_size"] * run["config"]["data"]["seq_len"]
@@ -164,22 +210,34 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 RANKING: Dict[str, Tuple[Metric, Callable]] = {"needle": (accuracy_pct, max), "lm": (eval_loss, min)}
 
 
-def best_lr(results: Results, task: str, variant: str) -> float:
-    """``variant``'s learning rate on ``task``: at the shortest length where it ran at several, the one with the
-    highest mean final accuracy (needle) or lowest mean final evaluation loss (LM), the smaller on a tie; without
-    such a length, its learning rate at its shortest length."""
+def lr_ranking(results: Results, task: str, variant: str) -> List[float]:
+    """``variant``'s learning rates on ``task``, best first: at the shortest length where it ran at several (else
+    its shortest length), by mean final accuracy (needle, highest first) or mean final evaluation loss (LM, lowest
+    first), the smaller first on a tie; learning rates it ran at only at other lengths follow, ascending (none
+    without runs)."""
     Ts = lengths(results, task, variant)
+    if not Ts:
+        return []
     T = ([T for T in Ts if len(learning_rates(results, task, T, variant)) > 1] or Ts)[0]
     metric, pick = RANKING[task]
-    return pick(learning_rates(results, task, T, variant),
-                key=lambda lr: mean(metric, seed_runs(results, task, T, variant, lr)))
+    sign = -1.0 if pick is max else 1.0
+    ranked = sorted(learning_rates(results, task, T, variant),
+                    key=lambda lr: (sign * mean(metric, seed_runs(results, task, T, variant, lr)), lr))
+    others = sorted({lr for t, _, v, lr, _ in results if (t, v) == (task, variant)} - set(ranked))
+    return ranked + others
+
+
+def best_lr(results: Results, task: str, variant: str, T: Optional[int] = None) -> Optional[float]:
+    """``variant``'s best learning rate on ``task`` (the first of :func:`lr_ranking`); with ``T``, the best of
+    those it ran at at length ``T`` (``None`` when it never ran there)."""
+    ran = set(learning_rates(results, task, T, variant)) if T is not None else None
+    return next((lr for lr in lr_ranking(results, task, variant) if ran is None or lr in ran), None)
 
 
 def best_runs(results: Results, task: str, T: int, variant: str) -> List[Run]:
-    """The runs (one per seed) of ``variant`` at length ``T`` at its best learning rate; empty without any."""
-    if not lengths(results, task, variant):
-        return []
-    return seed_runs(results, task, T, variant, best_lr(results, task, variant))
+    """The runs (one per seed) of ``variant`` at length ``T`` at its best learning rate there; empty without any."""
+    lr = best_lr(results, task, variant, T)
+    return [] if lr is None else seed_runs(results, task, T, variant, lr)
 
 
 def shown_runs(results: Results, task: str, variant_names: Sequence[str]) -> List[Run]:
@@ -240,13 +298,31 @@ def setting_cells(runs: List[Run], metric: Metric, spec: str) -> List[str]:
             fmt(mean(metric, runs), spec), spread(metric, runs, spec)]
 
 
-def step_time_cells(nsa: List[Run], dense: List[Run]) -> List[str]:
-    """NSA's and dense's mean ms/step and their ratio dense / NSA."""
-    nsa_ms, dense_ms = mean(ms_per_step, nsa), mean(ms_per_step, dense)
-    return [fmt(nsa_ms, ".1f"), fmt(dense_ms, ".1f"), fmt(ratio(dense_ms, nsa_ms), ".2f")]
+def compared_runs(results: Results, task: str, T: int) -> List[List[Run]]:
+    """The runs of each model of ``COMPARED`` at length ``T``, each at its best learning rate there."""
+    return [best_runs(results, task, T, variant) for variant, _ in COMPARED]
 
 
-STEP_TIME_HEADER = ("NSA ms/step", "dense ms/step", "dense/NSA step time")
+def compared_columns(label: str) -> List[str]:
+    """Header cells of :func:`compared_cells`."""
+    return [cell for _, name in COMPARED for cell in setting_columns(f"{name} ", label)]
+
+
+def compared_cells(groups: List[List[Run]], metric: Metric, spec: str) -> List[str]:
+    """:func:`setting_cells` of each model of ``COMPARED`` (``groups`` from :func:`compared_runs`)."""
+    return [cell for runs in groups for cell in setting_cells(runs, metric, spec)]
+
+
+STEP_TIME_HEADER = tuple(f"{name} ms/step" for _, name in COMPARED) + tuple(
+    f"{name}/dense step time" for _, name in COMPARED[:-1])
+
+
+def step_time_cells(groups: List[List[Run]]) -> List[str]:
+    """Each compared model's mean ms/step, then each sparse model's ratio to dense's."""
+    times = [mean(ms_per_step, runs) for runs in groups]
+    return [fmt(t, ".1f") for t in times] + [fmt(ratio(t, times[-1]), ".2f") for t in times[:-1]]
+
+
 SWEEP_HEADER = ("task", "T", "variant", *setting_columns("", "acc %"), "eval loss", "eval loss spread", "best lr")
 
 
@@ -265,17 +341,18 @@ def sweep_rows(results: Results) -> List[List[str]]:
     return rows
 
 
-NEEDLE_HEADER = ("T", "needles", *setting_columns("NSA ", "acc %"), *setting_columns("dense ", "acc %"),
-                 "NSA - dense (points)", *STEP_TIME_HEADER)
+NEEDLE_HEADER = ("T", "needles", *compared_columns("acc %"),
+                 *(f"{name} - dense (points)" for _, name in COMPARED[:-1]), *STEP_TIME_HEADER)
 
 
 def needle_row(results: Results, T: int) -> List[str]:
-    """Needle table row at length ``T``: NSA against dense, each at its best learning rate."""
-    nsa, dense = (best_runs(results, "needle", T, v) for v in MAIN_VARIANTS)
+    """Needle table row at length ``T``: the recipe, paper NSA and dense, each at its best learning rate."""
+    groups = compared_runs(results, "needle", T)
     pairs = distinct(r["config"]["data"]["retrieval"]["num_pairs"] for r in runs_at(results, "needle", T))
-    return [f"{T:,}", pairs, *setting_cells(nsa, accuracy_pct, ".1f"), *setting_cells(dense, accuracy_pct, ".1f"),
-            fmt(difference(mean(accuracy_pct, nsa), mean(accuracy_pct, dense)), "+.1f"),
-            *step_time_cells(nsa, dense)]
+    dense = mean(accuracy_pct, groups[-1])
+    return [f"{T:,}", pairs, *compared_cells(groups, accuracy_pct, ".1f"),
+            *(fmt(difference(mean(accuracy_pct, runs), dense), "+.1f") for runs in groups[:-1]),
+            *step_time_cells(groups)]
 
 
 ABLATION_HEADER = ("T", "variant", *setting_columns("", "acc %"), "eval loss", "ms/step", "acc - NSA (points)")
@@ -295,18 +372,40 @@ def ablation_rows(results: Results, T: int) -> List[List[str]]:
     return rows
 
 
-LM_HEADER = ("T", *setting_columns("NSA ", "eval loss"), *setting_columns("dense ", "eval loss"),
-             "NSA/dense - 1 (%)", "NSA bits/byte", "dense bits/byte", *STEP_TIME_HEADER)
+PHASES = ("short", "full selection", "main")
+PHASE_HEADER = ("T", "variant", "lr", "seeds", *(f"{p} ms/step" for p in PHASES), "main / dense main",
+                "training s", "training / dense training")
+
+
+def phase_rows(results: Results, T: int) -> List[List[str]]:
+    """Step time by phase at length ``T``: every needle variant run there at its best learning rate, its mean
+    ms/step in each phase (:func:`phase_ms_per_step`) and its training time, each against dense's."""
+    dense = best_runs(results, "needle", T, "dense")
+    dense_main = mean(lambda r: phase_ms_per_step(r, "main"), dense) if dense else None
+    dense_train = mean(train_seconds, dense)
+    rows = []
+    for variant in variants(results, "needle", T):
+        runs = best_runs(results, "needle", T, variant)
+        phases = [[phase_ms_per_step(r, p) for r in runs] for p in PHASES]
+        means = [None if None in values else sum(values) / len(values) for values in phases]
+        rows.append([f"{T:,}", variant, fmt(runs[0]["lr"], "g"), str(len(runs)), *(fmt(m, ".1f") for m in means),
+                     fmt(ratio(means[-1], dense_main), ".2f"), fmt(mean(train_seconds, runs), ".0f"),
+                     fmt(ratio(mean(train_seconds, runs), dense_train), ".2f")])
+    return rows
+
+
+LM_HEADER = ("T", *compared_columns("eval loss"), *(f"{name}/dense - 1 (%)" for _, name in COMPARED[:-1]),
+             *(f"{name} bits/byte" for _, name in COMPARED), *STEP_TIME_HEADER)
 
 
 def lm_row(results: Results, T: int) -> List[str]:
-    """LM table row at length ``T``: NSA against dense, each at its best learning rate."""
-    nsa, dense = (best_runs(results, "lm", T, v) for v in MAIN_VARIANTS)
-    relative = ratio(mean(eval_loss, nsa), mean(eval_loss, dense))
-    return [f"{T:,}", *setting_cells(nsa, eval_loss, ".4f"), *setting_cells(dense, eval_loss, ".4f"),
-            fmt(None if relative is None else 100.0 * (relative - 1.0), "+.2f"),
-            fmt(mean(bits_per_byte, nsa), ".4f"), fmt(mean(bits_per_byte, dense), ".4f"),
-            *step_time_cells(nsa, dense)]
+    """LM table row at length ``T``: the recipe, paper NSA and dense, each at its best learning rate."""
+    groups = compared_runs(results, "lm", T)
+    dense = mean(eval_loss, groups[-1])
+    relative = [ratio(mean(eval_loss, runs), dense) for runs in groups[:-1]]
+    return [f"{T:,}", *compared_cells(groups, eval_loss, ".4f"),
+            *(fmt(None if r is None else 100.0 * (r - 1.0), "+.2f") for r in relative),
+            *(fmt(mean(bits_per_byte, runs), ".4f") for runs in groups), *step_time_cells(groups)]
 
 
 def render(results: Results) -> str:
@@ -327,6 +426,9 @@ def render(results: Results) -> str:
     if set(variants(results, "needle")) - set(MAIN_VARIANTS):
         lines += section("Ablations (needle)", shown_runs(results, "needle", variants(results, "needle")),
                          ABLATION_HEADER, [row for T in needle_lengths for row in ablation_rows(results, T)])
+    if needle_lengths:
+        lines += section("Step time by phase (needle)", shown_runs(results, "needle", variants(results, "needle")),
+                         PHASE_HEADER, [row for T in needle_lengths for row in phase_rows(results, T)])
     if lm_lengths:
         lines += section("Byte-level LM", shown_runs(results, "lm", MAIN_VARIANTS), LM_HEADER,
                          [lm_row(results, T) for T in lm_lengths])
@@ -334,9 +436,9 @@ def render(results: Results) -> str:
 
 
 def retrieval_summary(results: Results) -> List[Dict]:
-    """One entry per needle run: ``variant``, ``seq_len``, ``seed``, ``lr``, ``steps`` (optimizer steps) and
-    ``accuracy`` (final-evaluation accuracy, a fraction)."""
-    return [{"variant": run["variant"], "seq_len": run["seq_len"], "seed": run["seed"], "lr": run["lr"],
+    """One entry per needle run: ``variant`` (``"nsa-recipe"`` for runs of ``settings.RECIPE``), ``seq_len``,
+    ``seed``, ``lr``, ``steps`` (optimizer steps) and ``accuracy`` (final-evaluation accuracy, a fraction)."""
+    return [{"variant": "nsa-recipe" if run["variant"] == RECIPE else run["variant"], "seq_len": run["seq_len"], "seed": run["seed"], "lr": run["lr"],
              "steps": run["config"]["train"]["steps"], "accuracy": run["metrics"]["final_eval"]["accuracy"]}
             for key, run in sorted(results.items()) if key[0] == "needle"]
 
@@ -354,15 +456,19 @@ def pyplot():
     return plt
 
 
-def color(variant: str) -> str:
-    """One colour per variant, the same in every plot."""
-    order = list(VARIANTS)
-    return f"C{order.index(variant) if variant in order else len(order)}"
+def color(variant: str):
+    """One colour per variant, the same in every plot: the compared models in blue (recipe), red (paper NSA) and
+    orange (dense), the other variants from the 20-colour ``tab20`` map in ``settings.VARIANTS`` order."""
+    fixed = {RECIPE: "tab:blue", "nsa": "tab:red", "dense": "tab:orange"}
+    if variant in fixed:
+        return fixed[variant]
+    others = [v for v in VARIANTS if v not in fixed]
+    return pyplot().get_cmap("tab20")((others.index(variant) if variant in others else len(others)) % 20)
 
 
 def legend_label(results: Results, task: str, variant: str) -> str:
-    """``variant`` with its best learning rate on ``task``, for a legend."""
-    return f"{variant} (lr {best_lr(results, task, variant):g})"
+    """``variant`` with the learning rates it is shown at on ``task`` (its best at each length), for a legend."""
+    return f"{variant} (lr {distinct((r['lr'] for r in shown_runs(results, task, [variant])), 'g')})"
 
 
 def length_label(T: int) -> str:
@@ -392,7 +498,7 @@ def plot_needle_accuracy(results: Results, path: Path) -> None:
     """Mean final needle accuracy against length (log2 axis), error bars from the smallest to the largest seed:
     NSA and dense as lines, ablations as markers, each at its best learning rate."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     ablations = [v for v in variants(results, "needle") if v not in MAIN_VARIANTS]
     for variant in variants(results, "needle"):
         points = [(T, runs) for T in lengths(results, "needle", variant)
@@ -412,7 +518,7 @@ def plot_needle_accuracy(results: Results, path: Path) -> None:
     ax.set(xlabel="context length (tokens)", ylabel="final accuracy (%), mean and min-max over seeds",
            title="Multi-needle retrieval")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     save(fig, path)
 
 
@@ -433,7 +539,8 @@ def plot_needle_curves(results: Results, path: Path) -> None:
         ax.set(title=f"T = {length_label(T)}", xlabel="step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("eval accuracy (%), mean over seeds")
-    axes[0][0].legend(fontsize="small")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize="x-small", loc="center left",
+               bbox_to_anchor=(1.0, 0.5))
     save(fig, path)
 
 
@@ -552,7 +659,7 @@ def save(fig, path: Path) -> None:
     """Write ``fig`` to ``path`` and close it (laid out tightly unless it has a layout engine of its own)."""
     if fig.get_layout_engine() is None:
         fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")  # legends placed outside the axes stay in
     pyplot().close(fig)
 
 
