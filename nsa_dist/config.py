@@ -8,6 +8,7 @@ from nsa_kernels.validation import check_non_negative_int, check_positive_int, c
 
 from .parallel.layout import check_layout_kind
 from .parallel.nsa import check_selection_exchange
+from .recipes import apply_recipe
 from .validation import check_bool, check_real
 
 COMPRESSORS = ("mlp", "linear", "mean", "softmax")
@@ -164,10 +165,12 @@ class NSAConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Dict[str, Any]) -> "NSAConfig":
-        """Build from a mapping (e.g. YAML); unknown keys are an error naming them."""
+    def from_dict(cls, values: Dict[str, Any], where: str = "nsa") -> "NSAConfig":
+        """Build from a mapping (e.g. YAML): its ``recipe`` key, if any, expanded by
+        :func:`~nsa_dist.recipes.apply_recipe` (errors name ``where``); unknown keys are an error naming them."""
+        values = apply_recipe(values, where)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown NSAConfig keys {unknown}; valid keys are {sorted(known)}")
+            raise ValueError(f"unknown NSAConfig keys {unknown}; valid keys are {sorted(known | {'recipe'})}")
         return cls(**values)

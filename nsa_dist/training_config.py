@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from nsa_kernels.validation import check_non_negative_int, check_positive_int
 
 from .data import RetrievalTask
 from .models import GPTConfig
 from .parallel.layout import CPLayout
+from .recipes import with_recipe_warmup
 from .validation import check_bool, check_mapping, check_optional_positive_int, check_real
 from .yaml_loader import load_yaml_mapping
 
@@ -169,8 +170,10 @@ class TrainConfig:
         model = dict(model)
         if "vocab_size" in model:
             raise ValueError("model.vocab_size is set by the data (retrieval task or bytes); remove it from the config")
-        config = cls(model=model, data=_from_section(DataConfig, values.get("data"), "data"),
-                     train=_from_section(OptimConfig, values.get("train"), "train"),
+        train = _from_section(OptimConfig, values.get("train"), "train")
+        if isinstance(model.get("nsa"), Mapping):  # a recipe's warm-up defaults to its fraction of train.steps
+            model["nsa"] = with_recipe_warmup(model["nsa"], train.steps)
+        config = cls(model=model, data=_from_section(DataConfig, values.get("data"), "data"), train=train,
                      seed=values.get("seed", 0), out_dir=values.get("out_dir", "runs/default"))
         check_non_negative_int("seed", config.seed)
         if not isinstance(config.out_dir, str) or not config.out_dir:

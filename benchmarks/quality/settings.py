@@ -61,9 +61,9 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "nsa-key-bound-warmup800": {"nsa": {"selection_scoring": "key_bound", "selection_warmup_steps": 800}},
 }
 # the retrieval recipe, the best combination measured (H200, 2026-12-04: 99.6% at 4k and 96.6% at 16k over 3
-# seeds): key-bound scoring, one K/V for all branches and a 600-step full-selection warm-up; the training configs
-# (configs/train/tiny-cpu.yaml, small-gpu-32k.yaml) carry it. "nsa-recipe" is its alias: report.py reads runs of
-# the alias as runs of RECIPE and names RECIPE "nsa-recipe" in the retrieval summary.
+# seeds): key-bound scoring, one K/V for all branches and a 600-step full-selection warm-up, i.e. nsa.recipe:
+# "retrieval" (nsa_dist.recipes) at 1000 steps. "nsa-recipe" is its alias: report.py reads runs of the alias as
+# runs of RECIPE and names RECIPE "nsa-recipe" in the retrieval summary.
 RECIPE = "nsa-key-bound-shared-warmup600"
 VARIANTS["nsa-recipe"] = VARIANTS[RECIPE]
 

@@ -7,6 +7,7 @@ from typing import Optional
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config import NSAConfig
+from ..recipes import RECIPES, check_recipe
 
 # NSAConfig field <- TransformerConfig field; all optional on the config (the paper's values otherwise)
 NSA_FIELDS = {
@@ -33,6 +34,11 @@ class NSATransformerConfig(TransformerConfig):
     come from the Megatron fields. A plain ``TransformerConfig`` works too: missing ``nsa_*`` fields take the
     paper's values (l 32, d 16, l' 64, n 16, w 512). Under context parallelism the sequence layout is Megatron's
     zigzag (``2 * CP`` chunks), so ``seq_length`` must be a multiple of ``2 * CP * nsa_select_len``.
+
+    ``nsa_recipe`` is the one switch of :mod:`nsa_dist.recipes` (``"retrieval"``: key-bound scoring and shared K/V;
+    give ``nsa_selection_warmup_steps`` too, and switch the warm-up in the training loop with
+    :func:`~nsa_dist.selection_warmup.set_full_selection`). A recipe sets the fields it names that are left at
+    the paper's values; a field set to another value than the recipe's is an error naming both.
     """
 
     nsa_block_len: int = _default("block_len")
@@ -51,6 +57,7 @@ class NSATransformerConfig(TransformerConfig):
     nsa_selection_loss_rows: int = _default("selection_loss_rows")
     nsa_selection_warmup_steps: int = _default("selection_warmup_steps")
     nsa_selection_scoring: str = _default("selection_scoring")
+    nsa_recipe: str = "paper"
 
     def __post_init__(self):
         super().__post_init__()
@@ -59,15 +66,18 @@ class NSATransformerConfig(TransformerConfig):
 
 def nsa_config_from_transformer_config(config: TransformerConfig) -> NSAConfig:
     """The :class:`NSAConfig` of a Megatron config (global head counts; rotary comes from Megatron, so
-    ``use_rope=False``; layout zigzag). Errors name the offending ``nsa_*`` field."""
+    ``use_rope=False``; layout zigzag; ``nsa_recipe`` applied to the fields left at the paper's values). Errors
+    name the offending ``nsa_*`` field."""
     heads = config.num_attention_heads
-    values = {f: getattr(config, m) for f, m in NSA_FIELDS.items() if getattr(config, m, None) is not None}
+    recipe = check_recipe(getattr(config, "nsa_recipe", "paper"), "config.nsa_recipe")
+    values = {f: v for f, m in NSA_FIELDS.items() if (v := getattr(config, m, None)) is not None
+              and not (f in RECIPES[recipe] and v == _default(f))}  # left at the paper's value: the recipe's
     try:
-        return NSAConfig(hidden_size=config.hidden_size, num_heads=heads,
-                         num_kv_heads=config.num_query_groups or heads,
-                         head_dim=config.kv_channels or config.hidden_size // heads, use_rope=False,
-                         softmax_scale=config.softmax_scale, qkv_bias=bool(config.add_qkv_bias),
-                         cp_layout="zigzag", **values)
+        return NSAConfig.from_dict(dict(
+            hidden_size=config.hidden_size, num_heads=heads, num_kv_heads=config.num_query_groups or heads,
+            head_dim=config.kv_channels or config.hidden_size // heads, use_rope=False,
+            softmax_scale=config.softmax_scale, qkv_bias=bool(config.add_qkv_bias), cp_layout="zigzag",
+            recipe=recipe, **values), where="config")
     except ValueError as err:
-        names = ", ".join(f"{f} = config.{m}" for f, m in NSA_FIELDS.items())
+        names = ", ".join([f"{f} = config.{m}" for f, m in NSA_FIELDS.items()] + ["recipe = config.nsa_recipe"])
         raise ValueError(f"invalid NSA settings on the Megatron config ({names}): {err}") from err

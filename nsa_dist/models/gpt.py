@@ -64,7 +64,7 @@ class GPTConfig:
         """The :class:`NSAConfig` of every NSA layer of this model."""
         return NSAConfig.from_dict({
             "hidden_size": self.hidden_size, "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
-            "head_dim": self.head_dim, "rope_theta": self.rope_theta, **self.nsa})
+            "head_dim": self.head_dim, "rope_theta": self.rope_theta, **self.nsa}, where="model.nsa")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -100,3 +100,19 @@ def test_missing_megatron_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "megatron.core", None)
     with pytest.raises(ImportError, match=r"nsa-dist\[megatron\]"):
         require_megatron()
+
+
+def test_recipe_switch_reaches_the_layer_config():
+    from nsa_dist import NSAConfig
+    from nsa_dist.megatron import nsa_config_from_transformer_config
+
+    base = dict(num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=2)
+    got = nsa_config_from_transformer_config(NSATransformerConfig(nsa_recipe="retrieval",
+                                                                  nsa_selection_warmup_steps=9, **base))
+    assert got == NSAConfig(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, use_rope=False,
+                            selection_scoring="key_bound", kv_sharing="shared", selection_warmup_steps=9)
+    assert nsa_config_from_transformer_config(NSATransformerConfig(**base)).selection_scoring == "compressed"
+    with pytest.raises(ValueError, match=r"nsa_recipe.*needs config.selection_warmup_steps > 0"):
+        NSATransformerConfig(nsa_recipe="retrieval", **base)
+    with pytest.raises(ValueError, match=r"config.nsa_recipe='fast' is not one of"):
+        NSATransformerConfig(nsa_recipe="fast", **base)

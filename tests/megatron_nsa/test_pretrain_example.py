@@ -22,7 +22,7 @@ TINY = ["--cpu", "--num-layers", "2", "--hidden-size", "64", "--num-attention-he
         "--lr-warmup-iters", "0", "--log-interval", "1"]
 # vocab 256 pads to 256 under TP=1 and TP=2 alike, so both runs build the same model (CPU init is TP-invariant)
 MOCK = [*TINY, "--vocab-size", "256", "--train-iters", str(ITERS), "--min-lr", "1e-3",
-        "--nsa-selection-scoring", "key_bound", "--nsa-selection-warmup-steps", "3"]  # the retrieval recipe
+        "--nsa-recipe", "retrieval", "--nsa-selection-warmup-steps", "3"]  # the retrieval recipe (one switch)
 PARALLEL = {"cp2": ["--context-parallel-size", "2"], "tp2": ["--tensor-model-parallel-size", "2"]}
 
 
