@@ -4,7 +4,7 @@ import torch
 
 import nsa_kernels as nk
 from nsa_dist import GPTConfig, NativeSparseAttention, NSAConfig
-from nsa_dist.training_config import TrainConfig
+from nsa_dist.training import TrainConfig
 
 BASE = dict(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16)
 

@@ -14,7 +14,7 @@ from nsa_dist import GPT, GPTConfig, NSAConfig
 from nsa_dist.data import IGNORE_INDEX, Needles, RetrievalTask
 from nsa_dist.diagnostics import BRANCH_NAMES, NeedleProbe, observe_branches, retrieval_diagnostics
 from nsa_dist.train import train
-from nsa_dist.training_config import TrainConfig
+from nsa_dist.training import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

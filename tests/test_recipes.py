@@ -5,7 +5,7 @@ import pytest
 
 from nsa_dist import NSAConfig
 from nsa_dist.recipes import RECIPES, WARMUP_FRACTION
-from nsa_dist.training_config import TrainConfig
+from nsa_dist.training import TrainConfig
 
 SHAPE = dict(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16)
 

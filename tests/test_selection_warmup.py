@@ -12,7 +12,7 @@ from nsa_dist import NativeSparseAttention, NSAConfig
 from nsa_dist import train as train_module
 from nsa_dist.models import GPT, GPTConfig
 from nsa_dist.selection_warmup import set_full_selection
-from nsa_dist.training_config import TrainConfig
+from nsa_dist.training import TrainConfig
 
 GEO = dict(block_len=8, stride=4, select_len=8, top_n=2, init_blocks=1, local_blocks=1, window=8)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nsa_dist.cli import main
-from nsa_dist.training_config import TrainConfig
+from nsa_dist.training import TrainConfig
 
 
 @pytest.mark.parametrize("attention", ["nsa", "dense"])

@@ -11,7 +11,7 @@ from nsa_dist.data import ByteTextDataset
 from nsa_dist.models import DenseAttention
 from nsa_dist.train import main as train_main
 from nsa_dist.train import train
-from nsa_dist.training_config import TrainConfig
+from nsa_dist.training import TrainConfig
 
 TINY = "configs/train/tiny-cpu.yaml"
 LAYER = dict(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, block_len=8, stride=4, select_len=8,
@@ -129,7 +129,7 @@ def test_unwritable_out_dir_fails_before_training(tmp_path, make_out_dir, monkey
     raw["out_dir"] = str(make_out_dir(tmp_path))
     config = TrainConfig.from_dict(raw)
     steps = []
-    monkeypatch.setattr("nsa_dist.train.batch_loss", lambda *a, **k: steps.append(1))
+    monkeypatch.setattr("nsa_dist.training.plain.batch_loss", lambda *a, **k: steps.append(1))
     with pytest.raises(ValueError, match=re.escape(f"out_dir={raw['out_dir']!r}")):
         train(config, progress=False)
     assert not steps, "training started before out_dir was checked"

@@ -36,7 +36,7 @@ from corpus import build_stdlib_corpus  # noqa: E402
 from settings import MODEL_SIZES, TASKS, VARIANTS, train_config  # noqa: E402
 
 from nsa_dist.train import train  # noqa: E402
-from nsa_dist.training_config import TrainConfig  # noqa: E402
+from nsa_dist.training import TrainConfig  # noqa: E402
 
 
 def environment() -> Dict[str, str]:

@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from settings import MODEL_SIZES, VARIANTS, train_config  # noqa: E402
 
 from nsa_dist.models import GPT  # noqa: E402
-from nsa_dist.train import batch_loss, make_dataset  # noqa: E402
-from nsa_dist.parallel.training import ContextParallelGroup  # noqa: E402
-from nsa_dist.training_config import TrainConfig  # noqa: E402
+from nsa_dist.training.data import make_dataset  # noqa: E402
+from nsa_dist.training.loss import batch_loss  # noqa: E402
+from nsa_dist.training import ContextParallelGroup  # noqa: E402
+from nsa_dist.training import TrainConfig  # noqa: E402
 
 
 def main() -> None:

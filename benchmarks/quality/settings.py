@@ -1,5 +1,5 @@
 """What the quality experiment trains: model sizes, attention variants (NSA, dense, NSA ablations) and the two
-tasks (multi-needle retrieval, byte-level LM), as :class:`~nsa_dist.training_config.TrainConfig` dictionaries.
+tasks (multi-needle retrieval, byte-level LM), as :class:`~nsa_dist.training.TrainConfig` dictionaries.
 
 Every variant of a task and length shares the data (same seed, so the same batches), steps, batch, optimizer and
 schedule; only the model's attention differs."""

@@ -1,5 +1,6 @@
-"""DeepSpeed integration: the training job's DeepSpeed backend (ZeRO 1-3, context parallelism through an ``mpu``,
-exact resume) and DeepSpeed JSONs completed from the training YAML.
+"""DeepSpeed integration pieces: DeepSpeed JSONs completed from the training YAML, the ``DP x CP`` process groups
+DeepSpeed reads through an ``mpu``, and the check that DeepSpeed is installed. The training job's DeepSpeed
+backend that uses them is :func:`nsa_dist.training.train_deepspeed`.
 
 Needs ``pip install 'nsa-dist[deepspeed]'``. Launch: ``deepspeed --num_gpus N --module nsa_dist.train --config
 configs/train/... --deepspeed_config configs/deepspeed/zero3.json``.
@@ -7,8 +8,6 @@ configs/train/... --deepspeed_config configs/deepspeed/zero3.json``.
 from .config import fill_deepspeed_config, load_deepspeed_json
 from .groups import ContextDataParallelGroups
 from .requirements import require_deepspeed
-from .trainer import train_deepspeed
 
-__all__ = ["fill_deepspeed_config", "load_deepspeed_json", "ContextDataParallelGroups", "require_deepspeed",
-           "train_deepspeed"]
+__all__ = ["fill_deepspeed_config", "load_deepspeed_json", "ContextDataParallelGroups", "require_deepspeed"]
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import TYPE_CHECKING, Any, Dict, Union
 
-from ..training_config import TrainConfig
+if TYPE_CHECKING:  # the training package builds on this one: an annotation only, no import at run time
+    from ..training.config import TrainConfig
 
 
 def load_deepspeed_json(path: Union[str, Path]) -> Dict[str, Any]:

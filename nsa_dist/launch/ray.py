@@ -7,7 +7,7 @@ Submitted to a Ray cluster (``configs/ray/cluster.yaml``)::
 
 A :class:`ray.train.torch.TorchTrainer` starts ``--num-workers`` workers (``--gpus-per-worker 0``: CPU workers) and
 joins them in one torch.distributed process group (NCCL on GPUs, gloo on the CPU); in it each worker runs
-:func:`nsa_dist.deepspeed.train_deepspeed`, which builds the ``DP x CP`` groups of the YAML's ``train.cp``. Every
+:func:`nsa_dist.training.train_deepspeed`, which builds the ``DP x CP`` groups of the YAML's ``train.cp``. Every
 logged step's metrics go to Ray (``ray.train.report``); every DeepSpeed checkpoint (``train.save_every`` and the
 last step) is reported as a Ray Train checkpoint named ``step<N>`` under ``<storage-path>/<run-name>/``, uploaded
 once per node (the node's part of the DeepSpeed files). When a worker fails, Ray Train restarts the group up to
@@ -34,7 +34,7 @@ except ImportError as err:
 
 import torch
 
-from ..training_config import TrainConfig
+from ..training import TrainConfig, train_deepspeed
 
 
 def train_loop_per_worker(loop_config: Dict) -> None:
@@ -43,8 +43,6 @@ def train_loop_per_worker(loop_config: Dict) -> None:
     ``loop_config``: ``{"config": TrainConfig.to_dict(), "cwd": the driver's directory}``; the worker moves there
     where its node has that directory (one node; under ``ray job submit --working-dir`` Ray's copy of the working
     directory), so the YAML's relative paths mean what they mean to the driver, as under torchrun or mpirun."""
-    from ..deepspeed import train_deepspeed
-
     if os.path.isdir(loop_config["cwd"]):
         os.chdir(loop_config["cwd"])
     config = TrainConfig.from_dict(loop_config["config"])

@@ -21,7 +21,7 @@ from deepspeed.runtime.config_utils import dict_raise_error_on_duplicate_keys  #
 from deepspeed.runtime.lr_schedules import WarmupCosineLR  # noqa: E402
 
 from nsa_dist.deepspeed import fill_deepspeed_config, load_deepspeed_json  # noqa: E402
-from nsa_dist.training_config import TrainConfig  # noqa: E402
+from nsa_dist.training import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DS_JSONS = sorted((ROOT / "configs" / "deepspeed").glob("*.json"))

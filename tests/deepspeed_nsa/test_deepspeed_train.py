@@ -71,8 +71,8 @@ def fp32_weights(metrics_dir: Path, tag: str) -> dict:
 def initial_weights(config: Path) -> dict:
     """The model the job starts from (same seed and construction order as the trainer)."""
     from nsa_dist.models import GPT
-    from nsa_dist.train import make_dataset
-    from nsa_dist.training_config import TrainConfig
+    from nsa_dist.training.data import make_dataset
+    from nsa_dist.training import TrainConfig
 
     cfg = TrainConfig.load(config)
     torch.manual_seed(cfg.seed)
@@ -131,8 +131,8 @@ def test_resume_replays_the_same_losses(tmp_path, full_run):
 def test_unresumable_checkpoints_are_errors_naming_them(tmp_path, full_run):
     """Every check reads only the filesystem and runs before the process group exists, so every rank raises the
     same error: checked in this process (no process group ever starts) and once through the launcher."""
-    from nsa_dist.deepspeed import train_deepspeed
-    from nsa_dist.training_config import TrainConfig
+    from nsa_dist.training import train_deepspeed
+    from nsa_dist.training import TrainConfig
 
     config, _ = full_run
     checkpoints = tmp_path / "checkpoints"
@@ -170,8 +170,8 @@ def test_unresumable_checkpoints_are_errors_naming_them(tmp_path, full_run):
 def test_unwritable_out_dir_fails_before_deepspeed_starts(tmp_path):
     """An out_dir that cannot be written is an error naming it on every rank, before the process group starts
     and before step 1 (not after training, losing the run)."""
-    from nsa_dist.deepspeed import train_deepspeed
-    from nsa_dist.training_config import TrainConfig
+    from nsa_dist.training import train_deepspeed
+    from nsa_dist.training import TrainConfig
 
     (tmp_path / "a-file").write_text("x")
     raw = TrainConfig.load(write_job(tmp_path, "job", "zero2.json")).to_dict()

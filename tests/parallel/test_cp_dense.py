@@ -22,9 +22,9 @@ from nsa_dist.models import GPT, DenseAttention, GPTConfig
 from nsa_dist.models.dense import document_causal_mask
 from nsa_dist.parallel import CPLayout, ShardedSequence
 from nsa_dist.parallel.dense import allgather_dense_attention
-from nsa_dist.parallel.training import ContextParallelGroup
-from nsa_dist.train import use_context_parallel
-from nsa_dist.training_config import TrainConfig
+from nsa_dist.training import ContextParallelGroup
+from nsa_dist.training import use_context_parallel
+from nsa_dist.training import TrainConfig
 
 ATOL = 1e-10
 HQ, DK, DV, HIDDEN = 4, 8, 6, 16

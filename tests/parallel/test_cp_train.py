@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from nsa_dist.cli import main
-from nsa_dist.training_config import TrainConfig
+from nsa_dist.training import TrainConfig
 
 
 def write_config(tmp_path, **train):

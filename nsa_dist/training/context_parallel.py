@@ -1,4 +1,5 @@
-"""The training job's context-parallel group: shards batches along the sequence, sums losses and gradients."""
+"""The training job's context-parallel group (shards batches along the sequence, sums losses and gradients) and
+the switch that makes a model's attention layers context-parallel over it."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -6,7 +7,9 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from .layout import CPLayout
+from ..attention import NativeSparseAttention
+from ..models import DenseAttention, GPT
+from ..parallel.layout import CPLayout
 
 
 class ContextParallelGroup:
@@ -49,3 +52,13 @@ class ContextParallelGroup:
         flat = self.sum(torch.cat([g.reshape(-1) for g in grads]))
         for p, g in zip(params, flat.split([g.numel() for g in grads])):
             p.grad = g.view_as(p)
+
+
+def use_context_parallel(model: GPT, group) -> None:
+    """Make every attention layer of ``model`` (NSA or dense) context-parallel over ``group``; dense layers take
+    the NSA layers' ``cp_layout`` (``model.nsa``), the layout batches are sharded in."""
+    for module in model.modules():
+        if isinstance(module, NativeSparseAttention):
+            module.cp_group = group
+        elif isinstance(module, DenseAttention):
+            module.cp_group, module.cp_layout = group, model.config.nsa_config().cp_layout

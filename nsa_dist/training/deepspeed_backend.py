@@ -26,16 +26,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..deepspeed import ContextDataParallelGroups, fill_deepspeed_config, load_deepspeed_json, require_deepspeed
 from ..launch import discover_launch, export_torch_env, launcher_present
-from ..parallel.local_group import free_port
 from ..models import GPT
-from ..parallel.training import ContextParallelGroup
+from ..parallel.local_group import free_port
 from ..selection_warmup import set_full_selection
-from ..training_config import TrainConfig
 from ..validation import ensure_writable_dir
-from .config import fill_deepspeed_config, load_deepspeed_json
-from .groups import ContextDataParallelGroups
-from .requirements import require_deepspeed
+from .config import TrainConfig
+from .context_parallel import ContextParallelGroup, use_context_parallel
+from .data import make_dataset
+from .evaluation import evaluate
+from .loss import batch_loss
+from .optimizer import parameter_groups
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -70,8 +72,6 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
     resume_tag = _check_resume(resume, resume_tag, config.train.steps) if resume else None
     out = ensure_writable_dir(config.out_dir)  # every rank, before the process group: all fail alike
     import deepspeed
-
-    from ..train import batch_loss, evaluate, make_dataset, parameter_groups, use_context_parallel
 
     device = _init_distributed(deepspeed)
     groups = ContextDataParallelGroups(config.train.cp)
