@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Mapping, MutableMapping, Optional
 
@@ -53,6 +54,15 @@ Launch one process per rank with one of:
   mpirun -np N python -m nsa_dist.train --config CONFIG.yaml      (Open MPI, MPICH, Intel MPI)
   srun --ntasks N python -m nsa_dist.train --config CONFIG.yaml   (Slurm)
 or set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT yourself (RANK=0 WORLD_SIZE=1 for one process)."""
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that was free a moment ago (another process may take it before it is bound: for
+    a launcher's ``MASTER_PORT`` on a single-process fallback or in tests; local process groups meet through a
+    file store instead, :func:`nsa_dist.launch.run_local_group`)."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

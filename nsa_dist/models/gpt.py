@@ -15,7 +15,7 @@ from nsa_kernels.validation import check_positive_int
 from ..config import NSAConfig
 from ..validation import check_bool, check_mapping, check_optional_positive_int, check_real, check_token_ids
 from .dense import DenseAttention
-from .layers import RMSNorm, SwiGLU
+from .layers import SwiGLU
 
 ATTENTION_KINDS = ("nsa", "dense")
 
@@ -83,13 +83,13 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         if config.attention == "nsa":
             self.attn = NativeSparseAttention(config.nsa_config())
         else:
             self.attn = DenseAttention(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
                                        config.rope_theta)
-        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
 
     def forward(self, x, cu_seqlens=None, position_ids=None):
@@ -105,7 +105,7 @@ class GPT(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.apply(self._init_linear)
         for module in self.modules():

@@ -1,21 +1,8 @@
-"""Small transformer building blocks: RMSNorm and the SwiGLU MLP."""
+"""Small transformer building blocks: the SwiGLU MLP (the norm is ``torch.nn.RMSNorm``)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-
-class RMSNorm(nn.Module):
-    """``x / rms(x) * weight`` over the last dim, computed in fp32."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
 class SwiGLU(nn.Module):

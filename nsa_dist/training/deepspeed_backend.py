@@ -27,9 +27,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..deepspeed import ContextDataParallelGroups, fill_deepspeed_config, load_deepspeed_json, require_deepspeed
-from ..launch import discover_launch, export_torch_env, launcher_present
+from ..launch import discover_launch, export_torch_env, free_port, launcher_present
 from ..models import GPT
-from ..parallel.local_group import free_port
 from ..selection_warmup import set_full_selection
 from ..validation import ensure_writable_dir
 from .config import TrainConfig

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..attention import NativeSparseAttention
 from ..models import GPT
-from ..parallel.local_group import run_local_group
+from ..launch import run_local_group
 from ..selection_warmup import set_full_selection
 from ..validation import ensure_writable_dir
 from .config import TrainConfig

@@ -19,7 +19,7 @@ import yaml
 
 pytest.importorskip("deepspeed")
 
-from nsa_dist.parallel.local_group import free_port  # noqa: E402
+from nsa_dist.launch import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "train" / "tiny-cpu.yaml"

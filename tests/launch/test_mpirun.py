@@ -21,7 +21,7 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("mpi4py")
 
 from nsa_dist.launch.env import TORCH_VARS  # noqa: E402
-from nsa_dist.parallel.local_group import free_port  # noqa: E402
+from nsa_dist.launch import free_port  # noqa: E402
 
 # the DeepSpeed tests' helpers, imported the way pytest imports that file (its folder on sys.path, no package)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deepspeed_nsa"))

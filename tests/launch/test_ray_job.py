@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from nsa_dist.launch.env import TORCH_VARS
-from nsa_dist.parallel.local_group import free_port
+from nsa_dist.launch import free_port
 
 HAS_RAY = all(importlib.util.find_spec(m) is not None for m in ("ray", "deepspeed", "psutil"))
 needs_ray = pytest.mark.skipif(not HAS_RAY, reason="needs ray[default,train], deepspeed and psutil "

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
-from nsa_dist.parallel.local_group import run_local_group  # noqa: E402
+from nsa_dist.launch import run_local_group  # noqa: E402
 
 import gpt_cases  # noqa: E402
 from gpt_cases import GPTCase  # noqa: E402

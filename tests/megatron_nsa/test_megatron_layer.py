@@ -17,7 +17,7 @@ from megatron.core.packed_seq_params import PackedSeqParams  # noqa: E402
 from nsa_dist.megatron import NSATransformerConfig, cu_seqlens_from_packed_seq_params  # noqa: E402
 from nsa_dist.megatron.rotary import RotaryTable  # noqa: E402
 from nsa_dist.parallel import CPLayout  # noqa: E402
-from nsa_dist.parallel.local_group import run_local_group  # noqa: E402
+from nsa_dist.launch import run_local_group  # noqa: E402
 
 
 @pytest.mark.parametrize("docs,rope,G,selection,full", [

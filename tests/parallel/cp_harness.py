@@ -5,7 +5,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from nsa_dist.parallel.local_group import run_local_group
+from nsa_dist.launch import run_local_group
 
 COLLECTIVE_TIMEOUT_S = 60  # a collective that waits longer (a rank died or diverged) raises in every rank
 
