@@ -13,6 +13,8 @@ from typing import Callable, Dict, List, Tuple
 
 import pytest
 
+pytestmark = pytest.mark.slow  # trains models
+
 QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality"
 LRS, SEEDS = (1e-3, 3e-3), (0, 1)
 

@@ -7,6 +7,8 @@ import torch
 from nsa_dist.cli import main
 from nsa_dist.training import TrainConfig
 
+pytestmark = pytest.mark.slow  # trains models
+
 
 @pytest.mark.parametrize("attention", ["nsa", "dense"])
 def test_short_run_loss_falls_and_outputs_load(tmp_path, attention):

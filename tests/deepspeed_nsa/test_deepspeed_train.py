@@ -21,6 +21,8 @@ pytest.importorskip("deepspeed")
 
 from nsa_dist.launch import free_port  # noqa: E402
 
+pytestmark = pytest.mark.slow  # DeepSpeed training runs
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "train" / "tiny-cpu.yaml"
 
@@ -80,7 +82,6 @@ def initial_weights(config: Path) -> dict:
     return GPT(cfg.gpt_config(dataset.vocab_size)).state_dict()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("zero_json,recompute", [("zero2.json", False), ("zero3.json", True)])
 def test_training_steps_cp2_equal_cp1(tmp_path, zero_json, recompute):
     # three steps: DeepSpeed's WarmupCosineLR starts its warm-up at lr 0 and the first two steps move nothing here.
@@ -112,7 +113,6 @@ def checkpoints_of(config: Path) -> Path:
     return Path(yaml.safe_load(config.read_text())["out_dir"]) / "checkpoints"
 
 
-@pytest.mark.slow
 def test_resume_replays_the_same_losses(tmp_path, full_run):
     config, full = full_run
     resumed_config = tmp_path / "resumed.yaml"
@@ -127,7 +127,6 @@ def test_resume_replays_the_same_losses(tmp_path, full_run):
     assert resumed["final_eval"] == full["final_eval"]
 
 
-@pytest.mark.slow
 def test_unresumable_checkpoints_are_errors_naming_them(tmp_path, full_run):
     """Every check reads only the filesystem and runs before the process group exists, so every rank raises the
     same error: checked in this process (no process group ever starts) and once through the launcher."""

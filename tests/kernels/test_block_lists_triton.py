@@ -17,7 +17,7 @@ from nsa_kernels.triton import block_lists as BL
 from nsa_kernels.triton.utils import query_tile_table
 from segments import offsets
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: Triton kernels under the CPU interpreter
 
 
 def _positions(T, q_lengths, k_lengths):

@@ -24,7 +24,7 @@ from nsa_kernels.triton import range_attention as RA
 from nsa_kernels.triton.compressed import compressed_attention
 from small_tiles import use_small_range_tiles
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: Triton kernels under the CPU interpreter
 
 DOCS = [45, 1, 20, 7, 77]  # T = 150: documents shorter than l (no block), a 1-token document
 GEOMETRIES = [(32, 16), (16, 8), (8, 8)]

@@ -36,7 +36,7 @@ from nsa_kernels.triton.window import window_attention
 from segments import Case, Segment, chunk_segments, compact_key_segment, cut_segments, offsets, packed_rows, unaligned
 from small_tiles import use_small_range_tiles
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: Triton kernels under the CPU interpreter
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 DK, DV = 24, 16

@@ -8,6 +8,8 @@ from nsa_kernels import reference as R
 from nsa_kernels.triton.delta import attention_delta
 from nsa_kernels.triton.gate_combine import combine_backward, gate_combine
 
+pytestmark = pytest.mark.slow  # Triton kernels under the CPU interpreter
+
 
 def _run(fn, gates, outs, do):
     leaves = [t.detach().clone().requires_grad_() for t in (gates, *outs)]

@@ -8,7 +8,7 @@ from nsa_dist import NativeSparseAttention, NSAConfig
 from nsa_kernels import reference
 from nsa_kernels.triton.nsa import nsa_attention as triton_nsa
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: Triton kernels under the CPU interpreter
 
 GEO = dict(block_len=16, stride=8, select_len=16, top_n=3, window=20)
 

@@ -27,7 +27,7 @@ from nsa_kernels.reference.selection import overlap_weights
 
 sel = pytest.importorskip("nsa_kernels.triton.selection", reason="needs the triton package")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: Triton kernels under the CPU interpreter
 
 NEAR_TIE = 1e-5
 

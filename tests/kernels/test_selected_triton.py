@@ -19,7 +19,7 @@ from nsa_kernels import reference as R
 from nsa_kernels.layout import total_compressed_blocks
 from nsa_kernels.triton import selected as S
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: Triton kernels under the CPU interpreter
 
 ATOL = RTOL = 1e-4
 # the small tests run through the interpreter on the CPU, or natively (fp32, IEEE dots) where CUDA exists

@@ -22,7 +22,7 @@ from nsa_kernels.triton import range_attention as RA
 from nsa_kernels.triton.window import window_attention
 from small_tiles import use_small_range_tiles
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: Triton kernels under the CPU interpreter
 
 DOCS = [37, 1, 5, 64, 23]  # T = 130: a 1-token document and one shorter than every query tile
 TOL = dict(atol=1e-4, rtol=1e-4)

@@ -23,6 +23,8 @@ pytest.importorskip("mpi4py")
 from nsa_dist.launch.env import TORCH_VARS  # noqa: E402
 from nsa_dist.launch import free_port  # noqa: E402
 
+pytestmark = pytest.mark.slow  # starts launchers (mpirun, Ray) and training jobs
+
 # the DeepSpeed tests' helpers, imported the way pytest imports that file (its folder on sys.path, no package)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deepspeed_nsa"))
 from test_deepspeed_train import REPO, run_job, write_job  # noqa: E402
@@ -59,7 +61,6 @@ def run_mpirun(mpirun: str, ranks: int, config: Path, out_dir: Path, timeout: fl
     return json.loads((out_dir / "metrics.json").read_text())
 
 
-@pytest.mark.slow
 def test_mpirun_cp2_matches_deepspeed_launcher(tmp_path):
     mpirun = find_mpirun()
     if mpirun is None:

@@ -26,6 +26,8 @@ import yaml
 from nsa_dist.launch.env import TORCH_VARS
 from nsa_dist.launch import free_port
 
+pytestmark = pytest.mark.slow  # starts launchers (mpirun, Ray) and training jobs
+
 HAS_RAY = all(importlib.util.find_spec(m) is not None for m in ("ray", "deepspeed", "psutil"))
 needs_ray = pytest.mark.skipif(not HAS_RAY, reason="needs ray[default,train], deepspeed and psutil "
                                "(pip install 'nsa-dist[ray,deepspeed]')")
@@ -129,7 +131,6 @@ def uninterrupted(ray_head, tmp_path_factory):
 
 
 @needs_ray
-@pytest.mark.slow
 def test_ray_job_cp2_equals_one_process(uninterrupted, tmp_path):
     folder = job_dir(tmp_path, cp=1)
     proc = subprocess.run([sys.executable, "-m", "nsa_dist.train", "--config", "job.yaml", "--no-progress"],
@@ -176,7 +177,6 @@ def wait_for_checkpoint(run_dir: Path, name: str, proc: subprocess.Popen, timeou
 
 
 @needs_ray
-@pytest.mark.slow
 def test_killed_worker_resumes_from_last_checkpoint(ray_head, uninterrupted, tmp_path):
     folder = job_dir(tmp_path, cp=2)
     proc = submit(ray_head, folder, tmp_path / "storage", "fault")

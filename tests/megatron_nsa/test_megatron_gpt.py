@@ -20,6 +20,8 @@ from nsa_dist.launch import run_local_group  # noqa: E402
 import gpt_cases  # noqa: E402
 from gpt_cases import GPTCase  # noqa: E402
 
+pytestmark = pytest.mark.slow  # megatron-core models on spawned gloo ranks
+
 PACKED = (100, 20, 136)  # documents straddling the zigzag chunks of CP = 2 (chunks of 64 tokens)
 
 CASES = {
@@ -37,7 +39,6 @@ CASES = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_parallel_gpt_equals_single_rank(name):
     case, tp, cp, sp = CASES[name]
@@ -55,7 +56,6 @@ def test_parallel_gpt_equals_single_rank(name):
     assert not bad, bad
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("save,load", [((2, 1), (2, 1)), ((2, 1), (1, 2)), ((1, 2), (2, 1))],
                          ids=["tp2-to-tp2", "tp2-to-cp2", "cp2-to-tp2"])
 def test_checkpoint_round_trip_gives_the_same_next_loss(tmp_path, save, load):

@@ -19,6 +19,8 @@ from nsa_dist.megatron.rotary import RotaryTable  # noqa: E402
 from nsa_dist.parallel import CPLayout  # noqa: E402
 from nsa_dist.launch import run_local_group  # noqa: E402
 
+pytestmark = pytest.mark.slow  # megatron-core models on spawned gloo ranks
+
 
 @pytest.mark.parametrize("docs,rope,G,selection,full", [
     (None, False, 1, None, False), (None, True, 4, None, False), ((70, 9, 121), True, 2, None, False),

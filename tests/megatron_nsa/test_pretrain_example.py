@@ -14,6 +14,8 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
+pytestmark = pytest.mark.slow  # megatron-core models on spawned gloo ranks
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "megatron"
 SCRIPT = EXAMPLES / "pretrain_gpt_nsa.py"
 ITERS = 8
@@ -41,7 +43,6 @@ def runs(tmp_path_factory):
     return {name: run_example(tmp_path_factory.mktemp(name), [*MOCK, *args]) for name, args in PARALLEL.items()}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PARALLEL))
 def test_example_trains(runs, name):
     records = runs[name]
@@ -53,7 +54,6 @@ def test_example_trains(runs, name):
     assert losses[-1] < losses[0] - 0.5, f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
-@pytest.mark.slow
 def test_context_and_tensor_parallel_runs_agree(runs):
     cp, tp = ([r["loss"] for r in runs[name]] for name in ("cp2", "tp2"))
     assert all(abs(a - b) <= 2e-3 for a, b in zip(cp, tp)), f"CP=2 {cp}\nTP=2 {tp}"
@@ -87,7 +87,6 @@ def test_byte_dataset_reads_back_as_bytes_and_eod(byte_dataset):
     assert data[1].tolist() == list(b"compresses, selects and slides") + [256]
 
 
-@pytest.mark.slow
 def test_example_trains_on_byte_dataset(tmp_path, byte_dataset):
     # the later --lr wins: 1e-2 makes Adam spike on bytes within 4 steps, 3e-3 descends
     records = run_example(tmp_path, [*TINY, "--lr", "3e-3", "--vocab-size", "257", "--train-iters", "4",

@@ -1,6 +1,7 @@
 """Ranks of one context-parallel call given different sequences (lengths, batch sizes, cu_seqlens, local rows)
 all raise the same ValueError naming what differs and each rank's value, instead of mismatching in a collective
 (gloo aborts) or hanging; afterwards the group still works. 2 gloo ranks, tiny shapes, both CP ops."""
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -8,6 +9,8 @@ from cp_cases import BRANCH_INPUTS, Case, branch_inputs, compressors
 from cp_harness import run_ranks, value_error_messages
 from nsa_dist.parallel import CPLayout, ShardedSequence, context_parallel_nsa
 from nsa_dist.parallel.dense import allgather_dense_attention
+
+pytestmark = pytest.mark.slow  # spawns gloo process groups
 
 P = 2
 SEED = 0

@@ -1,10 +1,13 @@
 """fetch_rows / all_gather_rows on gloo ranks: forward and gradients against a single-process computation, and
 their byte counts."""
+import pytest
 import torch
 
 from cp_harness import generator, run_ranks
 from nsa_dist.parallel.comm import (INDEX_BYTES, all_gather_bytes, all_gather_rows, encode_requests, fetch_rows,
                                     plan_by_request, plan_from_requests, row_bytes, start_all_gather, start_fetch)
+
+pytestmark = pytest.mark.slow  # spawns gloo process groups
 
 P = 3
 ROWS = [11, 4, 9]  # local rows per rank (uneven)

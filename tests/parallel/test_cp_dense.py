@@ -26,6 +26,8 @@ from nsa_dist.training import ContextParallelGroup
 from nsa_dist.training import use_context_parallel
 from nsa_dist.training import TrainConfig
 
+pytestmark = pytest.mark.slow  # spawns gloo process groups
+
 ATOL = 1e-10
 HQ, DK, DV, HIDDEN = 4, 8, 6, 16
 DTYPE = torch.float64

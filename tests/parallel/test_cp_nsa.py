@@ -16,6 +16,8 @@ from cp_harness import run_ranks, value_error_messages
 from nsa_dist.parallel import CPLayout, ShardedSequence, context_parallel_nsa
 from nsa_dist.parallel.nsa import cheaper_selection_path
 
+pytestmark = pytest.mark.slow  # spawns gloo process groups
+
 # max abs error. Inputs' gradients come from loss = sum(o * dy); parameters' gradients sum over every token, so
 # they are compared as gradients of the token-mean loss (divided by B * T), which keeps them O(1) like the rest:
 # their float32 rounding (a different summation order on each rank) is then far below the tolerance, while a

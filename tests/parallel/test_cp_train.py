@@ -7,6 +7,8 @@ import yaml
 from nsa_dist.cli import main
 from nsa_dist.training import TrainConfig
 
+pytestmark = pytest.mark.slow  # spawns gloo process groups
+
 
 def write_config(tmp_path, **train):
     """tiny-cpu shortened: 3 steps at full learning rate (parameters really move), loss logged every step."""
