@@ -7,7 +7,8 @@
   and a full-selection warm-up (``selection_warmup_steps``, measured at 60% of the training steps).
 
 A recipe fills its options where the settings leave them out; a setting that contradicts it is an error naming
-both, never silently overridden. The warm-up is a number of training steps, which only the training loop knows:
+both, never silently overridden (on the Megatron config, whose fields all have values, a field at the paper's
+value counts as left out). The warm-up is a number of training steps, which only the training loop knows:
 the training YAML fills it in from ``train.steps`` (:data:`WARMUP_FRACTION` of them); other users (the Megatron
 config, ``NSAConfig.from_dict``) give ``selection_warmup_steps`` themselves.
 """
@@ -33,7 +34,8 @@ def check_recipe(recipe: Any, where: str = "recipe") -> str:
 
 def with_recipe_warmup(nsa: Mapping[str, Any], train_steps: int, where: str = "model.nsa") -> Dict[str, Any]:
     """``nsa`` (a model's NSA settings) with ``selection_warmup_steps`` set to ``round(WARMUP_FRACTION *
-    train_steps)`` (at least 1 for any positive step count) when its ``recipe`` has a warm-up and the key is missing; else unchanged."""
+    train_steps)`` (at least 1 for any positive step count) when its ``recipe`` has a warm-up and the key is
+    missing; else unchanged."""
     nsa = dict(nsa)
     recipe = check_recipe(nsa.get("recipe", "paper"), f"{where}.recipe")
     if recipe in WARMUP_RECIPES and "selection_warmup_steps" not in nsa:

@@ -438,8 +438,9 @@ def render(results: Results) -> str:
 def retrieval_summary(results: Results) -> List[Dict]:
     """One entry per needle run: ``variant`` (``"nsa-recipe"`` for runs of ``settings.RECIPE``), ``seq_len``,
     ``seed``, ``lr``, ``steps`` (optimizer steps) and ``accuracy`` (final-evaluation accuracy, a fraction)."""
-    return [{"variant": "nsa-recipe" if run["variant"] == RECIPE else run["variant"], "seq_len": run["seq_len"], "seed": run["seed"], "lr": run["lr"],
-             "steps": run["config"]["train"]["steps"], "accuracy": run["metrics"]["final_eval"]["accuracy"]}
+    return [{"variant": "nsa-recipe" if run["variant"] == RECIPE else run["variant"], "seq_len": run["seq_len"],
+             "seed": run["seed"], "lr": run["lr"], "steps": run["config"]["train"]["steps"],
+             "accuracy": run["metrics"]["final_eval"]["accuracy"]}
             for key, run in sorted(results.items()) if key[0] == "needle"]
 
 

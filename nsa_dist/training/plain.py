@@ -16,8 +16,8 @@ import torch.utils.checkpoint
 from tqdm import tqdm
 
 from ..attention import NativeSparseAttention
-from ..models import GPT
 from ..launch import run_local_group
+from ..models import GPT
 from ..selection_warmup import set_full_selection
 from ..validation import ensure_writable_dir
 from .config import TrainConfig
@@ -30,6 +30,7 @@ from .optimizer import lr_at, parameter_groups
 
 @dataclass
 class StepStats:
+    """One training step's batch loss, accuracy and token count, averaged over a logging window."""
     loss: float
     accuracy: float
     tokens: int
