@@ -163,9 +163,10 @@ def phase_ms_per_step(run: Run, phase: str) -> Optional[float]:
     (consecutive ``history`` records; ``elapsed_s`` sums step times, evaluation left out) inside the phase, the
     phase's first window left out (compilation at a new shape), over their steps; ``None`` when the run lacks the
     phase or the phase has no second window."""
-    if phase not in phase_bounds(run):
+    bounds = phase_bounds(run)
+    if phase not in bounds:
         return None
-    start, end = phase_bounds(run)[phase]
+    start, end = bounds[phase]
     marks = [(0, 0.0)] + [(r["step"], r["elapsed_s"]) for r in run["metrics"]["history"]]
     windows = [(s1 - s0, e1 - e0) for (s0, e0), (s1, e1) in zip(marks, marks[1:]) if start <= s0 and s1 <= end][1:]
     if not windows:
@@ -381,7 +382,7 @@ def phase_rows(results: Results, T: int) -> List[List[str]]:
     """Step time by phase at length ``T``: every needle variant run there at its best learning rate, its mean
     ms/step in each phase (:func:`phase_ms_per_step`) and its training time, each against dense's."""
     dense = best_runs(results, "needle", T, "dense")
-    dense_main = mean(lambda r: phase_ms_per_step(r, "main"), dense) if dense else None
+    dense_main = mean(lambda r: phase_ms_per_step(r, "main"), dense)
     dense_train = mean(train_seconds, dense)
     rows = []
     for variant in variants(results, "needle", T):
