@@ -23,6 +23,7 @@ selected_attention = dispatching(reference.selected_attention)
 window_attention = dispatching(reference.window_attention)
 nsa_attention = dispatching(reference.nsa_attention)
 gate_combine = dispatching(reference.gate_combine)
+block_max_logits = dispatching(reference.block_max_logits)
 
 __all__ = [
     "compressed_attention",
@@ -31,6 +32,7 @@ __all__ = [
     "window_attention",
     "nsa_attention",
     "gate_combine",
+    "block_max_logits",
     "use_backend",
     "selected_backend",
     "compressed_block_last_tokens",

@@ -24,6 +24,7 @@ TRITON_MODULES = {  # op name -> module of nsa_kernels.triton that defines it
     "window_attention": "window",
     "nsa_attention": "nsa",
     "gate_combine": "gate_combine",
+    "block_max_logits": "block_max",
 }
 _override: Optional[str] = None
 

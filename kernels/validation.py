@@ -189,6 +189,27 @@ def check_attention_inputs(q, k, v, cu_seqlens=None, *, cu_seqlens_k: Optional[t
     return AttnDims(B, T, HQ, H, HQ // H, Dk, v.shape[-1])
 
 
+def check_block_max_inputs(q, k, select_len, first_pos) -> AttnDims:
+    """Validate ``q [B, tq, HQ, Dk]`` at positions ``first_pos ..`` against keys ``k [B, L, H, Dk]`` for
+    :func:`nsa_kernels.block_max_logits` (``L >= first_pos + tq``). Returns the sizes (``T = tq``, ``Dv = Dk``)."""
+    _check_tensor("q", q, 4, "[B, tq, HQ, Dk]")
+    _check_tensor("k", k, 4, "[B, L, H, Dk]")
+    _check_floating("q", q)
+    _check_like("k", k, "q", q)
+    check_positive_int("select_len", select_len)
+    check_non_negative_int("first_pos", first_pos)
+    B, T, HQ, Dk = q.shape
+    Bk, L, H, Dk2 = k.shape
+    if Bk != B or Dk2 != Dk:
+        raise ValueError(f"k has shape {tuple(k.shape)}: expected batch {B} and head dim {Dk} as in q")
+    if H == 0 or HQ % H != 0:
+        raise ValueError(f"query heads HQ={HQ} must be a multiple of KV heads H={H} (GQA group G = HQ / H)")
+    if L < first_pos + T:
+        raise ValueError(f"k holds {L} keys but the last query sits at position first_pos + tq - 1 = "
+                         f"{first_pos + T - 1}: every query must see its own key")
+    return AttnDims(B, T, HQ, H, HQ // H, Dk, Dk)
+
+
 def _check_compressed_rows(k_name: str, k: torch.Tensor, T: int, cu_seqlens, cu_seqlens_k,
                            compression: Tuple[int, int]) -> None:
     """Compressed K's dim 1 must hold the compressed blocks of the key segments (or of the query layout)."""

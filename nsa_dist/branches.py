@@ -13,7 +13,7 @@ from nsa_kernels.validation import check_cu_seqlens
 
 from .config import NSAConfig
 from .diagnostics import observe_branches
-from .key_bound_selection import key_bound_select_blocks
+from .logit_selection import own_logit_selection
 from .parallel import CPLayout, CPStats, ShardedSequence, context_parallel_nsa
 from .selection_loss import attach_aux_loss, selection_loss
 
@@ -86,7 +86,7 @@ def nsa_branches(config: NSAConfig, q: torch.Tensor, k_c: torch.Tensor, v_c: tor
         k_s = rotary(k_s, position_ids)
         k_w = k_s if c.kv_sharing == "shared" else rotary(k_w, position_ids)
     observe_branches(c, q, k_cmp, v_cmp, k_s, gates, cu_seqlens)
-    if full_selection or c.selection_scoring == "key_bound":
+    if full_selection or c.selection_scoring != "compressed":
         o = _composed_nsa(c, q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates, cu_seqlens, full_selection)
     else:
         o = nsa_kernels.nsa_attention(
@@ -107,16 +107,13 @@ def _composed_nsa(c: NSAConfig, q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates, cu_s
     """The gated NSA output composed from the public branch ops, for the selections ``nsa_attention`` does not
     make: every block (``full_selection``: causal attention over all of ``k_s``, ``v_s``, a window as long as
     the sequence, equal to ``nsa_attention`` with ``top_n`` at least the number of blocks), or the blocks of
-    :func:`~nsa_dist.key_bound_selection.key_bound_select_blocks`. The compressed and window branches are the
-    paper's."""
+    :func:`own_logit_selection`. The compressed and window branches are the paper's."""
     geometry = dict(block_len=c.block_len, stride=c.stride, scale=c.softmax_scale, cu_seqlens=cu_seqlens)
     o_cmp, _ = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, **geometry)
     if full_selection:
         o_slc = nsa_kernels.window_attention(q, k_s, v_s, max(q.shape[1], 1), c.softmax_scale, cu_seqlens)
     else:
-        block_idx = key_bound_select_blocks(q, k_s, select_len=c.select_len, tile_len=c.stride, top_n=c.top_n,
-                                            init_blocks=c.init_blocks, local_blocks=c.local_blocks,
-                                            scale=c.softmax_scale, cu_seqlens=cu_seqlens)
+        block_idx = own_logit_selection(c, q, k_s, cu_seqlens)
         o_slc = nsa_kernels.selected_attention(q, k_s, v_s, block_idx, c.select_len, c.softmax_scale, cu_seqlens)
     o_win = nsa_kernels.window_attention(q, k_w, v_w, c.window, c.softmax_scale, cu_seqlens) if c.window else None
     return nsa_kernels.gate_combine(gates, o_cmp, o_slc, o_win)

@@ -13,7 +13,7 @@ from .validation import check_bool, check_real
 
 COMPRESSORS = ("mlp", "linear", "mean", "softmax")
 KV_SHARING = ("separate", "shared")
-SELECTION_SCORINGS = ("compressed", "key_bound")
+SELECTION_SCORINGS = ("compressed", "key_bound", "max_logit")
 BRANCHES = ("compressed", "selected", "window")
 DISABLEABLE_BRANCHES = ("compressed", "selected")
 
@@ -59,7 +59,9 @@ class NSAConfig:
             probabilities) or ``"key_bound"`` (an upper bound of the selected branch's own logits from per-tile
             key minima and maxima, :mod:`nsa_dist.key_bound_selection`; nothing to learn, so the selection
             follows the selected branch's queries and keys; under context parallelism the ranks all-reduce the
-            tile bounds).
+            tile bounds) or ``"max_logit"`` (each block's exact largest logit of the selected branch,
+            :mod:`nsa_dist.max_logit_selection`, the maximum the key bound bounds; under context parallelism
+            the ranks all-gather the raw selection keys).
         selection_warmup_steps: training steps, from the first, during which the selected branch attends every
             block (causal attention over the selection K/V; :mod:`nsa_dist.selection_warmup`), so the model
             learns with full attention while the selection loss trains the block scores; then the paper's top-n.
@@ -126,9 +128,10 @@ class NSAConfig:
         check_non_negative_int("selection_warmup_steps", self.selection_warmup_steps)
         if self.selection_scoring not in SELECTION_SCORINGS:
             raise ValueError(f"selection_scoring={self.selection_scoring!r} is not one of {SELECTION_SCORINGS}")
-        if self.selection_scoring == "key_bound" and self.selection_loss_weight:
+        if self.selection_scoring != "compressed" and self.selection_loss_weight:
             raise ValueError(f"selection_loss_weight={self.selection_loss_weight} trains the compressed scores, "
-                             "which do not rank blocks under selection_scoring='key_bound'; set it to 0")
+                             f"which do not rank blocks under selection_scoring={self.selection_scoring!r}; set it "
+                             "to 0")
 
     def _check_disabled_branches(self) -> None:
         if isinstance(self.disabled_branches, str):

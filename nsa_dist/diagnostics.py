@@ -5,7 +5,8 @@
 
 - ``selection_recall``: the fraction of answers whose needle lies in a selection block the answer's query
   selected (block ``needle_row // select_len`` among the ``top_n`` of :func:`nsa_kernels.select_blocks`, or of
-  the key-bound selection under ``selection_scoring="key_bound"``, the forced blocks included);
+  the selection from the selected branch's own logits under ``selection_scoring="key_bound"`` or
+  ``"max_logit"``, the forced blocks included);
 - ``compressed_mass``: the compressed-attention probability, summed over the compressed blocks that contain the
   needle (block ``i`` covers tokens ``[i*d, i*d + l)``), averaged over the group's query heads; top-n ranks blocks
   by this mass, so it must stand out for the needle's block to be selected;
@@ -28,7 +29,7 @@ import torch
 import nsa_kernels
 
 from .data import IGNORE_INDEX, Batch, Needles
-from .key_bound_selection import key_bound_select_blocks
+from .logit_selection import own_logit_selection
 
 BRANCH_NAMES = ("compressed", "selected", "window")
 _active: Optional["NeedleProbe"] = None
@@ -71,10 +72,10 @@ class NeedleProbe:
         _, lse = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, scale=config.softmax_scale, **geometry)
         pick = dict(select_len=config.select_len, top_n=config.top_n, init_blocks=config.init_blocks,
                     local_blocks=config.local_blocks, scale=config.softmax_scale)
-        if config.selection_scoring == "key_bound":
-            idx = key_bound_select_blocks(q, k_slc, tile_len=config.stride, **pick)
-        else:
+        if config.selection_scoring == "compressed":
             idx = nsa_kernels.select_blocks(q, k_cmp, lse, **pick, **geometry)
+        else:
+            idx = own_logit_selection(config, q, k_slc, None)
         b = torch.arange(B, device=q.device)[:, None]
         picked = idx[b, rows]                                                       # [B, P, H, n]
         recall = (picked == (needles // config.select_len)[:, :, None, None]).any(-1).double()   # [B, P, H]

@@ -11,7 +11,9 @@ does for KV-cache pages::
 A block's logit is the largest bound over its tiles that end at or before the query (only complete, causal
 tiles: no future key shapes the choice). As in NSA each query head turns its block logits into probabilities
 (softmax over the blocks it sees, times the attention scale), the heads of a KV group sum them, and
-:func:`nsa_kernels.reference.selection.pick_blocks` takes the forced blocks plus the best others. So when any query
+:func:`nsa_kernels.reference.selection.pick_blocks` takes the forced blocks plus the best others
+(:func:`~nsa_kernels.reference.selection.pick_by_block_logits`; :mod:`nsa_dist.max_logit_selection` computes
+the maximum the bound bounds exactly). So when any query
 head of the group has a key in a block it would attend to strongly, the block's bound is at least that logit.
 
 Cost per layer: ``O(T * T / tile_len * HQ * Dk)`` multiply-adds (with ``tile_len = d = 16``, about the
@@ -26,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from nsa_kernels.reference.selection import pick_blocks
+from nsa_kernels.reference.selection import pick_by_block_logits
 from nsa_kernels.reference.tiles import compute_dtype, query_tiles
 
 ROWS_PER_CHUNK = 1024  # query rows scored at once: memory O(ROWS_PER_CHUNK * T / tile_len * HQ)
@@ -71,9 +73,8 @@ def pick_by_key_bounds(q: torch.Tensor, positions: torch.Tensor, kmin: torch.Ten
     num_sel = -(-num_tiles // tiles_per_block)
     padded = F.pad(bound, (0, num_sel * tiles_per_block - num_tiles), value=float("-inf"))
     block_logit = padded.view(*bound.shape[:-1], num_sel, tiles_per_block).amax(-1)
-    probs = torch.softmax(block_logit, dim=-1).nan_to_num(0.0)  # a query with no complete tile: all 0
-    picked = pick_blocks(probs.sum(2), positions, select_len, top_n, init_blocks, local_blocks)  # [B, H, tq, n]
-    return picked.permute(0, 2, 1, 3)
+    return pick_by_block_logits(block_logit, positions, select_len=select_len, top_n=top_n, init_blocks=init_blocks,
+                                local_blocks=local_blocks)
 
 
 @torch.no_grad()

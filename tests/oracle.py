@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -362,3 +362,45 @@ def cu_seqlens_of(lengths: Optional[List[int]]) -> Optional[torch.Tensor]:
     for n in lengths:
         bounds.append(bounds[-1] + n)
     return torch.tensor(bounds, dtype=torch.int32)
+
+
+def oracle_pick_from_head_logits(head_logits: List[Dict[int, float]], local_t: int, select_len: int, top_n: int,
+                                 init_blocks: int, local_blocks: int) -> List[int]:
+    """One query's selection from its group's block logits (``head_logits[g][j]``, a block absent where the head
+    sees none of its keys): per head a softmax over its blocks, summed over the heads, then :func:`oracle_pick`."""
+    scores = [0.0] * (local_t // select_len + 1)
+    for logits in head_logits:
+        if logits:
+            top = max(logits.values())
+            z = math.fsum(math.exp(v - top) for v in logits.values())
+            for j, v in logits.items():
+                scores[j] += math.exp(v - top) / z
+    return oracle_pick(scores, local_t, select_len, top_n, init_blocks, local_blocks)
+
+
+def oracle_head_block_max(qvec: torch.Tensor, keys: torch.Tensor, local_t: int, select_len: int,
+                          scale: float) -> Dict[int, float]:
+    """``{j: max_{s in block j, s <= local_t} scale * q . k_s}`` for one query head; ``keys [L, Dk]`` of its KV
+    head from the document start."""
+    logits: Dict[int, float] = {}
+    for s in range(local_t + 1):
+        value = math.fsum(float(a) * float(b) for a, b in zip(qvec.tolist(), keys[s].tolist())) * scale
+        j = s // select_len
+        logits[j] = max(logits.get(j, -math.inf), value)
+    return logits
+
+
+def oracle_max_logit_blocks(q, k, select_len: int, top_n: int, init_blocks: int, local_blocks: int, scale: float,
+                            cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int ``[B, T, H, top_n]`` max-logit selection by explicit loops over every causal key."""
+    B, T, HQ, _ = q.shape
+    H = k.shape[2]
+    G = HQ // H
+    out = torch.full((B, T, H, top_n), -1, dtype=torch.int32)
+    for b, t, local, _, start, _ in _queries(B, T, cu_seqlens):
+        for h in range(H):
+            heads = [oracle_head_block_max(q[b, t, hq].double(), k[b, start:, h].double(), local, select_len, scale)
+                     for hq in range(h * G, (h + 1) * G)]
+            out[b, t, h] = torch.tensor(oracle_pick_from_head_logits(heads, local, select_len, top_n, init_blocks,
+                                                                     local_blocks))
+    return out

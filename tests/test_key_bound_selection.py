@@ -22,10 +22,9 @@ def _oracle_key_bound_blocks(q, k, select_len, tile_len, top_n, init_blocks, loc
     H = k.shape[2]
     out = torch.full((B, T, H, top_n), -1, dtype=torch.int32)
     for b, t, local, _, start, _ in O._queries(B, T, cu_seqlens):
-        last = local // select_len
         tiles = [i for i in range((local + 1) // tile_len)]  # complete tiles ending at or before local
         for h in range(H):
-            scores = [0.0] * (last + 1)
+            heads = []
             for hq in range(h * HQ // H, (h + 1) * HQ // H):
                 logits = {}
                 for i in tiles:
@@ -35,12 +34,9 @@ def _oracle_key_bound_blocks(q, k, select_len, tile_len, top_n, init_blocks, loc
                                       for d in range(D)) * scale
                     j = i * tile_len // select_len
                     logits[j] = max(logits.get(j, -math.inf), bound)
-                if logits:
-                    top = max(logits.values())
-                    z = math.fsum(math.exp(v - top) for v in logits.values())
-                    for j, v in logits.items():
-                        scores[j] += math.exp(v - top) / z
-            out[b, t, h] = torch.tensor(O.oracle_pick(scores, local, select_len, top_n, init_blocks, local_blocks))
+                heads.append(logits)
+            out[b, t, h] = torch.tensor(O.oracle_pick_from_head_logits(heads, local, select_len, top_n, init_blocks,
+                                                                       local_blocks))
     return out
 
 

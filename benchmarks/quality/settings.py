@@ -59,6 +59,12 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "nsa-key-bound-shared-warmup600": {"nsa": {"selection_scoring": "key_bound", "kv_sharing": "shared",
                                                "selection_warmup_steps": 600}},
     "nsa-key-bound-warmup800": {"nsa": {"selection_scoring": "key_bound", "selection_warmup_steps": 800}},
+    # blocks ranked by the selected branch's exact largest logit in each block (nsa_dist.max_logit_selection):
+    # with the recipe's shared K/V and warm-up, and with each of those two removed
+    "nsa-max-logit-shared-warmup600": {"nsa": {"selection_scoring": "max_logit", "kv_sharing": "shared",
+                                               "selection_warmup_steps": 600}},
+    "nsa-max-logit-warmup600": {"nsa": {"selection_scoring": "max_logit", "selection_warmup_steps": 600}},
+    "nsa-max-logit-shared": {"nsa": {"selection_scoring": "max_logit", "kv_sharing": "shared"}},
 }
 # the retrieval recipe, the best combination measured (H200, 2026-12-04: 99.6% at 4k and 96.6% at 16k over 3
 # seeds): key-bound scoring, one K/V for all branches and a 600-step full-selection warm-up, i.e. nsa.recipe:

@@ -4,6 +4,7 @@ All ops take ``[B, T, heads, dim]`` tensors, optional packed-document ``cu_seqle
 ops) optional key segments ``cu_seqlens_k``; see each function's docstring and DESIGN.md for the exact
 semantics.
 """
+from .block_max import block_max_logits
 from .compressed import compressed_attention
 from .gate_combine import gate_combine
 from .nsa import nsa_attention
@@ -19,4 +20,5 @@ __all__ = [
     "nsa_attention",
     "gate_combine",
     "overlap_weights",
+    "block_max_logits",
 ]

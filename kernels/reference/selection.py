@@ -55,6 +55,23 @@ def pick_blocks(scores: torch.Tensor, positions: torch.Tensor, select_len: int, 
     return chosen.to(torch.int32)
 
 
+def pick_by_block_logits(block_logit: torch.Tensor, positions: torch.Tensor, *, select_len: int, top_n: int,
+                         init_blocks: int, local_blocks: int) -> torch.Tensor:
+    """Selection from per-head block logits.
+
+    Args:
+        block_logit: float ``[B, H, G, tq, num_sel]`` scaled logits of each query head for each selection block
+            (``-inf`` for a block the query cannot see).
+        positions: ``[tq]`` document positions of the queries.
+    Returns:
+        int32 ``[B, tq, H, top_n]``: per head a softmax over the blocks, summed over the group's heads, then
+        :func:`pick_blocks` (sorted, ``-1`` padded).
+    """
+    probs = torch.softmax(block_logit, dim=-1).nan_to_num(0.0)  # a query that sees no block: all 0
+    picked = pick_blocks(probs.sum(2), positions, select_len, top_n, init_blocks, local_blocks)  # [B, H, tq, n]
+    return picked.permute(0, 2, 1, 3)
+
+
 @torch.no_grad()
 def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, block_len: int, stride: int,
                   select_len: int, top_n: int, init_blocks: int = 1, local_blocks: int = 2,

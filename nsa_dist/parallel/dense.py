@@ -44,6 +44,14 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shards: Sha
     return rank
 
 
+def all_gather_global(x: torch.Tensor, shards: ShardedSequence, group) -> torch.Tensor:
+    """Every rank's local rows ``x [B*T/P, ...]`` (the flattened local rows of ``shards``), all-gathered and put
+    in global packed order: ``[B*T, ...]``. Differentiable (backward: reduce-scatter of the gradients)."""
+    gathered = all_gather_rows(x, [shards.local_len] * shards.world_size, group)
+    owner_rank, owner_row = shards.owner(torch.arange(shards.total_len, device=x.device))
+    return gathered.index_select(0, owner_rank * shards.local_len + owner_row)
+
+
 def allgather_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, shards: ShardedSequence, group,
                               scale: Optional[float] = None,
                               attend: Callable[..., torch.Tensor] = causal_sdpa) -> torch.Tensor:
@@ -68,12 +76,9 @@ def allgather_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     rank = _check_inputs(q, k, v, shards, group)
     H, Dk = k.shape[2], k.shape[3]
     G = q.shape[2] // H
-    # one all-gather of K and V side by side, rank-ordered local rows -> global packed order
-    kv = torch.cat([k[0], v[0]], dim=-1)  # [B*T/P, H, Dk + Dv]
-    gathered = all_gather_rows(kv, [shards.local_len] * shards.world_size, group)
-    owner_rank, owner_row = shards.owner(torch.arange(shards.total_len, device=kv.device))
-    kv_global = gathered.index_select(0, owner_rank * shards.local_len + owner_row)  # [B*T, H, Dk + Dv]
-    k_global, v_global = kv_global.split([Dk, kv.shape[-1] - Dk], dim=-1)
+    # one all-gather of K and V side by side
+    kv_global = all_gather_global(torch.cat([k[0], v[0]], dim=-1), shards, group)  # [B*T, H, Dk + Dv]
+    k_global, v_global = kv_global.split([Dk, kv_global.shape[-1] - Dk], dim=-1)
     outs = []
     for seg in shards.segments(rank):
         q_seg = q[0, seg.row:seg.row + seg.length].transpose(0, 1)[None]  # [1, HQ, L, Dk]

@@ -10,7 +10,8 @@ Per call, on every rank of the group:
    token) are all-gathered (``T/d`` rows in all), gradients reduce-scattered in backward;
 2. compressed attention and top-n selection of the local queries against their documents' global compressed
    K/V (block numbers are document-relative, i.e. global), or by key bounds (``selection="key_bound"``: one
-   all-reduce of the tiles' key minima and maxima, :mod:`.key_bounds`);
+   all-reduce of the tiles' key minima and maxima, :mod:`.key_bounds`), or by each block's largest logit
+   (``selection="max_logit"``: one all-gather of the raw selection keys, :mod:`.max_logits`);
 3. selected attention against a compact key buffer per segment (:mod:`.selection`), whose rows come from a
    sparse fetch of exactly those rows (all-to-all) or from an all-gather of the raw selection K/V, whichever
    moves fewer bytes (``"auto"``, decided identically on all ranks) or as forced;
@@ -42,13 +43,14 @@ from .dense import allgather_dense_attention
 from .geometry import (KeySegments, compressor_inputs, owned_compressed_rows, prefix_compressed_rows,
                        window_keys)
 from .key_bounds import context_parallel_key_bound_blocks
+from .max_logits import context_parallel_max_logit_blocks
 from .rows import RowSource, remote_requests
 from .segments import ShardedSequence
 from .selection import CompactSelection, compact_selection
 from .stats import CPStats
 
 SELECTION_EXCHANGES = ("auto", "sparse", "allgather")
-SELECTIONS = ("compressed", "key_bound", "all")
+SELECTIONS = ("compressed", "key_bound", "max_logit", "all")
 
 
 def check_selection_exchange(value: str, name: str = "selection_exchange") -> None:
@@ -215,7 +217,8 @@ def context_parallel_nsa(q: torch.Tensor, k_cmp_raw: torch.Tensor, v_cmp_raw: to
             window branch).
         selection_exchange: ``"auto"`` (fewer bytes, same choice on every rank), ``"sparse"`` or ``"allgather"``.
         selection: what picks the selected blocks: ``"compressed"`` (the paper's scores), ``"key_bound"``
-            (:mod:`nsa_dist.key_bound_selection`, tiles of ``stride`` keys) or ``"all"`` (every block: the
+            (:mod:`nsa_dist.key_bound_selection`, tiles of ``stride`` keys), ``"max_logit"``
+            (:mod:`nsa_dist.max_logit_selection`) or ``"all"`` (every block: the
             selected branch is causal attention over the document, equal to ``top_n`` >= the number of blocks).
     Returns:
         ``o [1, B*T/P, HQ, Dv]`` in q's dtype and the call's :class:`CPStats` (also logged at debug level).
@@ -283,6 +286,10 @@ def context_parallel_nsa(q: torch.Tensor, k_cmp_raw: torch.Tensor, v_cmp_raw: to
                 q, k_slc, shards=shards, rank=rank, group=group, select_len=select_len, tile_len=stride,
                 top_n=top_n, init_blocks=init_blocks, local_blocks=local_blocks, scale=scale or Dk ** -0.5,
                 stats=stats)
+        elif selection == "max_logit":
+            block_idx = context_parallel_max_logit_blocks(
+                q, k_slc, shards=shards, rank=rank, group=group, select_len=select_len, top_n=top_n,
+                init_blocks=init_blocks, local_blocks=local_blocks, scale=scale or Dk ** -0.5, stats=stats)
         else:
             block_idx = nsa_kernels.select_blocks(q, k_cmp, lse, block_len, stride, select_len, top_n, init_blocks,
                                                   local_blocks, scale, local_cu, cu_cmp)

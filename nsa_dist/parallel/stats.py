@@ -28,7 +28,8 @@ class CPStats:
             ``compression_halo``, ``window_halo``, ``compressed_kv`` (all-gather),
             ``selection_ids`` (run lists of the sparse fetch and the all-reduced counts of the ``auto``
             choice), ``selection_kv`` (the selected blocks and the tail halo, or the raw all-gather),
-            ``key_bounds`` (the all-reduce of key-bound scoring, a ring estimate).
+            ``key_bounds`` (the all-reduce of key-bound scoring, a ring estimate), ``selection_keys`` (the
+            all-gather of the raw selection keys for max-logit scoring).
         selection_path: ``"sparse"`` or ``"allgather"``.
         unique_remote_blocks: distinct selection blocks needed by this rank that hold rows of another rank.
         sparse_bytes_total, allgather_bytes_total: bytes (summed over ranks) of each selection path as
