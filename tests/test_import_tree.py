@@ -109,3 +109,14 @@ def test_package_imports_form_a_tree(package):
     graph = import_graph()
     assert len([m for m in graph if m.split(".")[0] == package]) > 10  # the walk found the package's modules
     assert [c for c in cycles(graph) if c[0].split(".")[0] == package] == []
+
+
+def test_pyproject_installs_every_package():
+    """A non-editable ``pip install .`` ships exactly the packages listed in pyproject.toml: every folder with an
+    ``__init__.py`` must be listed, or the installed copy misses it."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {name for package, root in PACKAGES.items() for name, path in module_names(package, root).items()
+             if path.name == "__init__.py"}
+    assert found == listed, f"not listed: {sorted(found - listed)}; listed but missing: {sorted(listed - found)}"

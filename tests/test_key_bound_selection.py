@@ -1,5 +1,6 @@
 """Key-bound block selection against float64 loops (packed documents, lengths that are not multiples of the
-tiles or blocks, several GQA ratios), the bound's defining property, and the layer that uses it on both backends."""
+tiles or blocks, several GQA ratios), the bound's defining property, and the layer that uses it (or max-logit
+selection) on both backends."""
 from __future__ import annotations
 
 import math
@@ -72,13 +73,14 @@ def test_refuses_tiles_that_do_not_divide_the_block():
                                 top_n=2, init_blocks=0, local_blocks=1)
 
 
+@pytest.mark.parametrize("scoring", ["key_bound", "max_logit"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_layer_uses_the_key_bound_blocks(backend, seed):
-    """The layer's output is the gated sum of the branch ops over the loops' blocks (reference), on both
-    backends; it differs from the paper's compressed scoring."""
+def test_layer_uses_its_own_logit_blocks(scoring, backend, seed):
+    """The layer's output is the gated sum of the branch ops over the loops' blocks (reference) of its scoring
+    (key bounds or exact block maxima), on both backends; it differs from the paper's compressed scoring."""
     cfg = dict(hidden_size=12, num_heads=4, num_kv_heads=2, head_dim=4, block_len=8, stride=4, select_len=8,
                top_n=3, init_blocks=1, local_blocks=1, window=8, use_rope=False)
-    layer = NativeSparseAttention(NSAConfig(**cfg, selection_scoring="key_bound"))
+    layer = NativeSparseAttention(NSAConfig(**cfg, selection_scoring=scoring))
     paper = NativeSparseAttention(NSAConfig(**cfg))
     paper.load_state_dict(layer.state_dict())
     T = 61
@@ -91,8 +93,9 @@ def test_layer_uses_the_key_bound_blocks(backend, seed):
         v_c, v_s, v_w = (kv[:, :, i, :, 4:] for i in range(3))
         gates = torch.sigmoid(layer.gate_proj(x)).view(1, T, 4, 3)
         k_cmp, v_cmp = layer.k_compressor(k_c, cu), layer.v_compressor(v_c, cu)
-        idx = _oracle_key_bound_blocks(q, k_s, select_len=8, tile_len=4, top_n=3, init_blocks=1, local_blocks=1,
-                                       scale=0.5, cu_seqlens=cu)
+        pick = dict(select_len=8, top_n=3, init_blocks=1, local_blocks=1, scale=0.5, cu_seqlens=cu)
+        idx = (_oracle_key_bound_blocks(q, k_s, tile_len=4, **pick) if scoring == "key_bound"
+               else O.oracle_max_logit_blocks(q, k_s, **pick))
         ref = nsa_kernels.reference
         o = ref.gate_combine(gates, ref.compressed_attention(q, k_cmp, v_cmp, 8, 4, None, cu)[0],
                              ref.selected_attention(q, k_s, v_s, idx, 8, None, cu),
@@ -101,7 +104,7 @@ def test_layer_uses_the_key_bound_blocks(backend, seed):
     with nsa_kernels.use_backend(backend):
         y = layer(x, cu_seqlens=cu)
         y_paper = paper(x, cu_seqlens=cu)
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6, msg=f"backend={backend} seed={seed}")
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6, msg=f"{scoring} backend={backend} seed={seed}")
     assert not torch.allclose(y, y_paper, atol=1e-5), f"the scorings must differ: seed={seed}"
     y.square().sum().backward()
     assert layer.q_proj.weight.grad.abs().sum() > 0

@@ -61,6 +61,12 @@ MODULE = [
          dtype=torch.float64),
     Case(4, "zigzag", "auto", kv_heads=4, T=192, num_docs=0, batch=2, selection_scoring="key_bound"),
     Case(2, "zigzag", "sparse", kv_heads=2, T=160, num_docs=2, selection_scoring="key_bound", kv_sharing="shared"),
+    # max-logit selection (selection keys all-gathered)
+    Case(2, "zigzag", "auto", kv_heads=2, T=160, num_docs=3, selection_scoring="max_logit"),
+    Case(4, "contiguous", "sparse", kv_heads=1, T=128, num_docs=3, selection_scoring="max_logit",
+         dtype=torch.float64),
+    Case(4, "zigzag", "allgather", kv_heads=4, T=192, num_docs=0, batch=2, selection_scoring="max_logit",
+         kv_sharing="shared"),
     Case(2, "zigzag", "allgather", kv_heads=4, T=160, num_docs=3, full_selection=True),
     Case(4, "contiguous", "allgather", kv_heads=2, T=128, num_docs=0, batch=2, full_selection=True,
          dtype=torch.float64),
