@@ -7,6 +7,9 @@
   selected (block ``needle_row // select_len`` among the ``top_n`` of :func:`nsa_kernels.select_blocks`, or of
   the selection from the selected branch's own logits under ``selection_scoring="key_bound"`` or
   ``"max_logit"``, the forced blocks included);
+- ``max_logit_recall``: the same for the blocks max-logit selection would pick (each block's exact largest logit
+  of the selected branch, :mod:`nsa_dist.max_logit_selection`), whatever the layer's scoring: how much recall
+  the selected branch's own attention could give;
 - ``compressed_mass``: the compressed-attention probability, summed over the compressed blocks that contain the
   needle (block ``i`` covers tokens ``[i*d, i*d + l)``), averaged over the group's query heads; top-n ranks blocks
   by this mass, so it must stand out for the needle's block to be selected;
@@ -30,6 +33,7 @@ import nsa_kernels
 
 from .data import IGNORE_INDEX, Batch, Needles
 from .logit_selection import own_logit_selection
+from .max_logit_selection import max_logit_select_blocks
 
 BRANCH_NAMES = ("compressed", "selected", "window")
 _active: Optional["NeedleProbe"] = None
@@ -76,9 +80,10 @@ class NeedleProbe:
             idx = nsa_kernels.select_blocks(q, k_cmp, lse, **pick, **geometry)
         else:
             idx = own_logit_selection(config, q, k_slc, None)
+        exact = idx if config.selection_scoring == "max_logit" else max_logit_select_blocks(q, k_slc, **pick)
         b = torch.arange(B, device=q.device)[:, None]
-        picked = idx[b, rows]                                                       # [B, P, H, n]
-        recall = (picked == (needles // config.select_len)[:, :, None, None]).any(-1).double()   # [B, P, H]
+        needle_block = (needles // config.select_len)[:, :, None, None]
+        recall, exact_recall = ((i[b, rows] == needle_block).any(-1).double() for i in (idx, exact))  # [B, P, H]
 
         scale = config.softmax_scale or q.shape[-1] ** -0.5
         q_rows = q[b, rows].double().view(B, rows.shape[1], H, G, -1)              # [B, P, H, G, Dk]
@@ -96,7 +101,8 @@ class NeedleProbe:
         in_block = (keys // config.select_len)[None, None, :] == (needles // config.select_len)[:, :, None]
         key_mass = torch.where(in_block[:, :, None, None], key_probs, 0.0).sum(-1).mean(-1)   # [B, P, H]
 
-        stats = {"selection_recall": recall.sum((0, 1)), "compressed_mass": mass.sum((0, 1)),
+        stats = {"selection_recall": recall.sum((0, 1)), "max_logit_recall": exact_recall.sum((0, 1)),
+                 "compressed_mass": mass.sum((0, 1)),
                  "selection_key_mass": key_mass.sum((0, 1)),
                  **{f"gate_{name}": gate[..., i].sum((0, 1)) for i, name in enumerate(BRANCH_NAMES)},
                  "count": torch.tensor(float(B * rows.shape[1]), dtype=torch.float64, device=q.device)}
@@ -107,13 +113,13 @@ class NeedleProbe:
         self._layer += 1
 
     def summary(self) -> List[Dict]:
-        """Per layer: ``{"selection_recall": [H], "compressed_mass": [H], "selection_key_mass": [H],
-        "gates": {branch: [H]}}`` (means)."""
+        """Per layer: ``{"selection_recall": [H], "max_logit_recall": [H], "compressed_mass": [H],
+        "selection_key_mass": [H], "gates": {branch: [H]}}`` (means)."""
         out = []
         for stats in self.layers:
             mean = {k: (v / stats["count"]).tolist() for k, v in stats.items() if k != "count"}
-            out.append({"selection_recall": mean["selection_recall"], "compressed_mass": mean["compressed_mass"],
-                        "selection_key_mass": mean["selection_key_mass"], "gates": {name: mean[f"gate_{name}"] for name in BRANCH_NAMES}})
+            gates = {name: mean.pop(f"gate_{name}") for name in BRANCH_NAMES}
+            out.append({**mean, "gates": gates})
         return out
 
 

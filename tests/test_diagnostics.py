@@ -55,8 +55,10 @@ def _oracle_stats(q, k_cmp, k_slc, gates, rows, needles, config: NSAConfig):
     idx = O.oracle_select_blocks(q, k_cmp, top_n=config.top_n, init_blocks=config.init_blocks,
                                  local_blocks=config.local_blocks, scale=config.softmax_scale, **geo)
     scale = config.softmax_scale or q.shape[-1] ** -0.5
-    recall, mass, key_mass, gate = (torch.zeros(H, dtype=torch.float64), torch.zeros(H, dtype=torch.float64),
-                                    torch.zeros(H, dtype=torch.float64), torch.zeros(H, 3, dtype=torch.float64))
+    exact_idx = O.oracle_max_logit_blocks(q, k_slc, config.select_len, config.top_n, config.init_blocks,
+                                          config.local_blocks, scale)
+    recall, exact_recall, mass, key_mass = (torch.zeros(H, dtype=torch.float64) for _ in range(4))
+    gate = torch.zeros(H, 3, dtype=torch.float64)
     count = 0
     for b in range(B):
         for t, n in zip(rows[b].tolist(), needles[b].tolist()):
@@ -64,6 +66,7 @@ def _oracle_stats(q, k_cmp, k_slc, gates, rows, needles, config: NSAConfig):
             visible = [i for i in range(k_cmp.shape[1]) if i * config.stride + config.block_len - 1 <= t]
             for h in range(H):
                 recall[h] += float((n // config.select_len) in idx[b, t, h].tolist())
+                exact_recall[h] += float((n // config.select_len) in exact_idx[b, t, h].tolist())
                 for hq in range(h * G, (h + 1) * G):
                     probs = O._compressed_probs(q[b, t, hq].double(), k_cmp[b, :, h].double(), visible, scale)
                     on_needle = [p for i, p in zip(visible, probs)
@@ -76,7 +79,7 @@ def _oracle_stats(q, k_cmp, k_slc, gates, rows, needles, config: NSAConfig):
                     key_mass[h] += math.fsum(weights[j] for j in block if j // config.select_len ==
                                              n // config.select_len) / math.fsum(weights) / G
                     gate[h] += gates[b, t, hq].double() / G
-    return recall / count, mass / count, key_mass / count, gate / count
+    return recall / count, exact_recall / count, mass / count, key_mass / count, gate / count
 
 
 @pytest.mark.parametrize("HQ,H", [(4, 2), (3, 3), (6, 1)])
@@ -94,16 +97,18 @@ def test_probe_matches_brute_force(HQ, H, seed):
         with probe.watching(Needles(rows, needles)):
             observe_branches(config, q, k_cmp, v_cmp, k_slc, gates, None)
     (layer,) = probe.summary()
-    recall, mass, key_mass, gate = _oracle_stats(q, k_cmp, k_slc, gates, rows, needles, config)
+    recall, exact_recall, mass, key_mass, gate = _oracle_stats(q, k_cmp, k_slc, gates, rows, needles, config)
     msg = f"HQ={HQ} H={H} seed={seed}"
     torch.testing.assert_close(torch.tensor(layer["selection_recall"], dtype=torch.float64), recall, msg=msg)
+    torch.testing.assert_close(torch.tensor(layer["max_logit_recall"], dtype=torch.float64), exact_recall, msg=msg)
     torch.testing.assert_close(torch.tensor(layer["compressed_mass"], dtype=torch.float64), mass, rtol=1e-5,
                                atol=1e-6, msg=msg)
     torch.testing.assert_close(torch.tensor(layer["selection_key_mass"], dtype=torch.float64), key_mass, rtol=1e-6,
                                atol=1e-9, msg=msg)
     for i, name in enumerate(BRANCH_NAMES):
         torch.testing.assert_close(torch.tensor(layer["gates"][name], dtype=torch.float64), gate[:, i], msg=msg)
-    assert 0 < mass.sum() and 0 < recall.sum() and 0 < key_mass.sum(), msg  # the case is not degenerate
+    # the case is not degenerate
+    assert 0 < mass.sum() and 0 < recall.sum() and 0 < key_mass.sum() and 0 < exact_recall.sum(), msg
 
 
 @pytest.mark.parametrize("attention", ["nsa", "dense"])
