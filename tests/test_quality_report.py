@@ -36,7 +36,8 @@ RECIPE = load("settings").RECIPE
 def runs(tmp_path_factory) -> Path:
     """A folder of tiny CPU runs: needle at 256 (NSA and dense at two lrs x two seeds, no window at one lr and
     seed; the recipe under its alias "nsa-recipe", after 2 steps on 128-token sequences, at one lr and seed),
-    needle at 512 and LM at 256 (NSA and dense at the two lrs, one seed)."""
+    needle at 512 and LM at 256 (NSA and dense at the two lrs, one seed), the 4-pair needle setting at 256 (NSA and
+    dense at one lr and seed)."""
     experiment = load("experiment")
     out = tmp_path_factory.mktemp("runs")
     common = dict(out=out, size="tiny", steps=6, tokens_per_step=1024, precision="fp32", device="cpu",
@@ -47,6 +48,7 @@ def runs(tmp_path_factory) -> Path:
                            short_steps=2, **common)
     experiment.run_setting("needle", 512, ["nsa", "dense"], lrs=LRS, seeds=SEEDS[:1], **common)
     experiment.run_setting("lm", 256, ["nsa", "dense"], lrs=LRS, seeds=SEEDS[:1], **common)
+    experiment.run_setting("needle-4pairs", 256, ["nsa", "dense"], lrs=LRS[:1], seeds=SEEDS[:1], **common)
     return out
 
 
@@ -91,8 +93,12 @@ def expected_best(groups: Dict[Setting, List[dict]], task: str, variant: str) ->
     (needle) or lowest mean loss (LM), the smaller lr on a tie."""
     Ts = sorted({T for t, T, v, _ in groups if (t, v) == (task, variant)})
     T = next((T for T in Ts if len(lrs_at(groups, task, T, variant)) > 1), Ts[0])
-    score = {"needle": lambda lr: -average(accuracy, groups[task, T, variant, lr]),
-             "lm": lambda lr: average(loss, groups[task, T, variant, lr])}[task]
+    if task == "lm":
+        def score(lr):
+            return average(loss, groups[task, T, variant, lr])
+    else:
+        def score(lr):
+            return -average(accuracy, groups[task, T, variant, lr])
     return min(lrs_at(groups, task, T, variant), key=score)
 
 
@@ -225,6 +231,15 @@ def test_needle_table_is_recipe_and_nsa_against_dense_at_their_best_lrs(runs, wr
     assert rows[512]["recipe - dense (points)"] == "-"
 
 
+def test_other_needle_settings_table_compares_each_setting(runs, written):
+    text, _ = written
+    groups = settings(runs)
+    (row,) = table(text, "Other needle settings")
+    assert (row["setting"], length(row), row["needles"]) == ("needle-4pairs", 256, "4")
+    assert_compared(row, groups, "needle-4pairs", 256, accuracy, ".1f", "acc %")
+    assert "needle-4pairs" not in table(text, "Needle retrieval")[0].values()
+
+
 def test_ablation_table_has_every_variant_at_its_best_lr(runs, written):
     text, _ = written
     groups = settings(runs)
@@ -256,7 +271,7 @@ def test_runs_lines_name_environment_lrs_seeds_steps_and_tokens(runs, written):
     text, _ = written
     env = json.loads(next(runs.glob("lm-*.json")).read_text())["environment"]
     lines = [line for line in text.splitlines() if line.startswith("Runs: ")]
-    assert len(lines) == 5  # one per table
+    assert len(lines) == 6  # one per table
     for line in lines:
         for value in (env["device"], env["torch"], env["triton"], env["date"], "steps 6", "tokens/step 1,024"):
             assert value in line
@@ -266,7 +281,8 @@ def test_runs_lines_name_environment_lrs_seeds_steps_and_tokens(runs, written):
 def test_retrieval_summary_lists_every_needle_run(runs, written):
     _, out = written
     summary = json.loads((out / "retrieval-summary.json").read_text())
-    needle = [json.loads(path.read_text()) for path in sorted(runs.glob("needle-*.json"))]
+    needle = [run for run in (json.loads(path.read_text()) for path in sorted(runs.glob("*.json")))
+              if run["task"] == "needle"]  # the measured setting only
     assert len(summary) == len(needle) == 14
     assert sorted(map(json.dumps, summary)) == sorted(
         json.dumps({"variant": r["variant"], "seq_len": r["seq_len"], "seed": r["seed"], "lr": r["lr"],

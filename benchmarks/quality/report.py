@@ -38,7 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from settings import RECIPE, TASKS, VARIANTS, model_section  # noqa: E402
+from settings import NEEDLE_TASKS, RECIPE, TASKS, VARIANTS, model_section  # noqa: E402
 
 Key = Tuple[str, int, str, float, int]  # (task, seq_len, variant, lr, seed)
 Run = Dict
@@ -208,7 +208,8 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 # ---------------------------------------------------------------------------------------------------- best lr
 
 # per task: the metric that ranks learning rates and how (the best is the max or the min of the seed means)
-RANKING: Dict[str, Tuple[Metric, Callable]] = {"needle": (accuracy_pct, max), "lm": (eval_loss, min)}
+RANKING: Dict[str, Tuple[Metric, Callable]] = {**{task: (accuracy_pct, max) for task in NEEDLE_TASKS},
+                                               "lm": (eval_loss, min)}
 
 
 def lr_ranking(results: Results, task: str, variant: str) -> List[float]:
@@ -346,10 +347,11 @@ NEEDLE_HEADER = ("T", "needles", *compared_columns("acc %"),
                  *(f"{name} - dense (points)" for _, name in COMPARED[:-1]), *STEP_TIME_HEADER)
 
 
-def needle_row(results: Results, T: int) -> List[str]:
-    """Needle table row at length ``T``: the recipe, paper NSA and dense, each at its best learning rate."""
-    groups = compared_runs(results, "needle", T)
-    pairs = distinct(r["config"]["data"]["retrieval"]["num_pairs"] for r in runs_at(results, "needle", T))
+def needle_row(results: Results, T: int, task: str = "needle") -> List[str]:
+    """Needle table row of ``task`` (a needle setting) at length ``T``: the recipe, paper NSA and dense, each at
+    its best learning rate."""
+    groups = compared_runs(results, task, T)
+    pairs = distinct(r["config"]["data"]["retrieval"]["num_pairs"] for r in runs_at(results, task, T))
     dense = mean(accuracy_pct, groups[-1])
     return [f"{T:,}", pairs, *compared_cells(groups, accuracy_pct, ".1f"),
             *(fmt(difference(mean(accuracy_pct, runs), dense), "+.1f") for runs in groups[:-1]),
@@ -424,6 +426,11 @@ def render(results: Results) -> str:
     if needle_lengths:
         lines += section("Needle retrieval", shown_runs(results, "needle", MAIN_VARIANTS), NEEDLE_HEADER,
                          [needle_row(results, T) for T in needle_lengths])
+    others = [task for task in NEEDLE_TASKS if task != "needle" and lengths(results, task)]
+    if others:
+        shown = [run for task in others for run in shown_runs(results, task, MAIN_VARIANTS)]
+        lines += section("Other needle settings", shown, ("setting", *NEEDLE_HEADER),
+                         [[task, *needle_row(results, T, task)] for task in others for T in lengths(results, task)])
     if set(variants(results, "needle")) - set(MAIN_VARIANTS):
         lines += section("Ablations (needle)", shown_runs(results, "needle", variants(results, "needle")),
                          ABLATION_HEADER, [row for T in needle_lengths for row in ablation_rows(results, T)])

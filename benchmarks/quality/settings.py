@@ -1,5 +1,5 @@
-"""What the quality experiment trains: model sizes, attention variants (NSA, dense, NSA ablations) and the two
-tasks (multi-needle retrieval, byte-level LM), as :class:`~nsa_dist.training.TrainConfig` dictionaries.
+"""What the quality experiment trains: model sizes, attention variants (NSA, dense, NSA ablations) and the
+tasks (multi-needle retrieval in several settings, byte-level LM), as :class:`~nsa_dist.training.TrainConfig` dictionaries.
 
 Every variant of a task and length shares the data (same seed, so the same batches), steps, batch, optimizer and
 schedule; only the model's attention differs."""
@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict
 
-TASKS = ("needle", "lm")
 
 # NSA paper geometry (l 32, d 16, l' 64, n 16, w 512, MLP compressor) in every NSA variant but the ablated field
 PAPER_NSA = dict(block_len=32, stride=16, select_len=64, top_n=16, window=512, compressor="mlp")
@@ -77,6 +76,17 @@ VARIANTS["nsa-recipe"] = VARIANTS[RECIPE]
 # fused form: one attention hop retrieves it), keys and values from 16 each (chance accuracy 1/16), filler from
 # 256 tokens; queried at the end as QUERY key value
 NEEDLE_TASK = dict(num_pairs=16, num_keys=16, num_values=16, num_filler=256, fused=True)
+# the measured needle setting and the others a recipe must also match dense on: fewer and more pairs, more keys
+# and values (chance 1/64), a 16x larger filler vocabulary. "needle-64pairs" needs sequences of at least 320
+# tokens (5 per pair), so its curriculum starts at --short-seq-len 512.
+NEEDLE_TASKS: Dict[str, Dict[str, Any]] = {
+    "needle": NEEDLE_TASK,
+    "needle-4pairs": {**NEEDLE_TASK, "num_pairs": 4},
+    "needle-64pairs": {**NEEDLE_TASK, "num_pairs": 64, "num_keys": 64},
+    "needle-64values": {**NEEDLE_TASK, "num_keys": 64, "num_values": 64},
+    "needle-4k-filler": {**NEEDLE_TASK, "num_filler": 4096},
+}
+TASKS = (*NEEDLE_TASKS, "lm")
 
 
 def model_section(size: str, variant: str) -> Dict[str, Any]:
@@ -92,9 +102,10 @@ def model_section(size: str, variant: str) -> Dict[str, Any]:
 
 
 def data_section(task: str, seq_len: int, text_file: str | None) -> Dict[str, Any]:
-    """The ``data`` section: the needle task (``NEEDLE_TASK``), or bytes of ``text_file`` with a 5% held-out tail."""
-    if task == "needle":
-        return dict(kind="retrieval", seq_len=seq_len, retrieval=dict(NEEDLE_TASK))
+    """The ``data`` section: a needle setting of ``NEEDLE_TASKS``, or bytes of ``text_file`` with a 5% held-out
+    tail (``"lm"``)."""
+    if task in NEEDLE_TASKS:
+        return dict(kind="retrieval", seq_len=seq_len, retrieval=dict(NEEDLE_TASKS[task]))
     if task == "lm":
         if not text_file:
             raise ValueError("task 'lm' needs a text file (the experiment builds the stdlib corpus)")
