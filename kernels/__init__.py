@@ -8,6 +8,7 @@ CUDA tensors or under ``TRITON_INTERPRET=1``, else the reference; ``NSA_KERNELS_
 """
 from . import reference
 from .dispatch import dispatching, selected_backend, use_backend
+from .geometry import NSAGeometry
 from .layout import (
     compressed_block_last_tokens,
     compressed_cu_seqlens,
@@ -34,6 +35,7 @@ __all__ = [
     "gate_combine",
     "block_max_logits",
     "use_backend",
+    "NSAGeometry",
     "selected_backend",
     "compressed_block_last_tokens",
     "compressed_cu_seqlens",

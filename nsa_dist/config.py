@@ -6,8 +6,8 @@ from typing import Any, Dict, Optional, Tuple
 
 from nsa_kernels.validation import check_non_negative_int, check_positive_int, check_selection_geometry
 
-from .parallel.layout import check_layout_kind
-from .parallel.nsa import check_selection_exchange
+from .parallel.sharding import check_layout_kind
+from .parallel.selected_exchange import check_selection_exchange
 from .recipes import apply_recipe
 from .validation import check_bool, check_real
 

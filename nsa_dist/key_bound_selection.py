@@ -19,7 +19,7 @@ head of the group has a key in a block it would attend to strongly, the block's 
 Cost per layer: ``O(T * T / tile_len * HQ * Dk)`` multiply-adds (with ``tile_len = d = 16``, about the
 compressed branch's own scoring), memory ``O(ROWS_PER_CHUNK * T / tile_len * HQ)``; not differentiable (top-n is
 not). Plain PyTorch, shared by both kernel backends; under context parallelism the ranks all-reduce the tile
-bounds (:func:`nsa_dist.parallel.key_bounds.context_parallel_key_bound_blocks`).
+bounds (:func:`nsa_dist.parallel.scoring.context_parallel_key_bound_blocks`).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ Cost per layer: the ``q k^T`` products of causal dense attention (``T^2 / 2 * HQ
 softmax, no values, no backward) plus ``O(T * T / l' * HQ)`` for the block softmax and top-n; memory
 ``O(rows * T / l' * HQ)`` per chunk of query rows (:func:`rows_per_chunk`). Not differentiable (top-n is not).
 Under context parallelism each rank needs every earlier selection key of its documents: one all-gather of the
-raw selection keys (:func:`nsa_dist.parallel.max_logits.context_parallel_max_logit_blocks`).
+raw selection keys (:func:`nsa_dist.parallel.scoring.context_parallel_max_logit_blocks`).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Retrieval diagnostics against brute force: the retrieval task's needle positions, the probe's selection recall,
-compressed mass on the needle and gates (float64 loops of tests/oracle.py), accuracy by needle depth, and the
+compressed mass on the needle and gates (float64 loops of tests/helpers/oracle.py), accuracy by needle depth, and the
 trainer's evaluation records."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import oracle as O
+from tests.helpers import oracle as O
 
 from nsa_dist import GPT, GPTConfig, NSAConfig
 from nsa_dist.data import IGNORE_INDEX, Needles, RetrievalTask

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import nsa_kernels
-import oracle as O
+from tests.helpers import oracle as O
 from nsa_dist import NativeSparseAttention, NSAConfig
 from nsa_dist import key_bound_selection
 from nsa_dist.key_bound_selection import key_bound_select_blocks

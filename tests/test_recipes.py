@@ -71,13 +71,9 @@ def test_training_yaml_with_unknown_recipe_names_the_setting():
 
 def test_quality_experiments_recipe_variant_is_the_switch_at_1000_steps():
     """benchmarks/quality's ``nsa-recipe`` (explicit options, measured at 1000 steps) is ``recipe: retrieval``."""
-    import importlib.util
-    from pathlib import Path
+    from tests.helpers.quality_scripts import load
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "settings.py"
-    spec = importlib.util.spec_from_file_location("quality_settings_for_recipes", path)
-    settings = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(settings)
+    settings = load("settings", "quality_settings_for_recipes")
 
     def nsa_of(variant_nsa: dict) -> NSAConfig:
         model = settings.model_section("small", "nsa")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-import oracle as O
+from tests.helpers import oracle as O
 
 from nsa_dist import NativeSparseAttention, NSAConfig
 from nsa_dist.selection_loss import (

@@ -12,11 +12,12 @@ kernels, and the branches' dq are summed in place. Same numbers as composing the
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from ..composition import check_nsa_inputs
+from ..geometry import NSAGeometry
 from ..reference.tiles import default_scale
 from .gate_combine import combine_backward, combine_forward
 from .range_attention import (COMPRESSED, WINDOW, RangeGeometry, prepare_inputs, range_attention_backward,
@@ -27,17 +28,6 @@ from .utils import host_offsets
 from .window import clamped_window
 
 N_SLC = SelectedState.N_TENSORS  # the selected branch's saved tensors
-
-
-class NSAGeometry(NamedTuple):
-    """The NSA hyper-parameters of one call (see :func:`nsa_attention`)."""
-    block_len: int
-    stride: int
-    select_len: int
-    top_n: int
-    window: int
-    init_blocks: int
-    local_blocks: int
 
 
 class _NSAFunction(torch.autograd.Function):

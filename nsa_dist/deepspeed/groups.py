@@ -1,9 +1,8 @@
 """Context- and data-parallel process groups of a DeepSpeed job, and the ``mpu`` object DeepSpeed reads them from."""
 from __future__ import annotations
 
-from typing import List
-
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 
 class ContextDataParallelGroups:
@@ -19,32 +18,25 @@ class ContextDataParallelGroups:
     rank* for batch arithmetic (``train_batch_size = micro * grad_accum * DP``) and sampling, which exclude CP,
     and the *group* ZeRO-3 partitions the parameters over, which must be the same replicas as the optimizer's
     (DeepSpeed's own sequence-parallel state leaves it to the whole world for that reason).
+
+    The groups come from a ``(dp, cp)`` :func:`~torch.distributed.device_mesh.init_device_mesh` over
+    ``device_type`` (``"cuda"`` under NCCL, ``"cpu"`` under gloo), whose row-major rank order is the layout above;
+    a ``(world, 1)`` mesh gives each rank a group of its own (DeepSpeed's model-parallel group).
     """
 
-    def __init__(self, cp: int):
+    def __init__(self, cp: int, device_type: str = "cpu"):
         world, rank = dist.get_world_size(), dist.get_rank()
         if isinstance(cp, bool) or not isinstance(cp, int) or cp < 1 or world % cp:
             raise ValueError(f"context-parallel size train.cp={cp!r} must divide the world size {world}")
         self.cp, self.dp, self.rank = cp, world // cp, rank
-        self.cp_ranks = self._make_groups([[d * cp + c for c in range(cp)] for d in range(self.dp)])
-        self.dp_ranks = self._make_groups([[d * cp + c for d in range(self.dp)] for c in range(cp)])
-        self.self_group = self._make_groups([[r] for r in range(world)])[1]
-        self.all_group = dist.new_group(list(range(world)))
-
-    def _make_groups(self, layouts: List[List[int]]):
-        """Create every group of ``layouts`` (all ranks take part in each ``new_group``); return
-        ``(ranks, group)`` of the one holding this rank."""
-        mine = None
-        for ranks in layouts:
-            group = dist.new_group(ranks)
-            if self.rank in ranks:
-                mine = (ranks, group)
-        return mine
+        self.mesh = init_device_mesh(device_type, (self.dp, cp), mesh_dim_names=("dp", "cp"))
+        self.self_group = init_device_mesh(device_type, (world, 1), mesh_dim_names=("all", "self")).get_group("self")
+        self.all_group = dist.group.WORLD
 
     @property
     def cp_group(self):
         """The context-parallel group of this rank."""
-        return self.cp_ranks[1]
+        return self.mesh.get_group("cp")
 
     @property
     def cp_rank(self) -> int:
@@ -53,7 +45,7 @@ class ContextDataParallelGroups:
     @property
     def dp_group(self):
         """The data-parallel group of this rank (same CP index)."""
-        return self.dp_ranks[1]
+        return self.mesh.get_group("dp")
 
     @property
     def dp_rank(self) -> int:

@@ -1,9 +1,9 @@
 """Context parallelism for NSA: the sequence split over a process group (zigzag or contiguous layout), with
 exchanges of compressed K/V, selected blocks and halos (see :func:`context_parallel_nsa`)."""
 from .comm import ExchangePlan, all_gather_rows, fetch_rows, plan_by_request, plan_from_requests
-from .layout import LAYOUTS, CPLayout
-from .nsa import SELECTION_EXCHANGES, context_parallel_nsa
-from .segments import Segment, ShardedSequence
+from .nsa import context_parallel_nsa
+from .selected_exchange import SELECTION_EXCHANGES
+from .sharding import LAYOUTS, CPLayout, Segment, ShardedSequence
 from .stats import CPStats, ExchangeBytes
 
 __all__ = [

@@ -1,62 +1,67 @@
 """Context-parallel NSA: each rank computes the NSA output of its own query tokens, exchanging only what the
 three branches need (DESIGN.md, "Context parallelism").
 
-Per call, on every rank of the group:
+:func:`context_parallel_nsa` runs these stages on every rank of the group, in this order:
 
 0. agreement: one small all-gather checks that every rank was given the same sequence (layout, batch,
-   cu_seqlens) and local rows (:func:`.agreement.check_same_sequence`);
-1. compression: the raw compression-branch K/V of each local segment plus a halo of fewer than ``l`` tokens
-   from earlier chunks go through the compressors; the owned compressed K/V (rotated at their blocks' last
-   token) are all-gathered (``T/d`` rows in all), gradients reduce-scattered in backward;
-2. compressed attention and top-n selection of the local queries against their documents' global compressed
-   K/V (block numbers are document-relative, i.e. global), or by key bounds (``selection="key_bound"``: one
-   all-reduce of the tiles' key minima and maxima, :mod:`.key_bounds`), or by each block's largest logit
-   (``selection="max_logit"``: one all-gather of the raw selection keys, :mod:`.max_logits`);
-3. selected attention against a compact key buffer per segment (:mod:`.selection`), whose rows come from a
-   sparse fetch of exactly those rows (all-to-all) or from an all-gather of the raw selection K/V, whichever
-   moves fewer bytes (``"auto"``, decided identically on all ranks) or as forced;
-   with ``selection="all"`` (the full-selection warm-up) the selected branch is instead causal attention over
-   the whole document (:func:`~.dense.allgather_dense_attention`, an all-gather of the raw selection K/V);
-4. window attention with a halo of up to ``w - 1`` earlier tokens (possibly from several ranks);
-5. the gated sum of the branches.
+   cu_seqlens) and local rows (:func:`.sharding.check_same_sequence`); then the exchanges that need no local
+   compute start (:func:`_start_exchanges`: the compression and window halos and, when ``"allgather"`` is
+   forced, the raw selection K/V);
+1. compress and gather (:func:`_compress_and_gather`): the raw compression-branch K/V of each local segment plus
+   a halo of fewer than ``l`` tokens from earlier chunks go through the compressors; the owned compressed K/V
+   (rotated at their blocks' last token) are all-gathered (``T/d`` rows in all), gradients reduce-scattered in
+   backward;
+2. window (:func:`_window_branch`, while the compressed K/V travel): window attention with a halo of up to
+   ``w - 1`` earlier tokens (possibly from several ranks);
+3. compressed attention, then score and select (:func:`_score_and_select`): the local queries against their
+   documents' global compressed K/V (block numbers are document-relative, i.e. global), or by the selected
+   branch's own logits (:mod:`.scoring`: key bounds, one all-reduce of the tiles' key minima and maxima, or exact
+   block maxima, one all-gather of the raw selection keys);
+4. fetch the selected blocks and attend (:func:`.selected_exchange.attend_selected`): a compact key buffer per
+   segment whose rows come from a sparse fetch or an all-gather of the raw selection K/V; with
+   ``selection="all"`` (the full-selection warm-up) the selected branch is instead causal attention over the
+   whole document (:func:`~.dense.allgather_dense_attention`);
+5. combine: the gated sum of the branches.
 
-Overlap: the compression and window halos (and, when ``"allgather"`` is forced, the raw selection
-all-gather) are started before any local compute; the compressed K/V all-gather runs while the window
-branch computes. Backward exchanges run synchronously inside autograd.
+Backward exchanges run synchronously inside autograd.
 """
 from __future__ import annotations
 
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
 import nsa_kernels
-from nsa_kernels import compressed_cu_seqlens
-from nsa_kernels.validation import (check_attention_inputs, check_gates, check_non_negative_int,
-                                    check_selection_geometry)
+from nsa_kernels import NSAGeometry, compressed_cu_seqlens
+from nsa_kernels.validation import check_attention_inputs, check_gates
 
-from .comm import (INDEX_BYTES, SMALL_INTS, ExchangePlan, Pending, all_gather_bytes, all_gather_rows,
-                   encode_requests, fetch_rows, plan_by_request, plan_from_requests, row_bytes, start_all_gather,
-                   start_fetch)
+from .comm import (INDEX_BYTES, SMALL_INTS, ExchangePlan, Pending, all_gather_bytes, all_gather_rows, fetch_rows,
+                   plan_from_requests, row_bytes, start_all_gather, start_fetch)
 from .dense import allgather_dense_attention
-from .geometry import (KeySegments, compressor_inputs, owned_compressed_rows, prefix_compressed_rows,
-                       window_keys)
-from .key_bounds import context_parallel_key_bound_blocks
-from .max_logits import context_parallel_max_logit_blocks
-from .rows import RowSource, remote_requests
-from .segments import ShardedSequence
-from .selection import CompactSelection, compact_selection
+from .key_geometry import (KeySegments, compressor_inputs, owned_compressed_rows, prefix_compressed_rows,
+                           window_keys)
+from .scoring import context_parallel_key_bound_blocks, context_parallel_max_logit_blocks
+from .selected_exchange import attend_selected, check_selection_exchange, split_kv
+from .sharding import RowSource, Segment, ShardedSequence, remote_requests
 from .stats import CPStats
 
-SELECTION_EXCHANGES = ("auto", "sparse", "allgather")
 SELECTIONS = ("compressed", "key_bound", "max_logit", "all")
 
 
-def check_selection_exchange(value: str, name: str = "selection_exchange") -> None:
-    """``value`` must be one of :data:`SELECTION_EXCHANGES` (ValueError naming the argument ``name`` and value)."""
-    if value not in SELECTION_EXCHANGES:
-        raise ValueError(f"{name}={value!r} is not one of {SELECTION_EXCHANGES}")
+class _Call(NamedTuple):
+    """Where one call runs: the sharded sequence, this rank, the group, every rank's segments, this rank's
+    local ``cu_seqlens`` (its segments as packed documents), the call's statistics, and the softmax scale."""
+    shards: ShardedSequence
+    rank: int
+    group: object
+    segments: List[List[Segment]]
+    local_cu: torch.Tensor
+    stats: CPStats
+    scale: Optional[float]
+
+    @property
+    def device(self) -> torch.device:
+        return self.local_cu.device
 
 
 class _Halo(NamedTuple):
@@ -66,101 +71,71 @@ class _Halo(NamedTuple):
     pending: Pending
 
 
-def _start_halo(shards: ShardedSequence, rank: int, halos: List[torch.Tensor], x: torch.Tensor, group) -> _Halo:
+class _Started(NamedTuple):
+    """The exchanges stage 0 starts: the compression and window halos (None without a window) and the raw
+    selection K/V all-gather (None unless forced)."""
+    cmp_inputs: List[KeySegments]
+    cmp_halo: _Halo
+    win_keys: Optional[List[KeySegments]]
+    win_halo: Optional[_Halo]
+    selection_gather: Optional[Pending]
+
+
+def _start_halo(call: _Call, halos: List[torch.Tensor], x: torch.Tensor) -> _Halo:
     """Start fetching the rows of ``halos[rank]`` (global positions) held by other ranks; ``halos[r]`` is rank
     ``r``'s list, which every rank computes the same way."""
     requests, mine = [], None
     for r, halo in enumerate(halos):
-        positions, owner_rank, owner_row = remote_requests(shards, r, halo)
+        positions, owner_rank, owner_row = remote_requests(call.shards, r, halo)
         requests.append((owner_rank, owner_row))
-        if r == rank:
+        if r == call.rank:
             mine = positions
-    plan = plan_from_requests(requests, rank)
-    return _Halo(plan, mine[plan.recv_order], start_fetch(x, plan, group))
+    plan = plan_from_requests(requests, call.rank)
+    return _Halo(plan, mine[plan.recv_order], start_fetch(x, plan, call.group))
 
 
-def _finish_halo(shards: ShardedSequence, rank: int, x: torch.Tensor, halo: _Halo, group, stats: CPStats,
-                 name: str) -> RowSource:
+def _finish_halo(call: _Call, x: torch.Tensor, halo: _Halo, name: str) -> RowSource:
     """Wait for ``halo``, count its bytes as exchange ``name``, return this rank's rows plus the fetched ones."""
-    fetched = fetch_rows(x, halo.plan, group, halo.pending)
-    stats.add(name, *halo.plan.data_bytes(row_bytes(x)))
-    return RowSource.local_and_fetched(shards, rank, x, fetched, halo.positions)
+    fetched = fetch_rows(x, halo.plan, call.group, halo.pending)
+    call.stats.add(name, *halo.plan.data_bytes(row_bytes(x)))
+    return RowSource.local_and_fetched(call.shards, call.rank, x, fetched, halo.positions)
 
 
-def _unique_remote_blocks(shards: ShardedSequence, rank: int, selection: CompactSelection, select_len: int) -> int:
-    """Distinct selected blocks with at least one row on another rank."""
-    starts = torch.unique(selection.block_starts)
-    first, _ = shards.owner(starts)
-    last, _ = shards.owner(starts + select_len - 1)  # a block straddles at most one chunk boundary
-    return int(((first != rank) | (last != rank)).sum())
-
-
-def cheaper_selection_path(rows_total: int, runs_total: int, bytes_per_row: int, world_size: int,
-                           local_len: int) -> Tuple[str, int, int]:
-    """The ``"auto"`` choice: ``(path, sparse_bytes, allgather_bytes)`` with the bytes summed over the group.
-
-    The sparse fetch moves ``rows_total`` rows (the distinct remote rows every rank needs, summed over ranks)
-    plus its plan (one count per rank pair and two int64 per run, ``runs_total`` runs in all); the all-gather
-    moves every rank's ``local_len`` rows to each of the others. ``"allgather"`` iff it moves fewer bytes.
-    """
-    sparse = rows_total * bytes_per_row + INDEX_BYTES * (world_size * (world_size - 1) + 2 * runs_total)
-    gather = world_size * (world_size - 1) * local_len * bytes_per_row
-    return ("allgather" if gather < sparse else "sparse"), sparse, gather
-
-
-def _selection_source(shards: ShardedSequence, rank: int, kv: torch.Tensor, selection: CompactSelection,
-                      exchange: str, pending_gather: Optional[Pending], group, stats: CPStats) -> RowSource:
-    """Rows for the compact selection buffers: a sparse fetch or an all-gather of ``kv [B*T/P, H, Dk+Dv]``."""
-    P = shards.world_size
-    positions, owner_rank, owner_row = remote_requests(shards, rank, selection.keys.halo)
-    requests = encode_requests(owner_rank, owner_row, P)
-    bytes_per_row = row_bytes(kv)
-    counts = [shards.local_len] * P
-    gather_bytes = all_gather_bytes(counts, bytes_per_row)
-    if exchange == "auto":
-        totals = torch.tensor([requests.num_rows, requests.num_runs], dtype=torch.long, device=kv.device)
-        dist.all_reduce(totals, group=group)
-        stats.add("selection_ids", 2 * INDEX_BYTES * (P - 1), 2 * INDEX_BYTES * (P - 1))
-        exchange, stats.sparse_bytes_total, stats.allgather_bytes_total = cheaper_selection_path(
-            *totals.tolist(), bytes_per_row, P, shards.local_len)
-    stats.selection_path = exchange
-    if exchange == "allgather":
-        gathered = all_gather_rows(kv, counts, group, pending_gather)
-        stats.add("selection_kv", *gather_bytes)
-        return RowSource.gathered(shards, gathered)
-    plan = plan_by_request(requests, group)
-    stats.add("selection_ids", plan.setup_sent, plan.setup_received)
-    fetched = fetch_rows(kv, plan, group)
-    stats.add("selection_kv", *plan.data_bytes(bytes_per_row))
-    return RowSource.local_and_fetched(shards, rank, kv, fetched, positions[plan.recv_order])
-
-
-def _attend_selected(q, kv_s, block_idx, shards, rank, segments, select_len, scale, local_cu, exchange,
-                     pending_gather, group, stats: CPStats) -> torch.Tensor:
-    """Stage 3: selected attention of the local queries over ``block_idx`` against the compact key buffers."""
-    selection = compact_selection(block_idx, segments, select_len)
-    stats.unique_remote_blocks = _unique_remote_blocks(shards, rank, selection, select_len)
-    source = _selection_source(shards, rank, kv_s, selection, exchange, pending_gather, group, stats)
-    k_s, v_s = _split_kv(source.take(selection.keys.positions), q.shape[-1])
-    return nsa_kernels.selected_attention(q, k_s, v_s, selection.block_idx, select_len, scale, local_cu,
-                                          selection.keys.cu_seqlens_k)
-
-
-def _attend_every_block(q, k_slc, v_slc, shards, group, scale, stats: CPStats) -> torch.Tensor:
-    """The selected branch with every block selected: causal attention over the whole document (an all-gather
-    of the raw selection K/V, counted as ``selection_kv``)."""
-    stats.selection_path = "allgather"
-    kv_bytes = row_bytes(k_slc[0]) + row_bytes(v_slc[0])
-    stats.add("selection_kv", *all_gather_bytes([shards.local_len] * shards.world_size, kv_bytes))
-    stats.add("agreement", *all_gather_bytes([SMALL_INTS] * shards.world_size, INDEX_BYTES))  # its own check
-    return allgather_dense_attention(q, k_slc, v_slc, shards=shards, group=group, scale=scale)
-
-
-def _check_group(shards: ShardedSequence, group, q: torch.Tensor, select_len: int, exchange: str) -> Tuple[int, int]:
-    check_selection_exchange(exchange)
+def _check_call(q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win, gates, shards: ShardedSequence, group,
+                geo: NSAGeometry, scale: Optional[float], selection_exchange: str, selection: str) -> _Call:
+    """Stage 0's checks (every rank raises the same errors, before any exchange of the NSA itself)."""
+    geo.checked()
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r} is not one of {SELECTIONS}")
+    check_selection_exchange(selection_exchange)
     rank = shards.rank_in(group, "context-parallel NSA", q)
-    shards.layout.check_select_len(select_len)
-    return rank, shards.world_size
+    shards.layout.check_select_len(geo.select_len)
+    dims = check_attention_inputs(q, k_slc, v_slc, k_name="k_slc", v_name="v_slc")
+    check_attention_inputs(q, k_win, v_win, k_name="k_win", v_name="v_win")
+    check_attention_inputs(q, k_cmp_raw, v_cmp_raw, k_name="k_cmp_raw", v_name="v_cmp_raw")
+    check_gates(gates, dims)
+    if dims.B != 1 or dims.T != shards.local_len:
+        raise ValueError(f"q has shape {tuple(q.shape)}: expected [1, B*T/P={shards.local_len}, HQ, Dk] (the "
+                         f"flattened local rows of rank {rank})")
+    P = shards.world_size
+    stats = CPStats(rank, P)
+    stats.add("agreement", *all_gather_bytes([SMALL_INTS] * P, INDEX_BYTES))  # rank_in's check_same_sequence
+    return _Call(shards, rank, group, [shards.segments(r) for r in range(P)],
+                 shards.local_cu_seqlens(rank, q.device), stats, scale)
+
+
+def _start_exchanges(call: _Call, geo: NSAGeometry, kv_c: torch.Tensor, kv_w: Optional[torch.Tensor],
+                     kv_s: torch.Tensor, gather_selection: bool) -> _Started:
+    """Stage 0: start the exchanges that depend on no local compute."""
+    P, device = call.shards.world_size, call.device
+    cmp_inputs = [compressor_inputs(call.segments[r], geo.block_len, geo.stride, device) for r in range(P)]
+    cmp_halo = _start_halo(call, [c.halo for c in cmp_inputs], kv_c)
+    win_keys = win_halo = None
+    if kv_w is not None:
+        win_keys = [window_keys(call.segments[r], geo.window, device) for r in range(P)]
+        win_halo = _start_halo(call, [w.halo for w in win_keys], kv_w)
+    gather = start_all_gather(kv_s, [call.shards.local_len] * P, call.group) if gather_selection else None
+    return _Started(cmp_inputs, cmp_halo, win_keys, win_halo, gather)
 
 
 def _compress(source: RowSource, inputs: KeySegments, owned: Tuple[torch.Tensor, ...], k_dim: int,
@@ -169,7 +144,7 @@ def _compress(source: RowSource, inputs: KeySegments, owned: Tuple[torch.Tensor,
     """This rank's compressed K/V ``[n, H, Dk + Dv]`` (keys rotated): the compressors run on ``inputs``, one packed
     document per segment (halo + segment), whose blocks are the ``owned`` ones (rows, last-token document
     positions and global positions, from :func:`owned_compressed_rows`)."""
-    k_in, v_in = _split_kv(source.take(inputs.positions), k_dim)
+    k_in, v_in = split_kv(source.take(inputs.positions), k_dim)
     k_own, v_own = compress_k(k_in, inputs.cu_seqlens_k), compress_v(v_in, inputs.cu_seqlens_k)
     rows, last_pos, last_global = owned
     if k_own.shape[1] != rows.numel() or v_own.shape[1] != rows.numel():
@@ -182,10 +157,77 @@ def _compress(source: RowSource, inputs: KeySegments, owned: Tuple[torch.Tensor,
     return torch.cat([k_own[0], v_own[0]], dim=-1)
 
 
-def _split_kv(kv: torch.Tensor, k_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``[n, H, Dk + Dv]`` -> ``[1, n, H, Dk]``, ``[1, n, H, Dv]``."""
-    k, v = kv[None].split([k_dim, kv.shape[-1] - k_dim], dim=-1)
-    return k, v
+class _Compressed(NamedTuple):
+    """Stage 1's result: this rank's compressed rows, every rank's owned rows, the all-gather in flight and the
+    document offsets of the compressed rows."""
+    own: torch.Tensor
+    owned: List[Tuple[torch.Tensor, ...]]
+    pending: Pending
+    cmp_offsets: List[int]
+
+
+def _compress_and_gather(call: _Call, geo: NSAGeometry, kv_c: torch.Tensor, started: _Started, k_dim: int,
+                         compress_k: Callable, compress_v: Callable, rotary: Optional[Callable],
+                         position_ids: Optional[torch.Tensor]) -> _Compressed:
+    """Stage 1: compress the blocks this rank owns, then start their all-gather."""
+    source = _finish_halo(call, kv_c, started.cmp_halo, "compression_halo")
+    cmp_offsets = compressed_cu_seqlens(torch.tensor(call.shards.doc_bounds, dtype=torch.int32), geo.block_len,
+                                        geo.stride).tolist()
+    owned = [owned_compressed_rows(segs, cmp_offsets, geo.block_len, geo.stride) for segs in call.segments]
+    own = _compress(source, started.cmp_inputs[call.rank], owned[call.rank], k_dim, compress_k, compress_v, rotary,
+                    position_ids)
+    pending = start_all_gather(own, [int(r.numel()) for r, _, _ in owned], call.group)
+    return _Compressed(own, owned, pending, cmp_offsets)
+
+
+def _finish_gather(call: _Call, geo: NSAGeometry, compressed: _Compressed,
+                   k_dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The end of stage 1: every local segment's document prefix of compressed K/V, ``(k_cmp, v_cmp, cu_cmp)``."""
+    own, owned = compressed.own, compressed.owned
+    counts = [int(r.numel()) for r, _, _ in owned]
+    gathered = all_gather_rows(own, counts, call.group, compressed.pending)
+    call.stats.add("compressed_kv", *all_gather_bytes(counts, row_bytes(own)))
+    gathered_row = torch.empty(compressed.cmp_offsets[-1], dtype=torch.long)
+    gathered_row[torch.cat([r for r, _, _ in owned])] = torch.arange(sum(counts))
+    prefix_rows, cu_cmp = prefix_compressed_rows(call.segments[call.rank], compressed.cmp_offsets, geo.block_len,
+                                                 geo.stride)
+    k_cmp, v_cmp = split_kv(gathered.index_select(0, gathered_row[prefix_rows].to(call.device)), k_dim)
+    return k_cmp, v_cmp, cu_cmp.to(call.device)
+
+
+def _window_branch(call: _Call, geo: NSAGeometry, q: torch.Tensor, kv_w: torch.Tensor,
+                   started: _Started) -> torch.Tensor:
+    """Stage 2: window attention of the local queries over their halo-extended key segments."""
+    source = _finish_halo(call, kv_w, started.win_halo, "window_halo")
+    keys = started.win_keys[call.rank]
+    k_w, v_w = split_kv(source.take(keys.positions), q.shape[-1])
+    return nsa_kernels.window_attention(q, k_w, v_w, geo.window, call.scale, call.local_cu, keys.cu_seqlens_k)
+
+
+def _score_and_select(call: _Call, geo: NSAGeometry, selection: str, q: torch.Tensor, k_slc: torch.Tensor,
+                      k_cmp: torch.Tensor, lse: torch.Tensor, cu_cmp: torch.Tensor) -> torch.Tensor:
+    """Stage 3's selection: int32 ``[1, B*T/P, H, top_n]`` document-relative blocks of the local queries."""
+    pick = dict(select_len=geo.select_len, top_n=geo.top_n, init_blocks=geo.init_blocks,
+                local_blocks=geo.local_blocks)
+    if selection == "compressed":
+        return nsa_kernels.select_blocks(q, k_cmp, lse, geo.block_len, geo.stride, scale=call.scale,
+                                         cu_seqlens=call.local_cu, cu_seqlens_k=cu_cmp, **pick)
+    own_logits = dict(shards=call.shards, rank=call.rank, group=call.group, scale=call.scale or q.shape[-1] ** -0.5,
+                      stats=call.stats, **pick)
+    if selection == "key_bound":
+        return context_parallel_key_bound_blocks(q, k_slc, tile_len=geo.stride, **own_logits)
+    return context_parallel_max_logit_blocks(q, k_slc, **own_logits)
+
+
+def _attend_every_block(call: _Call, q, k_slc, v_slc) -> torch.Tensor:
+    """Stage 4 with every block selected: causal attention over the whole document (an all-gather of the raw
+    selection K/V, counted as ``selection_kv``)."""
+    shards, stats = call.shards, call.stats
+    stats.selection_path = "allgather"
+    kv_bytes = row_bytes(k_slc[0]) + row_bytes(v_slc[0])
+    stats.add("selection_kv", *all_gather_bytes([shards.local_len] * shards.world_size, kv_bytes))
+    stats.add("agreement", *all_gather_bytes([SMALL_INTS] * shards.world_size, INDEX_BYTES))  # its own check
+    return allgather_dense_attention(q, k_slc, v_slc, shards=shards, group=call.group, scale=call.scale)
 
 
 def context_parallel_nsa(q: torch.Tensor, k_cmp_raw: torch.Tensor, v_cmp_raw: torch.Tensor, k_slc: torch.Tensor,
@@ -225,79 +267,27 @@ def context_parallel_nsa(q: torch.Tensor, k_cmp_raw: torch.Tensor, v_cmp_raw: to
         Differentiable w.r.t. every tensor input and the compressors' and rotary's parameters; parameter
         gradients are this rank's share (all-reduce them over the group).
     """
-    check_selection_geometry(block_len, stride, select_len, top_n, init_blocks, local_blocks)
-    check_non_negative_int("window", window)
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection={selection!r} is not one of {SELECTIONS}")
-    rank, P = _check_group(shards, group, q, select_len, selection_exchange)
-    dims = check_attention_inputs(q, k_slc, v_slc, k_name="k_slc", v_name="v_slc")
-    check_attention_inputs(q, k_win, v_win, k_name="k_win", v_name="v_win")
-    check_attention_inputs(q, k_cmp_raw, v_cmp_raw, k_name="k_cmp_raw", v_name="v_cmp_raw")
-    check_gates(gates, dims)
-    if dims.B != 1 or dims.T != shards.local_len:
-        raise ValueError(f"q has shape {tuple(q.shape)}: expected [1, B*T/P={shards.local_len}, HQ, Dk] (the "
-                         f"flattened local rows of rank {rank})")
-    device, Dk = q.device, dims.Dk
-    stats = CPStats(rank, P)
-    stats.add("agreement", *all_gather_bytes([SMALL_INTS] * P, INDEX_BYTES))  # rank_in's check_same_sequence
-    segments = [shards.segments(r) for r in range(P)]
-    local_cu = shards.local_cu_seqlens(rank, device)
+    geo = NSAGeometry(block_len, stride, select_len, top_n, window, init_blocks, local_blocks)
+    call = _check_call(q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win, gates, shards, group, geo, scale,
+                       selection_exchange, selection)
+    Dk = q.shape[-1]
     kv_c, kv_s = (torch.cat([k[0], v[0]], dim=-1) for k, v in ((k_cmp_raw, v_cmp_raw), (k_slc, v_slc)))
+    kv_w = torch.cat([k_win[0], v_win[0]], dim=-1) if window > 0 else None
 
-    # exchanges that depend on no local compute start first
-    cmp_inputs = [compressor_inputs(segments[r], block_len, stride, device) for r in range(P)]
-    cmp_halo = _start_halo(shards, rank, [c.halo for c in cmp_inputs], kv_c, group)
-    if window > 0:
-        kv_w = torch.cat([k_win[0], v_win[0]], dim=-1)
-        win_keys = [window_keys(segments[r], window, device) for r in range(P)]
-        win_halo = _start_halo(shards, rank, [w.halo for w in win_keys], kv_w, group)
-    pending_gather = (start_all_gather(kv_s, [shards.local_len] * P, group)
-                      if selection_exchange == "allgather" and selection != "all" else None)
-
-    # 1. compress the owned blocks, then all-gather them
-    source = _finish_halo(shards, rank, kv_c, cmp_halo, group, stats, "compression_halo")
-    cmp_offsets = compressed_cu_seqlens(torch.tensor(shards.doc_bounds, dtype=torch.int32), block_len,
-                                        stride).tolist()
-    owned = [owned_compressed_rows(segments[r], cmp_offsets, block_len, stride) for r in range(P)]
-    own = _compress(source, cmp_inputs[rank], owned[rank], Dk, compress_k, compress_v, rotary, position_ids)
-    counts = [int(r.numel()) for r, _, _ in owned]
-    pending_cmp = start_all_gather(own, counts, group)
-
-    # 4. window branch while the compressed K/V travel
-    if window > 0:
-        source = _finish_halo(shards, rank, kv_w, win_halo, group, stats, "window_halo")
-        k_w, v_w = _split_kv(source.take(win_keys[rank].positions), Dk)
-        o_win = nsa_kernels.window_attention(q, k_w, v_w, window, scale, local_cu, win_keys[rank].cu_seqlens_k)
-
-    # 2. compressed attention and selection against each document prefix [0, p1)
-    gathered = all_gather_rows(own, counts, group, pending_cmp)
-    stats.add("compressed_kv", *all_gather_bytes(counts, row_bytes(own)))
-    gathered_row = torch.empty(cmp_offsets[-1], dtype=torch.long)
-    gathered_row[torch.cat([r for r, _, _ in owned])] = torch.arange(sum(counts))
-    prefix_rows, cu_cmp = prefix_compressed_rows(segments[rank], cmp_offsets, block_len, stride)
-    k_cmp, v_cmp = _split_kv(gathered.index_select(0, gathered_row[prefix_rows].to(device)), Dk)
-    cu_cmp = cu_cmp.to(device)
-    o_cmp, lse = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, block_len, stride, scale, local_cu, cu_cmp)
+    started = _start_exchanges(call, geo, kv_c, kv_w, kv_s,
+                               gather_selection=selection_exchange == "allgather" and selection != "all")
+    compressed = _compress_and_gather(call, geo, kv_c, started, Dk, compress_k, compress_v, rotary, position_ids)
+    o_win = _window_branch(call, geo, q, kv_w, started) if window > 0 else None
+    k_cmp, v_cmp, cu_cmp = _finish_gather(call, geo, compressed, Dk)
+    o_cmp, lse = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, block_len, stride, scale, call.local_cu, cu_cmp)
     if selection == "all":
-        o_slc = _attend_every_block(q, k_slc, v_slc, shards, group, scale, stats)
+        o_slc = _attend_every_block(call, q, k_slc, v_slc)
     else:
-        if selection == "key_bound":
-            block_idx = context_parallel_key_bound_blocks(
-                q, k_slc, shards=shards, rank=rank, group=group, select_len=select_len, tile_len=stride,
-                top_n=top_n, init_blocks=init_blocks, local_blocks=local_blocks, scale=scale or Dk ** -0.5,
-                stats=stats)
-        elif selection == "max_logit":
-            block_idx = context_parallel_max_logit_blocks(
-                q, k_slc, shards=shards, rank=rank, group=group, select_len=select_len, top_n=top_n,
-                init_blocks=init_blocks, local_blocks=local_blocks, scale=scale or Dk ** -0.5, stats=stats)
-        else:
-            block_idx = nsa_kernels.select_blocks(q, k_cmp, lse, block_len, stride, select_len, top_n, init_blocks,
-                                                  local_blocks, scale, local_cu, cu_cmp)
-        # 3. selected attention against the compact key buffers
-        o_slc = _attend_selected(q, kv_s, block_idx, shards, rank, segments[rank], select_len, scale, local_cu,
-                                 selection_exchange, pending_gather, group, stats)
-
-    # 5. gated sum
-    o = nsa_kernels.gate_combine(gates, o_cmp, o_slc, o_win if window > 0 else None)
-    stats.log()
-    return o, stats
+        block_idx = _score_and_select(call, geo, selection, q, k_slc, k_cmp, lse, cu_cmp)
+        o_slc = attend_selected(q, kv_s, block_idx, shards=shards, rank=call.rank, group=group,
+                                select_len=select_len, scale=scale, local_cu=call.local_cu,
+                                exchange=selection_exchange, pending_gather=started.selection_gather,
+                                stats=call.stats)
+    o = nsa_kernels.gate_combine(gates, o_cmp, o_slc, o_win)
+    call.stats.log()
+    return o, call.stats

@@ -9,7 +9,7 @@ from nsa_kernels.validation import check_non_negative_int, check_positive_int
 
 from ..data import RetrievalTask
 from ..models import GPTConfig
-from ..parallel.layout import CPLayout
+from ..parallel.sharding import CPLayout
 from ..recipes import with_recipe_warmup
 from ..validation import check_bool, check_mapping, check_optional_positive_int, check_real
 from ..yaml_loader import load_yaml_mapping

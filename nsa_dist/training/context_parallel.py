@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from ..attention import NativeSparseAttention
 from ..models import DenseAttention, GPT
-from ..parallel.layout import CPLayout
+from ..parallel.sharding import CPLayout
 
 
 class ContextParallelGroup:

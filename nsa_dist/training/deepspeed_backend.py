@@ -73,7 +73,7 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
     import deepspeed
 
     device = _init_distributed(deepspeed)
-    groups = ContextDataParallelGroups(config.train.cp)
+    groups = ContextDataParallelGroups(config.train.cp, device.type)
     torch.manual_seed(config.seed)
     dataset = make_dataset(config)
     model = GPT(config.gpt_config(dataset.vocab_size)).to(device)

@@ -25,9 +25,7 @@ from nsa_dist.launch import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow  # starts launchers (mpirun, Ray) and training jobs
 
-# the DeepSpeed tests' helpers, imported the way pytest imports that file (its folder on sys.path, no package)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deepspeed_nsa"))
-from test_deepspeed_train import REPO, run_job, write_job  # noqa: E402
+from tests.helpers.deepspeed_jobs import REPO, run_job, write_job  # noqa: E402  (the DeepSpeed tests' jobs)
 
 # Open MPI refuses to start as root (containers, CI) unless told twice: --allow-run-as-root and these variables
 ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}

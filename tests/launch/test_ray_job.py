@@ -32,9 +32,7 @@ HAS_RAY = all(importlib.util.find_spec(m) is not None for m in ("ray", "deepspee
 needs_ray = pytest.mark.skipif(not HAS_RAY, reason="needs ray[default,train], deepspeed and psutil "
                                "(pip install 'nsa-dist[ray,deepspeed]')")
 
-# the DeepSpeed tests' helpers, imported the way pytest imports that file (its folder on sys.path, no package)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deepspeed_nsa"))
-from test_deepspeed_train import write_job  # noqa: E402
+from tests.helpers.deepspeed_jobs import write_job  # noqa: E402  (the DeepSpeed tests' jobs)
 
 RAY = str(Path(sys.executable).parent / "ray")
 STEPS, SAVE_EVERY = 8, 3

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cp_cases import BRANCH_INPUTS, Case, branch_inputs, compressors
-from cp_harness import run_ranks, value_error_messages
+from tests.helpers.cp_cases import BRANCH_INPUTS, Case, branch_inputs, compressors
+from tests.helpers.cp_harness import run_ranks, value_error_messages
 from nsa_dist.parallel import CPLayout, ShardedSequence, context_parallel_nsa
 from nsa_dist.parallel.dense import allgather_dense_attention
 

@@ -3,7 +3,7 @@ their byte counts."""
 import pytest
 import torch
 
-from cp_harness import generator, run_ranks
+from tests.helpers.cp_harness import generator, run_ranks
 from nsa_dist.parallel.comm import (INDEX_BYTES, all_gather_bytes, all_gather_rows, encode_requests, fetch_rows,
                                     plan_by_request, plan_from_requests, row_bytes, start_all_gather, start_fetch)
 

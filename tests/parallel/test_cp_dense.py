@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from cp_harness import generator, run_ranks
+from tests.helpers.cp_harness import generator, run_ranks
 from nsa_dist.cli import main
 from nsa_dist.data import IGNORE_INDEX
 from nsa_dist.models import GPT, DenseAttention, GPTConfig

@@ -10,11 +10,11 @@ import torch
 import torch.distributed as dist
 
 import nsa_kernels
-from cp_cases import (BRANCH_INPUTS, GEOMETRY, Case, branch_inputs, compressors, cu_seqlens_of, grad_or_zero,
-                      module_and_inputs, parameter_grads, sum_over_ranks)
-from cp_harness import run_ranks, value_error_messages
+from tests.helpers.cp_cases import (BRANCH_INPUTS, GEOMETRY, Case, branch_inputs, compressors, cu_seqlens_of,
+                                    grad_or_zero, module_and_inputs, parameter_grads, sum_over_ranks)
+from tests.helpers.cp_harness import run_ranks, value_error_messages
 from nsa_dist.parallel import CPLayout, ShardedSequence, context_parallel_nsa
-from nsa_dist.parallel.nsa import cheaper_selection_path
+from nsa_dist.parallel.selected_exchange import cheaper_selection_path
 
 pytestmark = pytest.mark.slow  # spawns gloo process groups
 

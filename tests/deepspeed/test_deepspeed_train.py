@@ -4,12 +4,8 @@ checkpoint that cannot be resumed (at or past train.steps, a missing tag, a trun
 raised before anything distributed starts."""
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,48 +15,9 @@ import yaml
 
 pytest.importorskip("deepspeed")
 
-from nsa_dist.launch import free_port  # noqa: E402
+from tests.helpers.deepspeed_jobs import launch, run_job, write_job  # noqa: E402
 
 pytestmark = pytest.mark.slow  # DeepSpeed training runs
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "configs" / "train" / "tiny-cpu.yaml"
-
-
-def write_job(tmp: Path, name: str, zero_json: str, **train) -> Path:
-    """A tiny-cpu YAML (few steps, log every step) using a float32 copy of a shipped ZeRO config.
-
-    The copy turns bf16 off and raises Adam's eps to 1e-2: Adam's first step is about lr * sign(g), so float32
-    rounding of a near-zero gradient could flip a weight's update; with a large eps the step is smooth in g."""
-    ds = json.loads((REPO / "configs" / "deepspeed" / zero_json).read_text())
-    ds["bf16"] = {"enabled": False}
-    ds["optimizer"]["params"]["eps"] = 1e-2
-    ds_path = tmp / f"{name}.json"
-    ds_path.write_text(json.dumps(ds))
-    config = yaml.safe_load(TINY.read_text())
-    config["out_dir"] = str(tmp / name)
-    config["train"].update(dict(steps=1, log_every=1, eval_batches=1, batch_size=4, warmup_steps=1, threads=None,
-                                deepspeed_config=str(ds_path)), **train)
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def launch(config: Path, ranks: int, *args: str) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus ranks --module nsa_dist.train --config config ...`` (on the CPU the launcher starts
-    ``ranks`` processes), its output captured."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(free_port()), "--module", "nsa_dist.train", "--config", str(config), "--no-progress", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-
-
-def run_job(config: Path, ranks: int, *args: str) -> dict:
-    """:func:`launch`, which must succeed; the metrics rank 0 wrote."""
-    proc = launch(config, ranks, *args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    out_dir = Path(yaml.safe_load(config.read_text())["out_dir"])
-    return json.loads((out_dir / "metrics.json").read_text())
 
 
 def fp32_weights(metrics_dir: Path, tag: str) -> dict:

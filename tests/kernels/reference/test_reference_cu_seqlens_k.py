@@ -24,8 +24,9 @@ import torch
 
 from nsa_kernels import reference as R
 from nsa_kernels.layout import compressed_cu_seqlens, num_compressed_blocks
-from segments import Case, Segment, compact_key_segment as _compact_key_segment, cut_segments as _cut_segments
-from segments import offsets as _offsets, packed_rows as _packed_rows, unaligned as _unaligned
+from tests.helpers.segments import Case, Segment
+from tests.helpers.segments import compact_key_segment as _compact_key_segment, cut_segments as _cut_segments
+from tests.helpers.segments import offsets as _offsets, packed_rows as _packed_rows, unaligned as _unaligned
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

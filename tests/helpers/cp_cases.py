@@ -6,7 +6,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from cp_harness import generator
+from tests.helpers.cp_harness import generator
 from nsa_dist import BlockCompressor, NativeSparseAttention, NSAConfig
 from nsa_dist.rotary import RotaryEmbedding
 

@@ -1,4 +1,4 @@
-"""``nsa_kernels.reference`` against the brute-force oracle in ``tests/oracle.py`` (float64).
+"""``nsa_kernels.reference`` against the brute-force oracle in ``tests/helpers/oracle.py`` (float64).
 
 Every test draws fresh random inputs: the seed is printed in each failure message; rerun a failing
 case with ``NSA_TEST_SEED=<seed> pytest ...``. Floating outputs must agree to ``TOL``; selection
@@ -11,7 +11,7 @@ import itertools
 import pytest
 import torch
 
-import oracle as O
+from tests.helpers import oracle as O
 
 from nsa_kernels import layout as L
 from nsa_kernels import reference as R

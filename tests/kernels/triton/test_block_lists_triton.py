@@ -15,7 +15,7 @@ import torch
 
 from nsa_kernels.triton import block_lists as BL
 from nsa_kernels.triton.utils import query_tile_table
-from segments import offsets
+from tests.helpers.segments import offsets
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: Triton kernels under the CPU interpreter
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-import oracle as O
+from tests.helpers import oracle as O
 
 from nsa_kernels import reference as R
 

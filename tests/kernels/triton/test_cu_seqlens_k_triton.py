@@ -4,7 +4,7 @@ The reference is the ground truth. CPU: the Triton interpreter, fp32 inputs; on 
 compressed, selected and window attention must give the reference's output and gradients (q and every K/V)
 within atol = rtol = 1e-4, compressed attention the reference's lse with ``-inf`` exactly where the reference
 has it, and select_blocks exactly the reference's indices (fed the same lse). Query segments are cut out of
-the documents of a random packed sequence as the context-parallel layer cuts them (``tests/segments.py``): a
+the documents of a random packed sequence as the context-parallel layer cuts them (``tests/helpers/segments.py``): a
 middle segment of a document spanning several query tiles (``L_q < L_k``), short pieces, an empty segment,
 a document shorter than a compressed block, no length aligned to a block size. Key segments as the CP layer
 builds them: the document prefix ``[0, p1)`` (compressed attention, select_blocks, selected attention), the
@@ -33,8 +33,9 @@ from nsa_kernels.triton import selection as SEL
 from nsa_kernels.triton.compressed import compressed_attention
 from nsa_kernels.triton.utils import tile_table
 from nsa_kernels.triton.window import window_attention
-from segments import Case, Segment, chunk_segments, compact_key_segment, cut_segments, offsets, packed_rows, unaligned
-from small_tiles import use_small_range_tiles
+from tests.helpers.segments import (Case, Segment, chunk_segments, compact_key_segment, cut_segments, offsets,
+                                    packed_rows, unaligned)
+from tests.helpers.small_tiles import use_small_range_tiles
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: Triton kernels under the CPU interpreter
 

@@ -13,20 +13,11 @@ from typing import Callable, Dict, List, Tuple
 
 import pytest
 
+from tests.helpers.quality_scripts import load
+
 pytestmark = pytest.mark.slow  # trains models
 
-QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality"
 LRS, SEEDS = (1e-3, 3e-3), (0, 1)
-
-
-def load(name: str):
-    """A module of benchmarks/quality by file (the scripts import their siblings by bare name)."""
-    spec = importlib.util.spec_from_file_location(f"quality_{name}", QUALITY / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 report = load("report")
 RECIPE = load("settings").RECIPE

@@ -17,8 +17,8 @@ pytest.importorskip("megatron.core")
 
 from nsa_dist.launch import run_local_group  # noqa: E402
 
-import gpt_cases  # noqa: E402
-from gpt_cases import GPTCase  # noqa: E402
+from tests.helpers import gpt_cases  # noqa: E402
+from tests.helpers.gpt_cases import GPTCase  # noqa: E402
 
 pytestmark = pytest.mark.slow  # megatron-core models on spawned gloo ranks
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import oracle as O
+from tests.helpers import oracle as O
 
 from nsa_kernels import reference as R
 from nsa_kernels.triton import range_attention as RA
 from nsa_kernels.triton.window import window_attention
-from small_tiles import use_small_range_tiles
+from tests.helpers.small_tiles import use_small_range_tiles
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: Triton kernels under the CPU interpreter
 

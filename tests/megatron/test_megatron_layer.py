@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-import gpt_cases  # noqa: E402
+from tests.helpers import gpt_cases  # noqa: E402
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd  # noqa: E402
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding  # noqa: E402
 from megatron.core.packed_seq_params import PackedSeqParams  # noqa: E402
