@@ -43,7 +43,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="override seed")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--cp", type=int, help="context-parallel ranks: override train.cp (local gloo processes on "
-                        "the CPU, each holding T/cp tokens of every sequence; NSA attention only)")
+                        "the CPU, each holding T/cp tokens of every sequence; dense attention all-gathers K/V)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only the summary)")
     parser.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
                         help="DeepSpeed JSON (e.g. configs/deepspeed/zero3.json): override train.deepspeed_config, "
