@@ -28,12 +28,13 @@ import contextlib
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 import nsa_kernels
+from nsa_kernels.reference.selection import pick_by_block_logits
 
 from .data import IGNORE_INDEX, Batch, Needles
 from .logit_selection import own_logit_selection
-from .max_logit_selection import max_logit_select_blocks
 
 BRANCH_NAMES = ("compressed", "selected", "window")
 _active: Optional["NeedleProbe"] = None
@@ -74,16 +75,15 @@ class NeedleProbe:
         G = HQ // H
         geometry = dict(block_len=config.block_len, stride=config.stride)
         _, lse = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, scale=config.softmax_scale, **geometry)
-        pick = dict(select_len=config.select_len, top_n=config.top_n, init_blocks=config.init_blocks,
-                    local_blocks=config.local_blocks, scale=config.softmax_scale)
+        blocks = dict(select_len=config.select_len, top_n=config.top_n, init_blocks=config.init_blocks,
+                      local_blocks=config.local_blocks)
         if config.selection_scoring == "compressed":
-            idx = nsa_kernels.select_blocks(q, k_cmp, lse, **pick, **geometry)
+            idx = nsa_kernels.select_blocks(q, k_cmp, lse, **blocks, **geometry, scale=config.softmax_scale)
         else:
             idx = own_logit_selection(config, q, k_slc, None)
-        exact = idx if config.selection_scoring == "max_logit" else max_logit_select_blocks(q, k_slc, **pick)
         b = torch.arange(B, device=q.device)[:, None]
         needle_block = (needles // config.select_len)[:, :, None, None]
-        recall, exact_recall = ((i[b, rows] == needle_block).any(-1).double() for i in (idx, exact))  # [B, P, H]
+        recall = (idx[b, rows] == needle_block).any(-1).double()                           # [B, P, H]
 
         scale = config.softmax_scale or q.shape[-1] ** -0.5
         q_rows = q[b, rows].double().view(B, rows.shape[1], H, G, -1)              # [B, P, H, G, Dk]
@@ -94,10 +94,17 @@ class NeedleProbe:
         p = torch.exp(logits - lse[b, rows].double().view(B, -1, H, G, 1))
         mass = torch.where((visible & holds)[:, :, None, None, :], p, 0.0).sum(-1).mean(-1)  # [B, P, H]
         gate = gates[b, rows].double().view(B, -1, H, G, 3).mean(3)                        # [B, P, H, 3]
-        key_logits = torch.einsum("bphgd,bthd->bphgt", q_rows, k_slc.double()) * scale
         keys = torch.arange(T, device=q.device)
-        key_probs = torch.softmax(key_logits.masked_fill((keys > rows[:, :, None])[:, :, None, None], float("-inf")),
-                                  dim=-1)
+        key_logits = (torch.einsum("bphgd,bthd->bphgt", q_rows, k_slc.double()) * scale).masked_fill(
+            (keys > rows[:, :, None])[:, :, None, None], float("-inf"))                      # causal
+        key_probs = torch.softmax(key_logits, dim=-1)
+        # the answers' own block maxima (not the whole sequence's): what max-logit selection picks for them
+        num_sel = -(-T // config.select_len)
+        block_max = F.pad(key_logits, (0, num_sel * config.select_len - T), value=float("-inf")).view(
+            *key_logits.shape[:-1], num_sel, config.select_len).amax(-1)                     # [B, P, H, G, nsel]
+        exact = torch.cat([pick_by_block_logits(block_max[i:i + 1].permute(0, 2, 3, 1, 4), rows[i], **blocks)
+                           for i in range(B)])                                                # [B, P, H, n]
+        exact_recall = (exact == needle_block).any(-1).double()                            # [B, P, H]
         in_block = (keys // config.select_len)[None, None, :] == (needles // config.select_len)[:, :, None]
         key_mass = torch.where(in_block[:, :, None, None], key_probs, 0.0).sum(-1).mean(-1)   # [B, P, H]
 

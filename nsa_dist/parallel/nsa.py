@@ -158,10 +158,11 @@ def _compress(source: RowSource, inputs: KeySegments, owned: Tuple[torch.Tensor,
 
 
 class _Compressed(NamedTuple):
-    """Stage 1's result: this rank's compressed rows, every rank's owned rows, the all-gather in flight and the
-    document offsets of the compressed rows."""
+    """Stage 1's result: this rank's compressed rows, every rank's owned rows and their counts, the all-gather in
+    flight and the document offsets of the compressed rows."""
     own: torch.Tensor
     owned: List[Tuple[torch.Tensor, ...]]
+    counts: List[int]
     pending: Pending
     cmp_offsets: List[int]
 
@@ -176,15 +177,14 @@ def _compress_and_gather(call: _Call, geo: NSAGeometry, kv_c: torch.Tensor, star
     owned = [owned_compressed_rows(segs, cmp_offsets, geo.block_len, geo.stride) for segs in call.segments]
     own = _compress(source, started.cmp_inputs[call.rank], owned[call.rank], k_dim, compress_k, compress_v, rotary,
                     position_ids)
-    pending = start_all_gather(own, [int(r.numel()) for r, _, _ in owned], call.group)
-    return _Compressed(own, owned, pending, cmp_offsets)
+    counts = [int(r.numel()) for r, _, _ in owned]
+    return _Compressed(own, owned, counts, start_all_gather(own, counts, call.group), cmp_offsets)
 
 
 def _finish_gather(call: _Call, geo: NSAGeometry, compressed: _Compressed,
                    k_dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The end of stage 1: every local segment's document prefix of compressed K/V, ``(k_cmp, v_cmp, cu_cmp)``."""
-    own, owned = compressed.own, compressed.owned
-    counts = [int(r.numel()) for r, _, _ in owned]
+    own, owned, counts = compressed.own, compressed.owned, compressed.counts
     gathered = all_gather_rows(own, counts, call.group, compressed.pending)
     call.stats.add("compressed_kv", *all_gather_bytes(counts, row_bytes(own)))
     gathered_row = torch.empty(compressed.cmp_offsets[-1], dtype=torch.long)
