@@ -1,8 +1,10 @@
 """NSA against dense attention (and NSA ablations) trained from scratch on the same data, steps and optimizer.
 
-One invocation is one setting (a task at one length) for the listed variants, learning rates and seeds, run one
-after another on one device; each run writes ``<out>/<task>-<seq_len>-<variant>-lr<lr>-s<seed>.json`` (its config, metrics with the evaluation curve,
-step time, the device and versions). ``report.py`` turns a folder of them into the table and plots.
+One invocation trains every combination of the listed tasks, lengths, seeds, learning rates and variants, one after
+another on one device or ``--jobs`` at once (each in its own process); each run writes
+``<out>/<task>-<seq_len>-<variant>-lr<lr>-s<seed>.json`` (its config, metrics with the evaluation curve, step
+time, the device and versions, how many runs shared the device). ``report.py`` turns a folder of them into the
+tables and plots.
 
     # multi-needle retrieval at 16k (one GPU call; the first 480 steps on 1k-token sequences), then ablations
     python benchmarks/quality/experiment.py --task needle --seq-len 16384 --variants nsa dense --steps 1200 \\
@@ -20,10 +22,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 import itertools
+import multiprocessing
+import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -55,45 +59,78 @@ def run_name(task: str, seq_len: int, variant: str, lr: float, seed: int) -> str
     return f"{task}-{seq_len}-{variant}-lr{lr:g}-s{seed}.json"
 
 
-def run_setting(task: str, seq_len: int, variants: List[str], *, out: Path, size: str, steps: int,
+def train_run(task: str, seq_len: int, variant: str, lr: float, seed: int, *, raw: Dict, size: str,
+              corpus: Optional[Dict], out: Path, device: Optional[str], progress: bool, concurrent_runs: int,
+              deadline: Optional[float] = None) -> Optional[Dict]:
+    """Train one run from its config dictionary ``raw``, write ``out/<run_name>`` and return the result; ``None``
+    (and nothing trained) when the wall clock is already past ``deadline`` (``time.time()`` seconds).
+
+    ``concurrent_runs`` (recorded in the result) is the number of runs that shared the device: the report takes
+    step times only from runs that had it alone."""
+    name = run_name(task, seq_len, variant, lr, seed)
+    if deadline is not None and time.time() > deadline:
+        print(f"{name}: not started, the time budget is spent", flush=True)
+        return None
+    metrics = train(TrainConfig.from_dict(raw), device=device, progress=progress, save_checkpoint=False)
+    result = {"task": task, "seq_len": seq_len, "variant": variant, "lr": lr, "seed": seed, "size": size,
+              "config": raw, "corpus": corpus, "environment": environment(), "concurrent_runs": concurrent_runs,
+              "metrics": metrics}
+    (out / name).write_text(json.dumps(result, indent=1))
+    final = metrics["final_eval"]
+    print(f"{task} T={seq_len} {variant} lr {lr:g} seed {seed}: eval loss {final['loss']:.4f}, accuracy "
+          f"{final['accuracy']:.4f}, {1e3 * metrics['step_time_s']:.1f} ms/step -> {out / name}", flush=True)
+    return result
+
+
+def run_setting(tasks: Sequence[str], seq_lens: Sequence[int], variants: List[str], *, out: Path, size: str, steps: int,
                 tokens_per_step: int, lrs: Sequence[float], seeds: Sequence[int], precision: str,
                 device: Optional[str], progress: bool, short_seq_len: Optional[int] = None, short_steps: int = 0,
-                done: Sequence[Path] = (), budget_s: Optional[float] = None) -> List[Dict]:
-    """Train every (variant, lr, seed) in turn; write and return one result dictionary per finished run.
+                done: Sequence[Path] = (), budget_s: Optional[float] = None, jobs: int = 1) -> List[Dict]:
+    """Train every (task, length, seed, lr, variant); write and return one result dictionary per finished run.
 
     A run whose file already exists in ``out`` or in one of the ``done`` folders is skipped (so a call that ran
-    out of time resumes where it stopped); no new run starts once ``budget_s`` seconds have passed."""
+    out of time resumes where it stopped); no new run starts once ``budget_s`` seconds have passed. ``jobs > 1``
+    trains that many runs at once, each in its own process on the same device (more runs per GPU call for a
+    small model; their step times are then not comparable and are marked so)."""
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs} must be at least 1")
     out.mkdir(parents=True, exist_ok=True)
-    results, start = [], time.perf_counter()
+    deadline = None if budget_s is None else time.time() + budget_s
     with tempfile.TemporaryDirectory() as scratch:
-        corpus = build_stdlib_corpus(Path(scratch) / "stdlib.py.txt") if task == "lm" else None
-        for seed, lr, variant in itertools.product(seeds, lrs, variants):
+        corpus = build_stdlib_corpus(Path(scratch) / "stdlib.py.txt") if "lm" in tasks else None
+        runs = []
+        for task, seq_len, seed, lr, variant in itertools.product(tasks, seq_lens, seeds, lrs, variants):
             name = run_name(task, seq_len, variant, lr, seed)
             if any((folder / name).exists() for folder in (out, *done)):
                 print(f"{name}: done already, skipped", flush=True)
                 continue
-            if budget_s is not None and time.perf_counter() - start > budget_s:
-                print(f"{name}: not started, the {budget_s:.0f} s budget is spent", flush=True)
-                continue
             raw = train_config(task, seq_len, variant, size=size, steps=steps, tokens_per_step=tokens_per_step,
                                lr=lr, seed=seed, precision=precision, short_seq_len=short_seq_len,
-                               short_steps=short_steps, text_file=corpus["path"] if corpus else None,
-                               out_dir=str(Path(scratch) / variant))
-            metrics = train(TrainConfig.from_dict(raw), device=device, progress=progress, save_checkpoint=False)
-            result = {"task": task, "seq_len": seq_len, "variant": variant, "lr": lr, "seed": seed, "size": size,
-                      "config": raw, "corpus": corpus, "environment": environment(), "metrics": metrics}
-            (out / name).write_text(json.dumps(result, indent=1))
-            final = metrics["final_eval"]
-            print(f"{task} T={seq_len} {variant} lr {lr:g} seed {seed}: eval loss {final['loss']:.4f}, accuracy "
-                  f"{final['accuracy']:.4f}, {1e3 * metrics['step_time_s']:.1f} ms/step -> {out / name}", flush=True)
-            results.append(result)
-    return results
+                               short_steps=short_steps, text_file=corpus["path"] if task == "lm" else None,
+                               out_dir=str(Path(scratch) / name[:-len(".json")]))
+            runs.append(((task, seq_len, variant, lr, seed),
+                         dict(raw=raw, size=size, corpus=corpus, out=out, device=device, progress=progress)))
+        concurrent = max(1, min(jobs, len(runs)))
+        for _, kwargs in runs:
+            kwargs.update(concurrent_runs=concurrent, deadline=deadline)
+        if concurrent == 1:
+            results = [train_run(*key, **kwargs) for key, kwargs in runs]
+        else:
+            with ProcessPoolExecutor(max_workers=concurrent, mp_context=multiprocessing.get_context("spawn")) as pool:
+                results = list(pool.map(_train_run_star, runs))
+    return [result for result in results if result is not None]
+
+
+def _train_run_star(run) -> Optional[Dict]:
+    """:func:`train_run` of one ``(key, kwargs)`` pair (a picklable function for the process pool)."""
+    key, kwargs = run
+    return train_run(*key, **kwargs)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=TASKS, required=True)
-    parser.add_argument("--seq-len", type=int, required=True)
+    parser.add_argument("--task", nargs="+", choices=TASKS, required=True, help="tasks (each is a run)")
+    parser.add_argument("--seq-len", type=int, nargs="+", required=True, help="sequence lengths (each is a run)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["nsa", "dense"])
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--tokens-per-step", type=int, default=32768,
@@ -110,11 +147,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--progress", action="store_true", help="show a progress bar per run")
     parser.add_argument("--done", type=Path, nargs="*", default=[], help="folders of finished runs to skip")
     parser.add_argument("--budget-s", type=float, help="start no new run after this many seconds")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once on the device, each in its own "
+                        "process (their step times are marked as not comparable)")
     args = parser.parse_args(argv)
     run_setting(args.task, args.seq_len, args.variants, out=Path(args.out), size=args.size, steps=args.steps,
                 tokens_per_step=args.tokens_per_step, lrs=args.lrs, seeds=args.seeds, precision=args.precision,
                 device=args.device, progress=args.progress, short_seq_len=args.short_seq_len,
-                short_steps=args.short_steps, done=args.done, budget_s=args.budget_s)
+                short_steps=args.short_steps, done=args.done, budget_s=args.budget_s,
+                jobs=args.jobs)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ on a tie (a variant never run at several: its learning rates ascending). Outside
 shown at each length at the best-ranked learning rate it ran at there; the tables' ``lr`` columns say which.
 Accuracies are final-evaluation accuracies in percent, losses final-evaluation cross-entropies in nats per token
 (per byte for the LM), ms/step the median steady step time at the target length (phase tables: the mean over the
-phase).
+phase), taken only from runs that had the device to themselves (``experiment.py --jobs 1``); runs trained several
+at once give accuracies and losses but no times.
 """
 from __future__ import annotations
 
@@ -140,9 +141,15 @@ def bits_per_byte(run: Run) -> float:
     return eval_loss(run) / math.log(2)
 
 
-def ms_per_step(run: Run) -> float:
-    """Median steady step time in milliseconds."""
-    return 1e3 * run["metrics"]["step_time_s"]
+def timed_alone(run: Run) -> bool:
+    """Whether the run had its device to itself (``experiment.py --jobs 1``; older files: always), so that its
+    step times mean something."""
+    return run.get("concurrent_runs", 1) == 1
+
+
+def ms_per_step(run: Run) -> Optional[float]:
+    """Median steady step time in milliseconds (``None`` for a run that shared its device)."""
+    return 1e3 * run["metrics"]["step_time_s"] if timed_alone(run) else None
 
 
 def phase_bounds(run: Run) -> Dict[str, Tuple[int, int]]:
@@ -162,9 +169,9 @@ def phase_ms_per_step(run: Run, phase: str) -> Optional[float]:
     """Mean training ms/step of ``phase`` (:func:`phase_bounds`): the step time summed over the logged windows
     (consecutive ``history`` records; ``elapsed_s`` sums step times, evaluation left out) inside the phase, the
     phase's first window left out (compilation at a new shape), over their steps; ``None`` when the run lacks the
-    phase or the phase has no second window."""
+    phase, the phase has no second window or the run shared its device."""
     bounds = phase_bounds(run)
-    if phase not in bounds:
+    if phase not in bounds or not timed_alone(run):
         return None
     start, end = bounds[phase]
     marks = [(0, 0.0)] + [(r["step"], r["elapsed_s"]) for r in run["metrics"]["history"]]
@@ -174,9 +181,10 @@ def phase_ms_per_step(run: Run, phase: str) -> Optional[float]:
     return 1e3 * sum(t for _, t in windows) / sum(n for n, _ in windows)
 
 
-def train_seconds(run: Run) -> float:
-    """Training time of the whole run in seconds (step times summed, evaluation left out)."""
-    return run["metrics"]["train_time_s"]
+def train_seconds(run: Run) -> Optional[float]:
+    """Training time of the whole run in seconds (step times summed, evaluation left out; ``None`` for a run that
+    shared its device)."""
+    return run["metrics"]["train_time_s"] if timed_alone(run) else None
 
 
 def tokens_per_step(run: Run) -> int:
@@ -185,8 +193,9 @@ def tokens_per_step(run: Run) -> int:
 
 
 def mean(metric: Metric, runs: List[Run]) -> Optional[float]:
-    """The mean of ``metric`` over ``runs`` (``None`` without runs)."""
-    return sum(map(metric, runs)) / len(runs) if runs else None
+    """The mean of ``metric`` over the runs where it is known (``None`` where it is known for none)."""
+    values = [value for value in map(metric, runs) if value is not None]
+    return sum(values) / len(values) if values else None
 
 
 def extent(metric: Metric, runs: List[Run]) -> Tuple[float, float]:
@@ -389,8 +398,7 @@ def phase_rows(results: Results, T: int) -> List[List[str]]:
     rows = []
     for variant in variants(results, "needle", T):
         runs = best_runs(results, "needle", T, variant)
-        phases = [[phase_ms_per_step(r, p) for r in runs] for p in PHASES]
-        means = [None if None in values else sum(values) / len(values) for values in phases]
+        means = [mean(lambda r, p=p: phase_ms_per_step(r, p), runs) for p in PHASES]
         rows.append([f"{T:,}", variant, fmt(runs[0]["lr"], "g"), str(len(runs)), *(fmt(m, ".1f") for m in means),
                      fmt(ratio(means[-1], dense_main), ".2f"), fmt(mean(train_seconds, runs), ".0f"),
                      fmt(ratio(mean(train_seconds, runs), dense_train), ".2f")])

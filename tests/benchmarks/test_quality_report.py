@@ -33,13 +33,13 @@ def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
     common = dict(out=out, size="tiny", steps=6, tokens_per_step=1024, precision="fp32", device="cpu",
                   progress=False)
-    experiment.run_setting("needle", 256, ["nsa", "dense"], lrs=LRS, seeds=SEEDS, **common)
-    experiment.run_setting("needle", 256, ["nsa-no-window"], lrs=LRS[:1], seeds=SEEDS[:1], **common)
-    experiment.run_setting("needle", 256, ["nsa-recipe"], lrs=LRS[:1], seeds=SEEDS[:1], short_seq_len=128,
+    experiment.run_setting(["needle"], [256], ["nsa", "dense"], lrs=LRS, seeds=SEEDS, **common)
+    experiment.run_setting(["needle"], [256], ["nsa-no-window"], lrs=LRS[:1], seeds=SEEDS[:1], **common)
+    experiment.run_setting(["needle"], [256], ["nsa-recipe"], lrs=LRS[:1], seeds=SEEDS[:1], short_seq_len=128,
                            short_steps=2, **common)
-    experiment.run_setting("needle", 512, ["nsa", "dense"], lrs=LRS, seeds=SEEDS[:1], **common)
-    experiment.run_setting("lm", 256, ["nsa", "dense"], lrs=LRS, seeds=SEEDS[:1], **common)
-    experiment.run_setting("needle-4pairs", 256, ["nsa", "dense"], lrs=LRS[:1], seeds=SEEDS[:1], **common)
+    experiment.run_setting(["needle"], [512], ["nsa", "dense"], lrs=LRS, seeds=SEEDS[:1], **common)
+    experiment.run_setting(["lm"], [256], ["nsa", "dense"], lrs=LRS, seeds=SEEDS[:1], **common)
+    experiment.run_setting(["needle-4pairs"], [256], ["nsa", "dense"], lrs=LRS[:1], seeds=SEEDS[:1], **common)
     return out
 
 
@@ -358,6 +358,47 @@ def test_phase_step_times_are_the_logged_windows_means(runs, tmp_path):
     rows = {r["variant"]: r for r in table(report.render(report.load_results([folder])), "Step time by phase (needle)")}
     assert rows["nsa"]["full selection ms/step"] == format(1e3 * (elapsed[8] - elapsed[4]) / 4, ".1f")
     assert rows["nsa"]["main / dense main"] == "-"  # no dense run
+
+
+def test_runs_that_shared_the_device_give_accuracies_but_no_step_times(runs, tmp_path):
+    """A run trained beside others (``experiment.py --jobs``) keeps its accuracy in the tables; its ms/step and
+    phase times are dashes, and a setting's mean step time comes from its seeds that ran alone."""
+    def shared(run):
+        run["concurrent_runs"] = 2 if run["seed"] == 1 or run["variant"] == "dense" else 1
+
+    folder = copy_runs(runs, tmp_path / "shared", keep=lambda name: name.startswith("needle-256-"), edit=shared)
+    results = report.load_results([folder])
+    groups = settings(folder)
+    best = expected_best(groups, "needle", "nsa")
+    text = report.render(results)
+    row = by_length(table(text, "Needle retrieval"))[256]
+    assert cells(row, "NSA ", "acc %") == expected_cells(groups["needle", 256, "nsa", best], accuracy, ".1f")
+    alone = [run for run in groups["needle", 256, "nsa", best] if run["seed"] == 0]
+    assert row["NSA ms/step"] == format(average(ms, alone), ".1f")
+    assert row["dense ms/step"] == "-" and row["NSA/dense step time"] == "-"
+    phases = {r["variant"]: r for r in table(text, "Step time by phase (needle)")}
+    assert phases["dense"]["main ms/step"] == "-" and phases["dense"]["training s"] == "-"
+    assert phases["nsa"]["training s"] != "-"
+
+
+def test_runs_trained_at_once_equal_runs_trained_in_turn(tmp_path):
+    """``experiment.py --jobs 2``: each run in its own process gives the losses of the same run trained alone
+    (CPU, fp32), records that two runs shared the device, and a spent time budget starts none. The script is
+    loaded under its own name, as ``python experiment.py`` lets the spawned workers import it."""
+    experiment = load("experiment", "experiment")
+    common = dict(size="tiny", steps=3, tokens_per_step=512, precision="fp32", device="cpu", progress=False,
+                  lrs=LRS[:1], seeds=SEEDS)
+    alone = experiment.run_setting(["needle"], [256], ["dense"], out=tmp_path / "alone", **common)
+    shared = experiment.run_setting(["needle"], [256], ["dense"], out=tmp_path / "shared", jobs=2, **common)
+    assert [run["concurrent_runs"] for run in alone] == [1, 1]
+    assert [run["concurrent_runs"] for run in shared] == [2, 2]
+    for a, b in zip(alone, shared):
+        assert a["seed"] == b["seed"]
+        assert a["metrics"]["final_eval"]["loss"] == b["metrics"]["final_eval"]["loss"]
+        assert json.loads((tmp_path / "shared" / experiment.run_name("needle", 256, "dense", LRS[0], b["seed"]))
+                          .read_text())["metrics"]["final_eval"] == b["metrics"]["final_eval"]
+    assert experiment.run_setting(["needle"], [512], ["dense"], out=tmp_path / "late", jobs=2, budget_s=-1,
+                                  **common) == []
 
 
 def test_files_without_lr_and_seed_keys_still_load(runs, tmp_path):
