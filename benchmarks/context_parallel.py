@@ -36,8 +36,9 @@ import torch
 import torch.distributed as dist
 
 import nsa_kernels
+from nsa_kernels import NSAGeometry
 from nsa_dist.compression import BlockCompressor
-from nsa_dist.parallel import CPLayout, ShardedSequence, context_parallel_nsa
+from nsa_dist.parallel import BranchKV, CPLayout, ShardedSequence, context_parallel_nsa
 from nsa_dist.parallel.dense import allgather_dense_attention, causal_sdpa
 
 try:  # run as a script (python benchmarks/...) or as a module
@@ -45,7 +46,8 @@ try:  # run as a script (python benchmarks/...) or as a module
 except ImportError:
     from benchmarks.kernels import add_shape_arguments
 
-GEOMETRY = dict(block_len=32, stride=16, select_len=64, top_n=16, window=512)
+GEOMETRY = NSAGeometry(block_len=32, stride=16, select_len=64, top_n=16, window=512, init_blocks=1, local_blocks=2)
+KV_NAMES = ("k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win")  # the branches' raw K/V, in BranchKV order
 
 
 def position_code(T: int, D: int, device, strength: float) -> torch.Tensor:
@@ -61,7 +63,7 @@ def make_inputs(T: int, HQ: int, H: int, D: int, pattern: str, seed: int, device
     gen = torch.Generator(device=device).manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=torch.float32)
     x = {"q": randn(1, T, HQ, D)}
-    for name in ("k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win"):
+    for name in KV_NAMES:
         x[name] = randn(1, T, H, D)
     if pattern == "local":
         code = position_code(T, D, device, strength=4.0 * math.sqrt(D))[None, :, None, :]
@@ -103,16 +105,15 @@ def single_gpu_case(x, compress_k, compress_v):
     def run():
         k_cmp, v_cmp = compress_k(x["k_cmp"]), compress_v(x["v_cmp"])
         return nsa_kernels.nsa_attention(x["q"], k_cmp, v_cmp, x["k_slc"], x["v_slc"], x["k_win"], x["v_win"],
-                                         x["gates"], **GEOMETRY)
+                                         x["gates"], **GEOMETRY._asdict())
     return run
 
 
 def cp_case(x, shards, group, compress_k, compress_v, exchange: str, stats_out: List):
     def run():
         o, stats = context_parallel_nsa(
-            x["q"], x["k_cmp"], x["v_cmp"], x["k_slc"], x["v_slc"], x["k_win"], x["v_win"], x["gates"],
-            shards=shards, group=group, compress_k=compress_k, compress_v=compress_v, selection_exchange=exchange,
-            **GEOMETRY)
+            x["q"], BranchKV(*(x[n] for n in KV_NAMES)), x["gates"], geometry=GEOMETRY, shards=shards, group=group,
+            compress_k=compress_k, compress_v=compress_v, selection_exchange=exchange)
         stats_out[:] = [stats]
         return o
     return run
@@ -160,8 +161,8 @@ def main(argv=None) -> None:
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     device = torch.device("cuda")
     HQ, H, D = args.heads, args.kv_heads, args.dim
-    compress_k = BlockCompressor("mlp", D, GEOMETRY["block_len"], GEOMETRY["stride"], 2 * D).to(device, torch.bfloat16)
-    compress_v = BlockCompressor("mlp", D, GEOMETRY["block_len"], GEOMETRY["stride"], 2 * D).to(device, torch.bfloat16)
+    compress_k = BlockCompressor("mlp", D, GEOMETRY.block_len, GEOMETRY.stride, 2 * D).to(device, torch.bfloat16)
+    compress_v = BlockCompressor("mlp", D, GEOMETRY.block_len, GEOMETRY.stride, 2 * D).to(device, torch.bfloat16)
     rows = []
 
     def record(row):
@@ -170,7 +171,7 @@ def main(argv=None) -> None:
             print(json.dumps(row), file=sys.stderr, flush=True)
 
     for T in args.seqlens:
-        layout = CPLayout(P, T, args.layout, GEOMETRY["select_len"])
+        layout = CPLayout(P, T, args.layout, GEOMETRY.select_len)
         shards = ShardedSequence(layout)
         for pattern in args.patterns:
             glob = make_inputs(T, HQ, H, D, pattern, seed=T, device=device)

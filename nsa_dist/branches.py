@@ -14,7 +14,7 @@ from nsa_kernels.validation import check_cu_seqlens
 from .config import NSAConfig
 from .diagnostics import observe_branches
 from .logit_selection import own_logit_selection
-from .parallel import CPLayout, CPStats, ShardedSequence, context_parallel_nsa
+from .parallel import BranchKV, CPLayout, CPStats, ShardedSequence, context_parallel_nsa
 from .selection_loss import attach_aux_loss, selection_loss
 
 
@@ -89,16 +89,12 @@ def nsa_branches(config: NSAConfig, q: torch.Tensor, k_c: torch.Tensor, v_c: tor
     if full_selection or c.selection_scoring != "compressed":
         o = _composed_nsa(c, q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates, cu_seqlens, full_selection)
     else:
-        o = nsa_kernels.nsa_attention(
-            q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates, block_len=c.block_len, stride=c.stride,
-            select_len=c.select_len, top_n=c.top_n, window=c.window, init_blocks=c.init_blocks,
-            local_blocks=c.local_blocks, scale=c.softmax_scale, cu_seqlens=cu_seqlens)
+        o = nsa_kernels.nsa_attention(q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates, **c.geometry()._asdict(),
+                                      scale=c.softmax_scale, cu_seqlens=cu_seqlens)
     if not (c.selection_loss_weight and torch.is_grad_enabled()):
         return BranchOutput(o, None, None)
-    loss = selection_loss(q, k_cmp, k_s, block_len=c.block_len, stride=c.stride, select_len=c.select_len,
-                          top_n=c.top_n, init_blocks=c.init_blocks, local_blocks=c.local_blocks,
-                          scale=c.softmax_scale or q.shape[-1] ** -0.5, num_rows=c.selection_loss_rows,
-                          cu_seqlens=cu_seqlens)
+    loss = selection_loss(q, k_cmp, k_s, c.geometry(), scale=c.softmax_scale or q.shape[-1] ** -0.5,
+                          num_rows=c.selection_loss_rows, cu_seqlens=cu_seqlens)
     return BranchOutput(attach_aux_loss(o, loss, c.selection_loss_weight), None, loss.detach())
 
 
@@ -132,17 +128,19 @@ def _context_parallel(c, q, k_c, v_c, k_s, v_s, k_w, v_w, gates, k_compressor, v
     P = dist.get_world_size(cp_group)
     shards = ShardedSequence(CPLayout(P, T_local * P, c.cp_layout, c.select_len), cu_seqlens, B)
     rank = dist.get_rank(cp_group)
-    q, k_c, v_c, k_s, v_s, k_w, v_w, gates = (t.reshape(1, B * T_local, *t.shape[2:])
-                                              for t in (q, k_c, v_c, k_s, v_s, k_w, v_w, gates))
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(1, B * T_local, *t.shape[2:])
+
+    q, gates = flat(q), flat(gates)
+    kv = BranchKV(k_c, v_c, k_s, v_s, k_w, v_w).map(flat)
     if rotary is not None:
         pos = shards.rotary_positions(rank, position_ids, device=q.device)
         q = rotary(q, pos)
-        k_s = rotary(k_s, pos)
-        k_w = k_s if c.kv_sharing == "shared" else rotary(k_w, pos)
+        k_slc = rotary(kv.k_slc, pos)
+        kv = kv._replace(k_slc=k_slc, k_win=k_slc if c.kv_sharing == "shared" else rotary(kv.k_win, pos))
     o, stats = context_parallel_nsa(
-        q, k_c, v_c, k_s, v_s, k_w, v_w, gates, shards=shards, group=cp_group, compress_k=k_compressor,
+        q, kv, gates, geometry=c.geometry(), shards=shards, group=cp_group, compress_k=k_compressor,
         compress_v=v_compressor, rotary=rotary, position_ids=shards.flat_position_ids(position_ids, q.device),
-        block_len=c.block_len, stride=c.stride, select_len=c.select_len, top_n=c.top_n, window=c.window, init_blocks=c.init_blocks,
-        local_blocks=c.local_blocks, scale=c.softmax_scale, selection_exchange=c.cp_selection_exchange,
-        selection=selection)
+        scale=c.softmax_scale, selection_exchange=c.cp_selection_exchange, selection=selection)
     return BranchOutput(o.reshape(B, T_local, *o.shape[2:]), stats, None)

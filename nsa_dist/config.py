@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional, Tuple
 
+from nsa_kernels import NSAGeometry
 from nsa_kernels.validation import check_non_negative_int, check_positive_int, check_selection_geometry
 
 from .parallel.sharding import check_layout_kind
@@ -153,6 +154,12 @@ class NSAConfig:
         if not self.disabled_branches:
             return None
         return tuple(0.0 if b in self.disabled_branches else 1.0 for b in BRANCHES)
+
+    def geometry(self) -> NSAGeometry:
+        """The NSA geometry of this layer (``block_len`` ... ``local_blocks``, ``window``) as the one value the
+        context-parallel op and the selection loss take; the softmax scale (``softmax_scale``) travels beside it."""
+        return NSAGeometry(self.block_len, self.stride, self.select_len, self.top_n, self.window, self.init_blocks,
+                           self.local_blocks)
 
     @property
     def group_size(self) -> int:

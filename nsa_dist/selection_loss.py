@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from nsa_kernels import compressed_block_last_tokens, doc_local_positions
+from nsa_kernels import NSAGeometry, compressed_block_last_tokens, doc_local_positions
 from nsa_kernels.reference import overlap_weights
 from nsa_kernels.reference.tiles import compute_dtype
 
@@ -78,8 +78,9 @@ def teacher_block_mass(q_rows: torch.Tensor, k: torch.Tensor, rows: torch.Tensor
         q_rows: ``[B, R, HQ, Dk]`` (rotated) queries of the sampled ``rows [R]``; k: ``[B, T, H, Dk]`` (rotated)
             selection keys of the whole sequence.
     Returns:
-        ``[B, R, H, num_sel]`` (float32; float64 for float64 inputs): for each row and KV head, ``sum_{group heads} sum_{keys in block j}``
-        of ``softmax(q k * scale)`` over the keys of the row's document up to the row (each row sums to ``G``).
+        ``[B, R, H, num_sel]`` (float32; float64 for float64 inputs): for each row and KV head,
+        ``sum_{group heads} sum_{keys in block j}`` of ``softmax(q k * scale)`` over the keys of the row's document
+        up to the row (each row sums to ``G``).
     """
     B, R, HQ, Dk = q_rows.shape
     T, H = k.shape[1], k.shape[2]
@@ -109,8 +110,9 @@ def student_block_importance(q_rows: torch.Tensor, k_cmp: torch.Tensor, rows: to
         q_rows: ``[B, R, HQ, Dk]`` (rotated) queries of ``rows [R]``; k_cmp: ``[B, Nc, H, Dk]`` compressed keys
             (rotated at their blocks' last tokens), packed per document.
     Returns:
-        ``[B, R, H, num_sel]`` (float32; float64 for float64 inputs): ``s_j = sum_{group heads} sum_i w_ij p_i`` with ``p`` the
-        compressed-attention probabilities over the compressed blocks the row sees (zero where it sees none).
+        ``[B, R, H, num_sel]`` (float32; float64 for float64 inputs): ``s_j = sum_{group heads} sum_i w_ij p_i``
+        with ``p`` the compressed-attention probabilities over the compressed blocks the row sees (zero where it
+        sees none).
     """
     B, R, HQ, Dk = q_rows.shape
     H = k_cmp.shape[2]
@@ -127,29 +129,29 @@ def student_block_importance(q_rows: torch.Tensor, k_cmp: torch.Tensor, rows: to
     return probs.sum(3) @ weights
 
 
-def selection_loss(q: torch.Tensor, k_cmp: torch.Tensor, k_sel: torch.Tensor, *, block_len: int, stride: int,
-                   select_len: int, top_n: int, init_blocks: int, local_blocks: int, scale: float, num_rows: int,
-                   cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+def selection_loss(q: torch.Tensor, k_cmp: torch.Tensor, k_sel: torch.Tensor, geometry: NSAGeometry, *,
+                   scale: float, num_rows: int, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean ``KL(teacher || student)`` over ``num_rows`` sampled query rows (see the module docstring).
 
     Args:
         q: ``[B, T, HQ, Dk]`` rotated queries; k_cmp: ``[B, Nc, H, Dk]`` rotated compressed keys (packed per
             document); k_sel: ``[B, T, H, Dk]`` rotated selection keys; cu_seqlens: optional packed documents.
-        The geometry and ``scale`` are those of the NSA call.
+        geometry, scale: those of the NSA call (:class:`nsa_kernels.NSAGeometry`; its window is not used).
     Returns:
         A scalar, float32 (float64 for float64 inputs); 0, attached to k_cmp, when no row has to choose. Gradients
         flow to k_cmp only (q and k_sel are detached).
     """
     T = q.shape[1]
-    geometry = sequence_geometry(cu_seqlens, T, block_len, stride, q.device)
-    rows = sample_rows(geometry, num_rows, select_len, top_n)
+    l, d, l_sel = geometry.block_len, geometry.stride, geometry.select_len
+    seq = sequence_geometry(cu_seqlens, T, l, d, q.device)
+    rows = sample_rows(seq, num_rows, l_sel, geometry.top_n)
     if rows.numel() == 0:
         return k_cmp.sum().to(compute_dtype(q.dtype)) * 0.0
-    num_sel = int(geometry.local.max()) // select_len + 1
+    num_sel = int(seq.local.max()) // l_sel + 1
     q_rows = q.detach()[:, rows]
-    teacher = teacher_block_mass(q_rows, k_sel, rows, geometry, num_sel, select_len, scale)
-    student = student_block_importance(q_rows, k_cmp, rows, geometry, num_sel, block_len, stride, select_len, scale)
-    ranked = ranked_blocks(geometry.local[rows], num_sel, select_len, init_blocks, local_blocks)
+    teacher = teacher_block_mass(q_rows, k_sel, rows, seq, num_sel, l_sel, scale)
+    student = student_block_importance(q_rows, k_cmp, rows, seq, num_sel, l, d, l_sel, scale)
+    ranked = ranked_blocks(seq.local[rows], num_sel, l_sel, geometry.init_blocks, geometry.local_blocks)
     return ranked_kl(teacher, student, ranked[None, :, None])
 
 

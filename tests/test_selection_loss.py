@@ -22,12 +22,13 @@ from nsa_dist.selection_loss import (
     student_block_importance,
     teacher_block_mass,
 )
-from nsa_kernels import total_compressed_blocks
+from nsa_kernels import NSAGeometry, total_compressed_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 GEO = dict(block_len=8, stride=4, select_len=8)
 PICK = dict(top_n=3, init_blocks=1, local_blocks=1)
+NSA_GEO = NSAGeometry(**GEO, **PICK, window=0)
 ALL_ROWS = 10 ** 6  # more than any test sequence: every eligible row is taken (deterministic)
 CASES = {  # name -> (B, T, cu_seqlens lengths or None, HQ, H)
     "unpacked-G1": (2, 75, None, 2, 2),
@@ -108,7 +109,7 @@ def test_loss_is_mean_kl_over_ranked_blocks(case, seed):
     B, T, lengths, HQ, H = CASES[case]
     q, k_cmp, k_sel, cu = _inputs(B, T, lengths, HQ, H)
     scale = 0.6
-    loss = selection_loss(q, k_cmp, k_sel, scale=scale, num_rows=ALL_ROWS, cu_seqlens=cu, **GEO, **PICK)
+    loss = selection_loss(q, k_cmp, k_sel, NSA_GEO, scale=scale, num_rows=ALL_ROWS, cu_seqlens=cu)
     scores = O.oracle_block_scores(q, k_cmp, scale=scale, cu_seqlens=cu, **GEO)
     terms = []
     for b in range(B):
@@ -138,8 +139,8 @@ def test_loss_gradients_gradcheck(seed):
     q, k_cmp, k_sel, cu = _inputs(1, 77, [37, 40], 2, 1, dk=3)
     q.requires_grad_(True)
     k_cmp.requires_grad_(True)
-    assert gradcheck(lambda k_: selection_loss(q.detach(), k_, k_sel, scale=0.8, num_rows=ALL_ROWS, cu_seqlens=cu,
-                                               **GEO, **PICK), (k_cmp,), eps=1e-6, atol=1e-6), f"seed {seed}"
+    assert gradcheck(lambda k_: selection_loss(q.detach(), k_, k_sel, NSA_GEO, scale=0.8, num_rows=ALL_ROWS,
+                                               cu_seqlens=cu), (k_cmp,), eps=1e-6, atol=1e-6), f"seed {seed}"
     geometry = sequence_geometry(cu, 77, GEO["block_len"], GEO["stride"], None)
     rows = sample_rows(geometry, ALL_ROWS, GEO["select_len"], PICK["top_n"])
     num_sel = int(geometry.local.max()) // GEO["select_len"] + 1
@@ -152,7 +153,7 @@ def test_loss_gradients_gradcheck(seed):
         return ranked_kl(teacher, student, ranked)
 
     assert gradcheck(with_fixed_teacher, (q, k_cmp), eps=1e-6, atol=1e-6), f"seed {seed}"
-    loss = selection_loss(q, k_cmp, k_sel, scale=0.8, num_rows=ALL_ROWS, cu_seqlens=cu, **GEO, **PICK)
+    loss = selection_loss(q, k_cmp, k_sel, NSA_GEO, scale=0.8, num_rows=ALL_ROWS, cu_seqlens=cu)
     torch.testing.assert_close(loss, with_fixed_teacher(q, k_cmp))
     grad_q, grad_k = torch.autograd.grad(loss, (q, k_cmp), allow_unused=True)
     assert grad_q is None, "the loss must not reach the queries"
@@ -164,7 +165,7 @@ def test_loss_gradients_gradcheck(seed):
 def test_teacher_is_detached(seed):
     q, k_cmp, k_sel, _ = _inputs(1, 60, None, 2, 1)
     k_sel.requires_grad_(True)
-    selection_loss(q, k_cmp.requires_grad_(True), k_sel, scale=0.5, num_rows=ALL_ROWS, **GEO, **PICK).backward()
+    selection_loss(q, k_cmp.requires_grad_(True), k_sel, NSA_GEO, scale=0.5, num_rows=ALL_ROWS).backward()
     assert k_sel.grad is None
 
 
@@ -183,8 +184,8 @@ def test_sampled_rows_are_bounded_distinct_and_eligible(seed):
 
 def test_no_choosing_row_gives_zero_loss_with_a_graph():
     q = torch.randn(1, 20, 2, 4, requires_grad=True)
-    loss = selection_loss(q, torch.randn(1, 4, 1, 4, requires_grad=True), torch.randn(1, 20, 1, 4), scale=0.5,
-                          num_rows=8, **GEO, **PICK)
+    loss = selection_loss(q, torch.randn(1, 4, 1, 4, requires_grad=True), torch.randn(1, 20, 1, 4), NSA_GEO,
+                          scale=0.5, num_rows=8)
     assert loss.item() == 0.0 and loss.requires_grad
 
 

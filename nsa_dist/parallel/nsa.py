@@ -48,6 +48,22 @@ from .stats import CPStats
 SELECTIONS = ("compressed", "key_bound", "max_logit", "all")
 
 
+class BranchKV(NamedTuple):
+    """The keys and values of the three NSA branches, each ``[1, B*T/P, H, Dk]`` (keys) or ``[1, B*T/P, H, Dv]``
+    (values) for this rank's local rows: the compression branch's raw K/V (un-rotated, before the compressors),
+    the selection branch's and the window branch's K/V (keys rotated like q)."""
+    k_cmp_raw: torch.Tensor
+    v_cmp_raw: torch.Tensor
+    k_slc: torch.Tensor
+    v_slc: torch.Tensor
+    k_win: torch.Tensor
+    v_win: torch.Tensor
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "BranchKV":
+        """The bundle of ``fn(t)`` for each tensor ``t``, in field order (e.g. a cast or a reshape of all six)."""
+        return BranchKV(*(fn(t) for t in self))
+
+
 class _Call(NamedTuple):
     """Where one call runs: the sharded sequence, this rank, the group, every rank's segments, this rank's
     local ``cu_seqlens`` (its segments as packed documents), the call's statistics, and the softmax scale."""
@@ -101,7 +117,7 @@ def _finish_halo(call: _Call, x: torch.Tensor, halo: _Halo, name: str) -> RowSou
     return RowSource.local_and_fetched(call.shards, call.rank, x, fetched, halo.positions)
 
 
-def _check_call(q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win, gates, shards: ShardedSequence, group,
+def _check_call(q: torch.Tensor, kv: BranchKV, gates: torch.Tensor, shards: ShardedSequence, group,
                 geo: NSAGeometry, scale: Optional[float], selection_exchange: str, selection: str) -> _Call:
     """Stage 0's checks (every rank raises the same errors, before any exchange of the NSA itself)."""
     geo.checked()
@@ -110,9 +126,9 @@ def _check_call(q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win, gates, shar
     check_selection_exchange(selection_exchange)
     rank = shards.rank_in(group, "context-parallel NSA", q)
     shards.layout.check_select_len(geo.select_len)
-    dims = check_attention_inputs(q, k_slc, v_slc, k_name="k_slc", v_name="v_slc")
-    check_attention_inputs(q, k_win, v_win, k_name="k_win", v_name="v_win")
-    check_attention_inputs(q, k_cmp_raw, v_cmp_raw, k_name="k_cmp_raw", v_name="v_cmp_raw")
+    dims = check_attention_inputs(q, kv.k_slc, kv.v_slc, k_name="k_slc", v_name="v_slc")
+    check_attention_inputs(q, kv.k_win, kv.v_win, k_name="k_win", v_name="v_win")
+    check_attention_inputs(q, kv.k_cmp_raw, kv.v_cmp_raw, k_name="k_cmp_raw", v_name="v_cmp_raw")
     check_gates(gates, dims)
     if dims.B != 1 or dims.T != shards.local_len:
         raise ValueError(f"q has shape {tuple(q.shape)}: expected [1, B*T/P={shards.local_len}, HQ, Dk] (the "
@@ -230,12 +246,9 @@ def _attend_every_block(call: _Call, q, k_slc, v_slc) -> torch.Tensor:
     return allgather_dense_attention(q, k_slc, v_slc, shards=shards, group=call.group, scale=call.scale)
 
 
-def context_parallel_nsa(q: torch.Tensor, k_cmp_raw: torch.Tensor, v_cmp_raw: torch.Tensor, k_slc: torch.Tensor,
-                         v_slc: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, gates: torch.Tensor, *,
+def context_parallel_nsa(q: torch.Tensor, kv: BranchKV, gates: torch.Tensor, *, geometry: NSAGeometry,
                          shards: ShardedSequence, group, compress_k: Callable, compress_v: Callable,
                          rotary: Optional[Callable] = None, position_ids: Optional[torch.Tensor] = None,
-                         block_len: int = 32, stride: int = 16, select_len: int = 64, top_n: int = 16,
-                         window: int = 512, init_blocks: int = 1, local_blocks: int = 2,
                          scale: Optional[float] = None, selection_exchange: str = "auto",
                          selection: str = "compressed") -> Tuple[torch.Tensor, CPStats]:
     """NSA output of this rank's query tokens, equal to the single-rank ``nsa_attention`` rows of those tokens.
@@ -243,11 +256,11 @@ def context_parallel_nsa(q: torch.Tensor, k_cmp_raw: torch.Tensor, v_cmp_raw: to
     Args:
         q: ``[1, B*T/P, HQ, Dk]`` local queries (flattened local rows of :class:`ShardedSequence` ``shards``),
             rotated as the caller wants.
-        k_cmp_raw, v_cmp_raw: ``[1, B*T/P, H, Dk|Dv]`` raw (un-rotated, uncompressed) K/V of the compression
-            branch.
-        k_slc, v_slc, k_win, v_win: ``[1, B*T/P, H, Dk|Dv]`` K/V of the selection and window branches (keys
-            rotated like q).
+        kv: the branches' ``[1, B*T/P, H, Dk|Dv]`` K/V (:class:`BranchKV`): the compression branch's raw
+            (un-rotated, uncompressed) K/V, the selection and window branches' K/V (keys rotated like q).
         gates: ``[1, B*T/P, HQ, 3]`` gate values (compressed, selected, window).
+        geometry: the NSA geometry (:class:`nsa_kernels.NSAGeometry`, as :func:`nsa_kernels.nsa_attention` takes
+            it; ``window=0`` drops the window branch), checked here.
         shards: the layout of the packed global sequence over the group (global documents included).
         group: the context-parallel process group (``None``: the default group).
         compress_k, compress_v: ``phi(x [1, S, H, D], cu_seqlens [N+1]) -> [1, Nc, H, D]`` compressors with the
@@ -255,8 +268,7 @@ def context_parallel_nsa(q: torch.Tensor, k_cmp_raw: torch.Tensor, v_cmp_raw: to
         rotary: optional ``rotary(x [1, n, H, Dk], positions [n]) -> rotated x`` applied to compressed keys
             at the position of each block's last token: its document position, or ``position_ids[...]`` of
             that token when ``position_ids`` (int ``[B*T]``, global packed) is given.
-        block_len .. scale: the NSA geometry as in :func:`nsa_kernels.nsa_attention` (``window=0`` drops the
-            window branch).
+        scale: softmax scale (default ``1 / sqrt(Dk)``).
         selection_exchange: ``"auto"`` (fewer bytes, same choice on every rank), ``"sparse"`` or ``"allgather"``.
         selection: what picks the selected blocks: ``"compressed"`` (the paper's scores), ``"key_bound"``
             (:mod:`nsa_dist.key_bound_selection`, tiles of ``stride`` keys), ``"max_logit"``
@@ -267,25 +279,24 @@ def context_parallel_nsa(q: torch.Tensor, k_cmp_raw: torch.Tensor, v_cmp_raw: to
         Differentiable w.r.t. every tensor input and the compressors' and rotary's parameters; parameter
         gradients are this rank's share (all-reduce them over the group).
     """
-    geo = NSAGeometry(block_len, stride, select_len, top_n, window, init_blocks, local_blocks)
-    call = _check_call(q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win, gates, shards, group, geo, scale,
-                       selection_exchange, selection)
+    call = _check_call(q, kv, gates, shards, group, geometry, scale, selection_exchange, selection)
     Dk = q.shape[-1]
-    kv_c, kv_s = (torch.cat([k[0], v[0]], dim=-1) for k, v in ((k_cmp_raw, v_cmp_raw), (k_slc, v_slc)))
-    kv_w = torch.cat([k_win[0], v_win[0]], dim=-1) if window > 0 else None
+    kv_c, kv_s = (torch.cat([k[0], v[0]], dim=-1) for k, v in ((kv.k_cmp_raw, kv.v_cmp_raw), (kv.k_slc, kv.v_slc)))
+    kv_w = torch.cat([kv.k_win[0], kv.v_win[0]], dim=-1) if geometry.window > 0 else None
 
-    started = _start_exchanges(call, geo, kv_c, kv_w, kv_s,
+    started = _start_exchanges(call, geometry, kv_c, kv_w, kv_s,
                                gather_selection=selection_exchange == "allgather" and selection != "all")
-    compressed = _compress_and_gather(call, geo, kv_c, started, Dk, compress_k, compress_v, rotary, position_ids)
-    o_win = _window_branch(call, geo, q, kv_w, started) if window > 0 else None
-    k_cmp, v_cmp, cu_cmp = _finish_gather(call, geo, compressed, Dk)
-    o_cmp, lse = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, block_len, stride, scale, call.local_cu, cu_cmp)
+    compressed = _compress_and_gather(call, geometry, kv_c, started, Dk, compress_k, compress_v, rotary, position_ids)
+    o_win = _window_branch(call, geometry, q, kv_w, started) if geometry.window > 0 else None
+    k_cmp, v_cmp, cu_cmp = _finish_gather(call, geometry, compressed, Dk)
+    o_cmp, lse = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, geometry.block_len, geometry.stride, scale,
+                                                  call.local_cu, cu_cmp)
     if selection == "all":
-        o_slc = _attend_every_block(call, q, k_slc, v_slc)
+        o_slc = _attend_every_block(call, q, kv.k_slc, kv.v_slc)
     else:
-        block_idx = _score_and_select(call, geo, selection, q, k_slc, k_cmp, lse, cu_cmp)
+        block_idx = _score_and_select(call, geometry, selection, q, kv.k_slc, k_cmp, lse, cu_cmp)
         o_slc = attend_selected(q, kv_s, block_idx, shards=shards, rank=call.rank, group=group,
-                                select_len=select_len, scale=scale, local_cu=call.local_cu,
+                                select_len=geometry.select_len, scale=scale, local_cu=call.local_cu,
                                 exchange=selection_exchange, pending_gather=started.selection_gather,
                                 stats=call.stats)
     o = nsa_kernels.gate_combine(gates, o_cmp, o_slc, o_win)

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from tests.helpers.cp_harness import generator
 from nsa_dist import BlockCompressor, NativeSparseAttention, NSAConfig
+from nsa_dist.parallel import BranchKV
 from nsa_dist.rotary import RotaryEmbedding
+from nsa_kernels import NSAGeometry
 
 GEOMETRY = dict(block_len=8, stride=4, select_len=8, top_n=4, init_blocks=1, local_blocks=2)
 DK, DV, HQ = 8, 6, 4
@@ -41,9 +43,15 @@ class Case:
     def nsa(self) -> Dict[str, int]:
         return {**GEOMETRY, **dict(self.geometry), "window": self.window}
 
+    @property
+    def nsa_geometry(self) -> NSAGeometry:
+        """:attr:`nsa` as the geometry value :func:`~nsa_dist.parallel.context_parallel_nsa` takes."""
+        return NSAGeometry(**self.nsa)
+
     def name(self) -> str:
         return (f"P{self.P}-{self.kind}-{self.exchange}-G{HQ // self.kv_heads}-T{self.T}-w{self.window}"
-                f"-docs{self.doc_lengths or self.num_docs}-B{self.batch}-{self.kv_sharing}-{str(self.dtype).split('.')[-1]}"
+                f"-docs{self.doc_lengths or self.num_docs}-B{self.batch}-{self.kv_sharing}"
+                f"-{str(self.dtype).split('.')[-1]}"
                 f"-{self.selection_scoring}{'-full' if self.full_selection else ''}")
 
 
@@ -74,6 +82,12 @@ def branch_inputs(case: Case, seed: int) -> Dict[str, torch.Tensor]:
     out = {name: torch.randn(1, T, *shape, generator=gen) for name, shape in shapes.items()}
     out["gates"] = torch.sigmoid(out["gates"])
     return {name: t.to(case.dtype) for name, t in out.items()}
+
+
+def functional_inputs(tensors: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, BranchKV, torch.Tensor]:
+    """``(q, kv, gates)``, the tensor arguments of :func:`~nsa_dist.parallel.context_parallel_nsa`, from ``tensors``
+    keyed by :data:`BRANCH_INPUTS` (``q [1, S, HQ, Dk]``, the branches' K/V ``[1, S, H, Dk|Dv]``, ``gates``)."""
+    return tensors["q"], BranchKV(*(tensors[n] for n in BRANCH_INPUTS[1:-1])), tensors["gates"]
 
 
 def compressors(case: Case, seed: int):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.helpers.cp_cases import BRANCH_INPUTS, Case, branch_inputs, compressors
+from tests.helpers.cp_cases import Case, branch_inputs, compressors, functional_inputs
 from tests.helpers.cp_harness import run_ranks, value_error_messages
 from nsa_dist.parallel import CPLayout, ShardedSequence, context_parallel_nsa
 from nsa_dist.parallel.dense import allgather_dense_attention
@@ -25,11 +25,11 @@ def nsa_call(T, cu_seqlens=None, rows=None):
     """context_parallel_nsa on this rank's first ``rows`` (default T/P) rows of a length-``T`` sequence."""
     case = Case(P, "zigzag", "auto", kv_heads=1, T=T, num_docs=0)
     rows = T // P if rows is None else rows
-    local = [branch_inputs(case, SEED)[n][:, :rows] for n in BRANCH_INPUTS]
+    local = {n: t[:, :rows] for n, t in branch_inputs(case, SEED).items()}
     compress_k, compress_v, _ = compressors(case, SEED)
     shards = ShardedSequence(CPLayout(P, T, "zigzag", L_SEL), cu_seqlens)
-    return context_parallel_nsa(*local, shards=shards, group=None, compress_k=compress_k, compress_v=compress_v,
-                                **case.nsa)[0]
+    return context_parallel_nsa(*functional_inputs(local), geometry=case.nsa_geometry, shards=shards, group=None,
+                                compress_k=compress_k, compress_v=compress_v)[0]
 
 
 def dense_call(T, batch=1, cu_seqlens=None):

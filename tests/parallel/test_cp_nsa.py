@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 import nsa_kernels
 from tests.helpers.cp_cases import (BRANCH_INPUTS, GEOMETRY, Case, branch_inputs, compressors, cu_seqlens_of,
-                                    grad_or_zero, module_and_inputs, parameter_grads, sum_over_ranks)
+                                    functional_inputs, grad_or_zero, module_and_inputs, parameter_grads,
+                                    sum_over_ranks)
 from tests.helpers.cp_harness import run_ranks, value_error_messages
 from nsa_dist.parallel import CPLayout, ShardedSequence, context_parallel_nsa
 from nsa_dist.parallel.selected_exchange import cheaper_selection_path
@@ -88,9 +89,9 @@ def functional_job(rank, world, case, seed):
     inputs = branch_inputs(case, seed)
     local = {n: layout.shard(inputs[n], rank).requires_grad_() for n in BRANCH_INPUTS}
     compress_k, compress_v, rotary = compressors(case, seed)
-    o, stats = context_parallel_nsa(*(local[n] for n in BRANCH_INPUTS), shards=ShardedSequence(
+    o, stats = context_parallel_nsa(*functional_inputs(local), geometry=case.nsa_geometry, shards=ShardedSequence(
         layout, cu_seqlens_of(case, seed)), group=None, compress_k=compress_k, compress_v=compress_v, rotary=rotary,
-        selection_exchange=case.exchange, **case.nsa)
+        selection_exchange=case.exchange)
     (o * layout.shard(inputs["dy"], rank)).sum().backward()
     params = {f"k.{n}": g for n, g in parameter_grads(compress_k).items()}
     params.update({f"v.{n}": g for n, g in parameter_grads(compress_v).items()})
@@ -120,9 +121,9 @@ def error_job(rank, world, seed):
     local = {n: t[:, :32] for n, t in branch_inputs(case, seed).items()}
     compress_k, compress_v, _ = compressors(case, seed)
     attempts = [
-        lambda: context_parallel_nsa(*(local[n] for n in BRANCH_INPUTS), shards=ShardedSequence(
-            CPLayout(2 * world, 32 * world, "zigzag", L_SEL)), group=None, compress_k=compress_k, compress_v=compress_v,
-            **case.nsa),
+        lambda: context_parallel_nsa(*functional_inputs(local), geometry=case.nsa_geometry, shards=ShardedSequence(
+            CPLayout(2 * world, 32 * world, "zigzag", L_SEL)), group=None, compress_k=compress_k,
+            compress_v=compress_v),
         lambda: module_and_inputs(case, seed, dist.group.WORLD)[0](torch.randn(1, 30, 16)),
         lambda: module_and_inputs(case, seed, dist.group.WORLD)[0](
             torch.randn(1, 32, 16), cu_seqlens=torch.tensor([0, 10, 60], dtype=torch.int32)),
