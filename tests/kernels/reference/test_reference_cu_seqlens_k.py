@@ -1,7 +1,7 @@
 """Reference ops with key segments (``cu_seqlens_k``) against the same ops on the full packed sequence.
 
 Exact property (float64, ``TOL``): cut query segments ``[p0, p1)`` out of the documents of a random packed
-sequence and give each the key segment the context-parallel layer builds (brief / DESIGN.md):
+sequence and give each the key segment the context-parallel layer builds (docs/DESIGN.md, context parallelism):
 
 * compressed attention and select_blocks: the document prefix ``[0, p1)``, i.e. the document's first
   ``num_compressed_blocks(p1)`` compressed rows;
