@@ -1,8 +1,9 @@
 """Which launcher started this process, and where its ranks meet: one function for torchrun, ``deepspeed``,
 Open MPI / MPICH / Intel MPI (``mpirun``), and Slurm (``srun``).
 
-:func:`discover_launch` reads the launcher's environment variables (no process is started, nothing is asked of a
-scheduler) and returns a :class:`LaunchInfo`; :func:`export_torch_env` writes it back as the variables
+:func:`discover_launch` reads the launcher's environment variables (nothing is asked of a scheduler; the one
+process it may start is Slurm's ``scontrol show hostnames``, which expands a node list) and returns a
+:class:`LaunchInfo`; :func:`export_torch_env` writes it back as the variables
 ``torch.distributed``'s ``env://`` initialisation reads. Launchers are tried in this order, the first whose
 variables are present wins:
 
@@ -18,13 +19,18 @@ Slurm               ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, ``SLU
                     ``SLURM_TASKS_PER_NODE`` (this node's entry, ``SLURM_NODEID``)
 ==================  ====================================================================================
 
+Under MPI, a launcher that sets no local rank variables (``srun --mpi=pmi2``, MVAPICH's ``mpirun_rsh``) leaves the
+local rank and local world size to mpi4py: this process's rank and size in ``COMM_WORLD.Split_type(
+COMM_TYPE_SHARED)``, the ranks sharing its node.
+
 Rendezvous address: ``MASTER_ADDR`` / ``MASTER_PORT`` when set (every launcher). Otherwise, under MPI, rank 0's
 host name is broadcast with mpi4py when it is importable and its ``COMM_WORLD`` matches the environment; without
 mpi4py a job whose ranks all run on one node (local world size = world size) meets at ``127.0.0.1``, and a job
 over several nodes is an error asking for ``MASTER_ADDR``. Under Slurm the address is the first host of
 ``SLURM_STEP_NODELIST`` / ``SLURM_JOB_NODELIST`` / ``SLURM_NODELIST`` (Slurm places rank 0 there unless the task
-distribution is ``arbitrary``; set ``MASTER_ADDR`` then). The port defaults to :data:`DEFAULT_MASTER_PORT`
-(29500, torch's own default): two jobs sharing a node need different ``MASTER_PORT`` values.
+distribution is ``arbitrary``; set ``MASTER_ADDR`` then), expanded by ``scontrol show hostnames``. The port
+defaults to :data:`DEFAULT_MASTER_PORT` (29500, torch's own default): two jobs sharing a node need different
+``MASTER_PORT`` values.
 
 Caveat: an ``sbatch`` script itself carries ``SLURM_PROCID=0`` and the job's ``SLURM_NTASKS``; start the training
 with ``srun`` inside it (one process per task), not directly, or rank 0 waits for ranks that never come.
@@ -33,9 +39,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
+import subprocess
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Mapping, MutableMapping, Optional
+from typing import Callable, Iterator, List, Mapping, MutableMapping, Optional, Tuple
 
 DEFAULT_MASTER_PORT = 29500
 LOOPBACK = "127.0.0.1"
@@ -46,6 +54,7 @@ OPENMPI_VARS = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD
 PMI_VARS = ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS")
 SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE",
               "SLURM_NODEID", "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+MPI_LAUNCHERS = {"openmpi": OPENMPI_VARS, "mpich": PMI_VARS}  # LaunchInfo.launcher -> its variables
 
 HOW_TO_LAUNCH = """\
 Launch one process per rank with one of:
@@ -88,22 +97,21 @@ class LaunchInfo:
         return self.local_world_size == self.world_size
 
 
-def _reader(env: Mapping[str, str]) -> Optional[Callable[[Mapping[str, str]], "LaunchInfo"]]:
-    """The reader of the launcher whose variables ``env`` holds (first in precedence order), or None."""
+def _launcher(env: Mapping[str, str]) -> Optional[str]:
+    """The launcher whose variables ``env`` holds (first in precedence order): ``"torch"`` (RANK/WORLD_SIZE, any
+    launcher), a key of :data:`MPI_LAUNCHERS`, ``"slurm"``, or None."""
     if "RANK" in env or "WORLD_SIZE" in env:
-        return _from_torch_env
+        return "torch"
     if "OMPI_COMM_WORLD_RANK" in env or "OMPI_COMM_WORLD_SIZE" in env:
-        return lambda e: _from_mpi(e, "openmpi", *OPENMPI_VARS)
+        return "openmpi"
     if "PMI_RANK" in env or "PMI_SIZE" in env:
-        return lambda e: _from_mpi(e, "mpich", *PMI_VARS)
-    if "SLURM_PROCID" in env:
-        return _from_slurm
-    return None
+        return "mpich"
+    return "slurm" if "SLURM_PROCID" in env else None
 
 
 def launcher_present(environ: Optional[Mapping[str, str]] = None) -> bool:
     """Whether any supported launcher's variables are in the environment (``os.environ`` by default)."""
-    return _reader(os.environ if environ is None else environ) is not None
+    return _launcher(os.environ if environ is None else environ) is not None
 
 
 def discover_launch(environ: Optional[Mapping[str, str]] = None) -> LaunchInfo:
@@ -116,13 +124,35 @@ def discover_launch(environ: Optional[Mapping[str, str]] = None) -> LaunchInfo:
             names the variable.
     """
     env = os.environ if environ is None else environ
-    reader = _reader(env)
-    if reader is None:
+    launcher = _launcher(env)
+    if launcher is None:
         raise RuntimeError(
             "no distributed launcher found in the environment: looked for torchrun/deepspeed's "
             f"{', '.join(TORCH_VARS)}; Open MPI's {', '.join(OPENMPI_VARS)}; MPICH / Intel MPI's "
             f"{', '.join(PMI_VARS)}; Slurm's {', '.join(SLURM_VARS)}.\n" + HOW_TO_LAUNCH)
-    return reader(env)
+    if launcher in MPI_LAUNCHERS:
+        return _from_mpi(env, launcher, *MPI_LAUNCHERS[launcher])
+    return _from_torch_env(env) if launcher == "torch" else _from_slurm(env)
+
+
+def mpi4py_matches_launch(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether an MPI launcher (Open MPI, MPICH, Intel MPI: the variables of :data:`MPI_LAUNCHERS`, and no
+    RANK/WORLD_SIZE, which take precedence) started this process and mpi4py's ``MPI.COMM_WORLD`` is that job
+    (same rank and world size as the launcher's variables): then mpi4py can tell the rest of the launch, as
+    DeepSpeed's ``init_distributed(auto_mpi_discovery=True)`` does. False for other launchers, when mpi4py is not
+    importable or its MPI library cannot load, and for an mpi4py built for another MPI (it starts every process
+    as a world of one). Initialises MPI (``MPI_Init``) once the launcher's variables are there.
+
+    Raises:
+        ValueError: the launcher's rank or world size is not an integer; the message names the variable."""
+    env = os.environ if environ is None else environ
+    launcher = _launcher(env)
+    if launcher not in MPI_LAUNCHERS:
+        return False
+    rank_var, size_var = MPI_LAUNCHERS[launcher][:2]
+    if rank_var not in env or size_var not in env:
+        return False  # incomplete: discover_launch reports it
+    return _mpi4py_world(_int(env, rank_var), _int(env, size_var)) is not None
 
 
 def export_torch_env(info: LaunchInfo, environ: Optional[MutableMapping[str, str]] = None) -> None:
@@ -162,7 +192,7 @@ def _from_torch_env(env: Mapping[str, str]) -> LaunchInfo:
         raise RuntimeError(f"MASTER_ADDR is not set for a {world_size}-rank launch (RANK={rank}): set it to the "
                            f"host name or address of rank 0's node, and MASTER_PORT (default "
                            f"{DEFAULT_MASTER_PORT})")
-    return LaunchInfo(rank, world_size, local_rank, local_world_size, addr, _port(env), launcher)
+    return LaunchInfo(rank, world_size, local_rank, local_world_size, addr, master_port(env), launcher)
 
 
 def _from_mpi(env: Mapping[str, str], launcher: str, rank_var: str, size_var: str, local_rank_var: str,
@@ -177,9 +207,14 @@ def _from_mpi(env: Mapping[str, str], launcher: str, rank_var: str, size_var: st
     elif world_size == 1:
         local_rank, local_world_size = 0, 1
     else:
-        raise ValueError(f"{launcher}: {local_rank_var} and {local_size_var} are not set (a {world_size}-rank job)")
+        local = mpi_local_rank(rank, world_size)
+        if local is None:
+            raise ValueError(f"{launcher}: {local_rank_var} and {local_size_var} are not set (a {world_size}-rank "
+                             f"job), and without mpi4py built for this MPI (pip install mpi4py) the ranks sharing "
+                             f"this node are unknown")
+        local_rank, local_world_size = local
     _check(rank, world_size, local_rank, local_world_size, (rank_var, size_var, local_rank_var, local_size_var))
-    port = _port(env)
+    port = master_port(env)
     if "MASTER_ADDR" in env:
         addr = _addr(env)
     else:
@@ -232,46 +267,78 @@ def _from_slurm(env: Mapping[str, str]) -> LaunchInfo:
         else:
             raise RuntimeError("slurm: no SLURM_JOB_NODELIST / SLURM_NODELIST to find rank 0's node in: set "
                                "MASTER_ADDR to its host")
-    return LaunchInfo(rank, world_size, local_rank, local_world_size, addr, _port(env), "slurm")
+    return LaunchInfo(rank, world_size, local_rank, local_world_size, addr, master_port(env), "slurm")
 
 
 # ---------------------------------------------------------------------------------------------------- MPI
 
-def _mpi4py_rank0_hostname(rank: int, world_size: int) -> Optional[str]:
-    """Rank 0's host name broadcast over ``MPI.COMM_WORLD`` (a collective: every rank calls it); ``None`` when
-    mpi4py is not importable, its MPI library cannot load, or its ``COMM_WORLD`` is not this job (an mpi4py built
-    for another MPI starts as a singleton)."""
+def _mpi4py_world(rank: int, world_size: int):
+    """mpi4py's ``MPI.COMM_WORLD`` when it is the launcher's job (its rank and size are ``rank`` and
+    ``world_size``); None when mpi4py is not importable, its MPI library cannot load, or its ``COMM_WORLD`` is
+    another (an mpi4py built for another MPI starts as a singleton)."""
     try:
         from mpi4py import MPI
     except (ImportError, RuntimeError, OSError):
         return None
-    import socket
-
     comm = MPI.COMM_WORLD
-    if comm.Get_size() != world_size or comm.Get_rank() != rank:
+    return comm if (comm.Get_rank(), comm.Get_size()) == (rank, world_size) else None
+
+
+def _mpi4py_rank0_hostname(rank: int, world_size: int) -> Optional[str]:
+    """Rank 0's host name broadcast over ``MPI.COMM_WORLD`` (a collective: every rank calls it); None where
+    :func:`_mpi4py_world` finds no usable mpi4py."""
+    comm = _mpi4py_world(rank, world_size)
+    return None if comm is None else comm.bcast(socket.gethostname() if rank == 0 else None, root=0)
+
+
+def _mpi4py_local_rank(rank: int, world_size: int) -> Optional[Tuple[int, int]]:
+    """(local rank, local world size): this process's rank and size among the ranks sharing its node, MPI's
+    ``COMM_WORLD.Split_type(COMM_TYPE_SHARED)`` (a collective: every rank calls it); None where
+    :func:`_mpi4py_world` finds no usable mpi4py."""
+    comm = _mpi4py_world(rank, world_size)
+    if comm is None:
         return None
-    return comm.bcast(socket.gethostname() if rank == 0 else None, root=0)
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.Get_rank(), node.Get_size()
+    finally:
+        node.Free()
 
 
 # replaced in unit tests; ``(rank, world_size) -> rank 0's host or None``
 mpi_rank0_hostname: Callable[[int, int], Optional[str]] = _mpi4py_rank0_hostname
+# replaced in unit tests; ``(rank, world_size) -> (local rank, local world size) or None``
+mpi_local_rank: Callable[[int, int], Optional[Tuple[int, int]]] = _mpi4py_local_rank
 
 
 # ---------------------------------------------------------------------------------------------------- Slurm syntax
 
 def expand_slurm_nodelist(nodelist: str) -> Iterator[str]:
     """The host names of a Slurm node list in order, e.g. ``"node[01-03,07],gpu5"`` → node01, node02, node03,
-    node07, gpu5 (zero padding kept; several bracket groups in one name, ``"r[1-2]-n[1-2]"``, expand as a
-    product with the last group varying fastest). A generator: the first host of a huge list is cheap.
+    node07, gpu5. Where ``scontrol`` is on PATH (a Slurm installation) these are Slurm's own expansion,
+    ``scontrol show hostnames <list>``; where it is not (no Slurm here, e.g. CPU CI, or a container without Slurm's
+    tools) :func:`_parse_slurm_nodelist`, a fallback parser of the same syntax, reads the list.
 
     Raises:
-        ValueError: unbalanced brackets, an empty name, or a malformed range."""
-    for expr in _split_top_level(nodelist.strip(), nodelist):
-        yield from _expand_host(expr, nodelist)
+        ValueError: ``scontrol`` rejects the list (its message), or the fallback parser cannot read it."""
+    scontrol = shutil.which("scontrol")
+    if scontrol is None or not nodelist.strip():  # an empty argument would make scontrol read SLURM_JOB_NODELIST
+        yield from _parse_slurm_nodelist(nodelist)
+        return
+    proc = subprocess.run([scontrol, "show", "hostnames", nodelist.strip()], capture_output=True, text=True,
+                          timeout=60)
+    if proc.returncode != 0:
+        raise ValueError(f"`scontrol show hostnames` cannot read it: {(proc.stderr or proc.stdout).strip()}")
+    yield from proc.stdout.split()
 
 
 def first_slurm_host(nodelist: str, name: str = "SLURM_JOB_NODELIST") -> str:
-    """The first host of a Slurm node list (where Slurm's block distribution puts task 0)."""
+    """The first host of a Slurm node list (where Slurm's block distribution puts task 0).
+
+    Raises:
+        ValueError: the list is empty or cannot be read; the message names ``name`` and the list."""
     try:
         return next(expand_slurm_nodelist(nodelist))
     except StopIteration:
@@ -291,47 +358,41 @@ def parse_slurm_tasks_per_node(value: str) -> List[int]:
     return counts
 
 
-def _split_top_level(text: str, whole: str) -> List[str]:
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch == "[":
-            depth += 1
-            if depth > 1:
-                raise ValueError(f"nested '[' in node list {whole!r}")
-        elif ch == "]":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"unbalanced ']' in node list {whole!r}")
-        elif ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    if depth:
-        raise ValueError(f"unbalanced '[' in node list {whole!r}")
-    parts.append(text[start:])
-    parts = [p.strip() for p in parts]
-    if any(not p for p in parts):
-        raise ValueError(f"empty host name in node list {whole!r}")
-    return parts
+_NODE_EXPR = r"(?:[^,\[\]]|\[[^\[\]]*\])+"  # a host expression: text and [ranges] groups, no comma outside them
 
 
-def _expand_host(expr: str, whole: str) -> Iterator[str]:
-    m = re.search(r"\[([^\]]*)\]", expr)
-    if m is None:
-        yield expr
+def _parse_slurm_nodelist(nodelist: str) -> Iterator[str]:
+    """The fallback where ``scontrol`` is absent: Slurm's node-list syntax read here. Host expressions separated by
+    commas, each text and bracket groups of comma-separated numbers or ranges, zero padding kept (``n[098-101]``
+    → n098 ... n101); several groups in one name (``"r[1-2]-n[1-2]"``) expand as a product with the last group
+    varying fastest. Lazy: the first host of a huge list is cheap.
+
+    Raises:
+        ValueError: unbalanced or nested brackets, an empty name, or a malformed or descending range."""
+    text = nodelist.strip()
+    exprs = [e.strip() for e in re.findall(_NODE_EXPR, text)]
+    if not re.fullmatch(rf"{_NODE_EXPR}(?:,{_NODE_EXPR})*", text) or not all(exprs):
+        raise ValueError(f"node list {nodelist!r} is not host names and [ranges] separated by commas (an empty "
+                         f"name, or unbalanced or nested brackets)")
+    for expr in exprs:
+        yield from _expand_host(re.split(r"\[([^\]]*)\]", expr), nodelist)
+
+
+def _expand_host(pieces: List[str], whole: str) -> Iterator[str]:
+    """Names of ``pieces`` = [text, group, text, group, ..., text] (a host expression split at its brackets)."""
+    if len(pieces) == 1:
+        yield pieces[0]
         return
-    prefix, rest = expr[:m.start()], expr[m.end():]
-    for item in m.group(1).split(","):
-        item = item.strip()
-        r = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+    for item in pieces[1].split(","):
+        r = re.fullmatch(r"\s*(\d+)(?:-(\d+))?\s*", item)
         if r is None:
-            raise ValueError(f"cannot read range {item!r} in node list {whole!r}")
-        lo, hi = r.group(1), r.group(2) if r.group(2) is not None else r.group(1)
+            raise ValueError(f"cannot read range {item.strip()!r} in node list {whole!r}")
+        lo, hi = r.group(1), r.group(2) or r.group(1)
         if int(hi) < int(lo):
-            raise ValueError(f"descending range {item!r} in node list {whole!r}")
-        width = len(lo)
+            raise ValueError(f"descending range {item.strip()!r} in node list {whole!r}")
         for n in range(int(lo), int(hi) + 1):
-            for tail in _expand_host(rest, whole):
-                yield f"{prefix}{n:0{width}d}{tail}"
+            for tail in _expand_host(pieces[2:], whole):
+                yield f"{pieces[0]}{n:0{len(lo)}d}{tail}"
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -365,7 +426,12 @@ def _addr(env: Mapping[str, str]) -> str:
     return addr
 
 
-def _port(env: Mapping[str, str]) -> int:
+def master_port(environ: Optional[Mapping[str, str]] = None) -> int:
+    """``MASTER_PORT`` of ``environ`` (``os.environ`` by default), :data:`DEFAULT_MASTER_PORT` when unset.
+
+    Raises:
+        ValueError: it is not an integer in [1, 65535]; the message names it."""
+    env = os.environ if environ is None else environ
     if "MASTER_PORT" not in env:
         return DEFAULT_MASTER_PORT
     port = _int(env, "MASTER_PORT")

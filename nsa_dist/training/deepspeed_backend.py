@@ -27,7 +27,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..deepspeed import ContextDataParallelGroups, fill_deepspeed_config, load_deepspeed_json, require_deepspeed
-from ..launch import discover_launch, export_torch_env, free_port, launcher_present
+from ..launch import (discover_launch, export_torch_env, free_port, launcher_present, master_port,
+                      mpi4py_matches_launch)
 from ..models import GPT
 from ..selection_warmup import set_full_selection
 from ..validation import ensure_writable_dir
@@ -163,27 +164,30 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
 def _init_distributed(deepspeed) -> torch.device:
     """torch.distributed from the launcher's environment (NCCL on GPUs, gloo on the CPU); this rank's device.
 
-    The launcher (torchrun, deepspeed, mpirun of Open MPI / MPICH / Intel MPI, srun) is found by
-    :func:`nsa_dist.launch.discover_launch` and written back as torch's ``env://`` variables; the local rank picks
-    the GPU. Started by no launcher at all (``python -m nsa_dist.train ...``), it runs as a single process and
-    says so."""
+    ``deepspeed.init_distributed(auto_mpi_discovery=True)`` discovers an ``mpirun`` launch itself: with mpi4py it
+    sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (ranks on the same host) and ``MASTER_ADDR`` (rank 0's first
+    ``hostname -I`` address), and ``MASTER_PORT`` from ``distributed_port`` (``MASTER_PORT`` or 29500 here). It is
+    left to do so when an MPI launcher started this process without ``MASTER_ADDR`` (DeepSpeed would replace a
+    given one) and mpi4py's ``COMM_WORLD`` is that job (:func:`nsa_dist.launch.mpi4py_matches_launch`; DeepSpeed
+    does not check, and an mpi4py built for another MPI would make every rank a world of one). Every other launch
+    (torchrun, deepspeed, Slurm's srun, MPI with ``MASTER_ADDR`` or without mpi4py) is read by
+    :func:`nsa_dist.launch.discover_launch` and written back as torch's ``env://`` variables, which leaves
+    DeepSpeed nothing to discover. The local rank picks the GPU. Started by no launcher at all
+    (``python -m nsa_dist.train ...``), it runs as a single process and says so."""
     cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not dist.is_initialized():
         if not launcher_present():
             print("nsa-dist: no distributed launcher (torchrun, deepspeed, mpirun, srun) started this process: "
                   "training as a single process", flush=True)
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(free_port()))
-        info = discover_launch()
-        export_torch_env(info)
-        local_rank = info.local_rank
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+        if "MASTER_ADDR" in os.environ or not mpi4py_matches_launch():
+            export_torch_env(discover_launch())
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=True,
+                                   distributed_port=master_port())
     if not cuda:
         return torch.device("cpu")
-    device = torch.device("cuda", local_rank)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.set_device(device)
     return device
 

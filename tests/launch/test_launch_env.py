@@ -15,7 +15,8 @@ from nsa_dist.launch import env as launch_env
 
 @pytest.fixture(autouse=True)
 def no_mpi4py(monkeypatch):
-    """MPI discovery without mpi4py unless a test installs its own broadcast (never a real MPI_Init here)."""
+    """MPI discovery without mpi4py unless a test installs its own broadcast or local-rank query (never a real
+    MPI_Init here)."""
     calls = []
 
     def unavailable(rank, world_size):
@@ -23,7 +24,26 @@ def no_mpi4py(monkeypatch):
         return None
 
     monkeypatch.setattr(launch_env, "mpi_rank0_hostname", unavailable)
+    monkeypatch.setattr(launch_env, "mpi_local_rank", lambda rank, world_size: None)
     return calls
+
+
+@pytest.fixture(autouse=True)
+def no_scontrol(monkeypatch):
+    """Node lists read by the fallback parser, also on a machine with Slurm, unless a test puts its own scontrol on
+    PATH."""
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    monkeypatch.setenv("PATH", os.pathsep.join(d for d in path if not os.path.exists(os.path.join(d, "scontrol"))))
+
+
+def fake_scontrol(directory, monkeypatch, body: str):
+    """An executable ``scontrol`` first on PATH that appends its arguments to ``directory/calls`` and runs
+    ``body`` (shell); returns the calls file."""
+    script = directory / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{directory / "calls"}"\n{body}\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{directory}{os.pathsep}{os.environ['PATH']}")
+    return directory / "calls"
 
 
 # ------------------------------------------------------------------------------------------------ torchrun / deepspeed
@@ -107,6 +127,43 @@ def test_mpi_multi_node_without_mpi4py_asks_for_master_addr(env):
     with pytest.raises(RuntimeError, match="MASTER_ADDR") as e:
         discover_launch(env)
     assert "mpi4py" in str(e.value)
+
+
+@pytest.mark.parametrize("env,launcher", [(OMPI, "openmpi"), (PMI, "mpich")])
+def test_mpi_local_rank_from_mpi4py_when_the_launcher_sets_none(env, launcher, monkeypatch):
+    # srun --mpi=pmi2, mpirun_rsh: no local rank variables; mpi4py's node communicator (Split_type) gives them
+    calls = []
+
+    def split_type(rank, world_size):
+        calls.append((rank, world_size))
+        return 3, 4
+
+    monkeypatch.setattr(launch_env, "mpi_local_rank", split_type)
+    no_local = {k: v for k, v in env.items() if not k.endswith(("LOCAL_RANK", "LOCAL_SIZE", "LOCALRANKID",
+                                                                   "LOCALNRANKS"))}
+    assert discover_launch({**no_local, "MASTER_ADDR": "head"}) == LaunchInfo(5, 8, 3, 4, "head",
+                                                                             DEFAULT_MASTER_PORT, launcher)
+    assert calls == [(5, 8)]
+    discover_launch({**env, "MASTER_ADDR": "head"})  # the launcher's own variables: no communication
+    assert calls == [(5, 8)]
+
+
+def test_mpi_without_local_rank_variables_or_mpi4py_names_both():
+    with pytest.raises(ValueError, match="OMPI_COMM_WORLD_LOCAL_RANK and OMPI_COMM_WORLD_LOCAL_SIZE.*mpi4py"):
+        discover_launch({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "MASTER_ADDR": "head"})
+
+
+def test_mpi4py_matches_launch_only_for_its_own_world():
+    # in a subprocess, so that no MPI_Init happens in the test process; outside mpirun mpi4py's world is one rank
+    pytest.importorskip("mpi4py")
+    code = ("from nsa_dist.launch import mpi4py_matches_launch as m; print(m({'OMPI_COMM_WORLD_RANK': '0', "
+            "'OMPI_COMM_WORLD_SIZE': '1'}), m({'PMI_RANK': '1', 'PMI_SIZE': '2'}), m({'RANK': '0', 'WORLD_SIZE': "
+            "'1', 'OMPI_COMM_WORLD_RANK': '0', 'OMPI_COMM_WORLD_SIZE': '1'}), m({'OMPI_COMM_WORLD_SIZE': '1'}), "
+            "m({'SLURM_PROCID': '0', 'SLURM_NTASKS': '1'}))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "PMIX_", "SLURM_"))}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "True False False False False"
 
 
 def test_openmpi_precedes_pmi_and_slurm():
@@ -195,6 +252,19 @@ def test_slurm_nodelist_errors(nodelist):
 
 def test_slurm_bad_nodelist_in_env_names_the_variable():
     with pytest.raises(ValueError, match="SLURM_JOB_NODELIST='gpu\\[1-'"):
+        discover_launch({**SLURM, "SLURM_JOB_NODELIST": "gpu[1-"})
+
+
+def test_slurm_nodelist_from_scontrol_when_on_path(tmp_path, monkeypatch):
+    calls = fake_scontrol(tmp_path, monkeypatch, "printf 'fake-a\\nfake-b\\n'")
+    assert list(expand_slurm_nodelist(" gpu[003-004] ")) == ["fake-a", "fake-b"]
+    assert discover_launch(SLURM).master_addr == "fake-a"
+    assert calls.read_text().splitlines() == ["show hostnames gpu[003-004]"] * 2
+
+
+def test_slurm_nodelist_rejected_by_scontrol_names_the_variable(tmp_path, monkeypatch):
+    fake_scontrol(tmp_path, monkeypatch, "echo 'scontrol: error: Invalid hostlist: gpu[1-' >&2; exit 1")
+    with pytest.raises(ValueError, match="SLURM_JOB_NODELIST='gpu\\[1-'.*Invalid hostlist"):
         discover_launch({**SLURM, "SLURM_JOB_NODELIST": "gpu[1-"})
 
 
@@ -287,6 +357,13 @@ def test_export_torch_env_defaults_to_os_environ(monkeypatch):
 def test_defaults_to_os_environ(monkeypatch):
     monkeypatch.setattr(launch_env.os, "environ", {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1"})
     assert discover_launch() == LaunchInfo(0, 1, 0, 1, "127.0.0.1", DEFAULT_MASTER_PORT, "openmpi")
+
+
+def test_master_port():
+    assert launch_env.master_port({}) == DEFAULT_MASTER_PORT
+    assert launch_env.master_port({"MASTER_PORT": " 1234 "}) == 1234
+    with pytest.raises(ValueError, match="MASTER_PORT=0"):
+        launch_env.master_port({"MASTER_PORT": "0"})
 
 
 def test_launch_info_is_frozen():
