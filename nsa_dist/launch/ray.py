@@ -12,7 +12,9 @@ logged step's metrics go to Ray (``ray.train.report``); every DeepSpeed checkpoi
 last step) is reported as a Ray Train checkpoint named ``step<N>`` under ``<storage-path>/<run-name>/``, uploaded
 once per node (the node's part of the DeepSpeed files). When a worker fails, Ray Train restarts the group up to
 ``--max-failures`` times and the job resumes from the last reported checkpoint through DeepSpeed's own loader,
-replaying the data an uninterrupted run sees (per-step batch generators).
+replaying the data an uninterrupted run sees (per-step batch generators). Ray keeps the newest
+``train.keep_checkpoints`` checkpoints (default 2; ``--keep-checkpoints`` overrides it) and deletes older ones from
+the storage path.
 
 Safety: Ray's dashboard and job API run code for anyone who reaches them (authentication is off unless token auth is
 turned on); start the head with ``--dashboard-host 127.0.0.1`` (or a private interface), turn on token auth
@@ -97,7 +99,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--max-failures", type=int, default=0,
                         help="restarts of the worker group after a worker fails (each resumes from the last "
                         "checkpoint); -1: unlimited")
+    parser.add_argument("--keep-checkpoints", type=_keep_count, metavar="N|all", default=argparse.SUPPRESS,
+                        help="newest Ray checkpoints kept in the storage path, older ones deleted; 'all' keeps "
+                        "every one (overrides train.keep_checkpoints, default 2)")
     return parser.parse_args(argv)
+
+
+def _keep_count(text: str) -> Optional[int]:
+    """``--keep-checkpoints``: ``all`` (None: keep every checkpoint) or a whole number, checked by the config."""
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number or 'all', got {text!r}") from None
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
@@ -105,7 +120,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
     Raises:
         ValueError: ``--backend megatron``, no DeepSpeed JSON, a non-positive worker count or negative GPUs/CPUs,
-            or ``train.cp`` not dividing ``--num-workers``.
+            ``train.cp`` not dividing ``--num-workers``, or a ``--keep-checkpoints`` below 1.
         FileNotFoundError: the YAML or the DeepSpeed JSON does not exist."""
     if args.backend == "megatron":
         raise ValueError("--backend megatron is not supported under Ray: launch the Megatron example with torchrun "
@@ -118,6 +133,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     raw = TrainConfig.load(args.config).to_dict()
     if args.deepspeed_config:
         raw["train"]["deepspeed_config"] = args.deepspeed_config
+    if "keep_checkpoints" in vars(args):
+        raw["train"]["keep_checkpoints"] = args.keep_checkpoints
     config = TrainConfig.from_dict(raw)
     if not config.train.deepspeed_config:
         raise ValueError(f"{args.config} names no DeepSpeed JSON (train.deepspeed_config): pass --deepspeed_config "
@@ -131,7 +148,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def make_trainer(args: argparse.Namespace, config: TrainConfig) -> TorchTrainer:
-    """The TorchTrainer of the job: scaling, process group backend, storage, failure handling."""
+    """The TorchTrainer of the job: scaling, process group backend, storage, checkpoint retention
+    (``train.keep_checkpoints``), failure handling."""
     gpus = args.gpus_per_worker
     resources = {"CPU": args.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     storage = args.storage_path
@@ -142,8 +160,10 @@ def make_trainer(args: argparse.Namespace, config: TrainConfig) -> TorchTrainer:
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=args.num_workers, use_gpu=bool(gpus),
                                                resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=args.run_name, storage_path=storage,
-                                       failure_config=ray.train.FailureConfig(max_failures=args.max_failures)))
+        run_config=ray.train.RunConfig(
+            name=args.run_name, storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=args.max_failures)))
 
 
 def main(argv: Optional[List[str]] = None) -> ray.train.Result:

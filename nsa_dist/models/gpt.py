@@ -124,10 +124,12 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, tokens: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                position_ids: Optional[torch.Tensor] = None, return_hidden: bool = False) -> torch.Tensor:
         """``tokens`` int ``[B, T]`` of ids in ``[0, vocab_size)`` (packed documents: ``B = 1`` with
-        ``cu_seqlens``) -> logits ``[B, T, vocab]``. A token id out of range is a ValueError (checked with one
-        min/max reduction, before the embedding, where it would be an opaque index error or a CUDA assert)."""
+        ``cu_seqlens``) -> logits ``[B, T, vocab]``, or with ``return_hidden`` the LM head's input ``[B, T, H]``
+        (the final norm's output, for a loss that applies ``lm_head`` itself). A token id out of range is a
+        ValueError (checked with one min/max reduction, before the embedding, where it would be an opaque index
+        error or a CUDA assert)."""
         check_token_ids(tokens, self.config.vocab_size)
         x = self.embed(tokens)
         for block in self.blocks:
@@ -135,7 +137,8 @@ class GPT(nn.Module):
                 x = self.checkpoint_blocks(functools.partial(block, cu_seqlens=cu_seqlens, position_ids=position_ids), x)
             else:
                 x = block(x, cu_seqlens, position_ids)
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -100,6 +100,12 @@ class OptimConfig:
     ``precision``: ``fp32`` or ``bf16`` (autocast of the forward, float32 weights and optimizer state; the plain
     backend; DeepSpeed takes its precision from the JSON's ``bf16`` section). ``eval_every``: also evaluate the
     held-out batches every that many steps (recorded in ``metrics["evals"]``; plain backend).
+    ``keep_checkpoints``: the Ray launch (:mod:`nsa_dist.launch.ray`) keeps that many newest checkpoints in its
+    storage and deletes older ones (Ray Train's ``CheckpointConfig(num_to_keep=...)``; null keeps all); the
+    DeepSpeed files under ``<out_dir>/checkpoints`` are not pruned.
+    ``loss_chunk_tokens``: when a rank's micro-batch holds more tokens than this, the LM head and cross-entropy
+    run that many tokens at a time, never holding all ``[tokens, vocab]`` logits (:func:`.loss.chunked_head_loss`;
+    0 turns it off).
     """
     steps: int = 300
     batch_size: int = 8
@@ -119,6 +125,8 @@ class OptimConfig:
     deepspeed_config: Optional[str] = None
     precision: str = "fp32"
     eval_every: Optional[int] = None
+    keep_checkpoints: Optional[int] = 2
+    loss_chunk_tokens: int = 4096
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_batches", "log_every", "cp", "grad_accum"):
@@ -126,10 +134,11 @@ class OptimConfig:
         check_real("train.lr", self.lr, 0, low_open=True)
         check_real("train.min_lr_ratio", self.min_lr_ratio, 0, 1, note="the final lr as a fraction of train.lr")
         check_non_negative_int("train.warmup_steps", self.warmup_steps)
+        check_non_negative_int("train.loss_chunk_tokens", self.loss_chunk_tokens)
         check_real("train.weight_decay", self.weight_decay, 0)
         check_real("train.grad_clip", self.grad_clip, 0, note="the largest gradient norm; 0 turns clipping off")
         self._check_betas()
-        for name in ("threads", "save_every", "eval_every"):
+        for name in ("threads", "save_every", "eval_every", "keep_checkpoints"):
             check_optional_positive_int(f"train.{name}", getattr(self, name))
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r} is not one of {PRECISIONS}")

@@ -95,7 +95,7 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
     eval_dataset = make_dataset(config, "valid")
     eval_batches = [eval_dataset.sample(micro_batch, config.data.seq_len, eval_gen) for _ in range(t.eval_batches)]
     start_step = _resume(engine, resume, resume_tag) if resume else 0
-    initial = _dp_mean(evaluate(engine, eval_batches, device, cp), groups)
+    initial = _dp_mean(evaluate(engine, eval_batches, device, cp, loss_chunk_tokens=t.loss_chunk_tokens), groups)
     log_path = out / "train_log.jsonl"
     if groups.rank == 0 and start_step == 0 and log_path.exists():
         log_path.unlink()
@@ -114,7 +114,7 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
         for micro in range(t.grad_accum):
             batch = dataset.sample(micro_batch, config.data.seq_len,
                                    batch_generator(config.seed, step, micro, groups.dp_rank))
-            loss, _, value = batch_loss(engine, batch, device, cp)
+            loss, _, value = batch_loss(engine, batch, device, cp, loss_chunk_tokens=t.loss_chunk_tokens)
             engine.backward(loss)
             engine.step()
             values.append(value)
@@ -144,7 +144,7 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
         if callback is not None and (record or saved):
             callback(step + 1, record, saved)
     train_time = time.perf_counter() - start
-    final = _dp_mean(evaluate(engine, eval_batches, device, cp), groups)
+    final = _dp_mean(evaluate(engine, eval_batches, device, cp, loss_chunk_tokens=t.loss_chunk_tokens), groups)
     if save_final:
         saved = _save(engine, out, t.steps)
         if callback is not None:

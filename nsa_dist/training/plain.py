@@ -78,7 +78,7 @@ def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: Context
     torch.manual_seed(config.seed)
     dataset = make_dataset(config)
     model = GPT(config.gpt_config(dataset.vocab_size)).to(dev)
-    precision = config.train.precision
+    precision, chunk = config.train.precision, config.train.loss_chunk_tokens
     if cp.group is not None:
         use_context_parallel(model, cp.group)
     if config.train.activation_checkpointing:
@@ -90,7 +90,7 @@ def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: Context
     eval_dataset = make_dataset(config, "valid")
     eval_batches = [eval_dataset.sample(batch_size, seq_len, eval_gen) for _ in range(config.train.eval_batches)]
 
-    initial = evaluate_with_diagnostics(model, eval_batches, dev, cp, precision)
+    initial = evaluate_with_diagnostics(model, eval_batches, dev, cp, precision, chunk)
     history, evals, step_times = [], [{"step": 0, **initial}], []
     tokens_seen = 0
     bar = tqdm(range(config.train.steps), desc=f"train {model.config.attention}", disable=not progress,
@@ -107,7 +107,7 @@ def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: Context
             batch = dataset.sample(batch_size, seq_len, train_gen)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        loss, acc, (loss_value, acc_value) = batch_loss(model, batch, dev, cp, precision)
+        loss, acc, (loss_value, acc_value) = batch_loss(model, batch, dev, cp, precision, chunk)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         cp.sum_gradients(model.parameters())
@@ -132,9 +132,10 @@ def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: Context
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}",
                             tok_s=f"{record['tokens_per_s']:.0f}")
         if config.train.eval_every and (step + 1) % config.train.eval_every == 0 and step + 1 < config.train.steps:
-            evals.append({"step": step + 1, **evaluate_with_diagnostics(model, eval_batches, dev, cp, precision)})
+            evals.append({"step": step + 1,
+                          **evaluate_with_diagnostics(model, eval_batches, dev, cp, precision, chunk)})
     train_time = sum(step_times)
-    final = evaluate_with_diagnostics(model, eval_batches, dev, cp, precision)
+    final = evaluate_with_diagnostics(model, eval_batches, dev, cp, precision, chunk)
     evals.append({"step": config.train.steps, **final})
     metrics = {"attention": model.config.attention, "parameters": model.num_parameters(),
                "device": str(dev), "cp": cp.world_size, "steps": config.train.steps, "tokens": tokens_seen,

@@ -1,7 +1,8 @@
 """The Ray launch path: ``ray job submit -- python -m nsa_dist.launch.ray --num-workers 2 --gpus-per-worker 0`` on a
 Ray head the test starts on loopback (2 CPUs) runs the tiny CP = 2 DeepSpeed job on two Ray Train workers with the
 same losses as one process at CP = 1; when a worker is killed mid-run, Ray Train restarts the group from the last
-reported checkpoint and the job ends exactly where an uninterrupted run does.
+reported checkpoint and the job ends exactly where an uninterrupted run does. Ray keeps the newest
+``train.keep_checkpoints`` checkpoints (the default 2 in the killed run, all with ``null`` in the uninterrupted one).
 
 Only the YAML and the DeepSpeed JSON are uploaded (``--working-dir`` of a folder holding just them); nsa-dist comes
 from this Python's environment. ``ray stop`` at the end stops every Ray process of this user on the machine."""
@@ -49,14 +50,15 @@ def clean_env(token: Optional[Path] = None) -> dict:
     return env
 
 
-def job_dir(tmp: Path, cp: int) -> Path:
+def job_dir(tmp: Path, cp: int, **train) -> Path:
     """A folder with only ``job.yaml`` and ``job.json`` (a float32 ZeRO-2 copy, named relative to the folder);
-    the job writes to ``tmp/out`` (metrics.json, DeepSpeed checkpoints), outside the uploaded folder."""
+    the job writes to ``tmp/out`` (metrics.json, DeepSpeed checkpoints), outside the uploaded folder. ``train``:
+    further ``train`` settings of the YAML."""
     folder = tmp / "job"
     folder.mkdir()
     config = write_job(folder, "job", "zero2.json", cp=cp, steps=STEPS, save_every=SAVE_EVERY)
     raw = yaml.safe_load(config.read_text())
-    raw["train"]["deepspeed_config"] = "job.json"
+    raw["train"].update(deepspeed_config="job.json", **train)
     raw["out_dir"] = str(tmp / "out")
     config.write_text(yaml.safe_dump(raw))
     return folder
@@ -119,9 +121,9 @@ def finish(head: Head, proc: subprocess.Popen, run_name: str, out_dir: Path) -> 
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_head, tmp_path_factory):
-    """The tiny CP = 2 job on 2 Ray workers, run to the end: ``(metrics, its folder)``."""
+    """The tiny CP = 2 job on 2 Ray workers, run to the end, keeping every checkpoint: its metrics."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    folder = job_dir(tmp, cp=2)
+    folder = job_dir(tmp, cp=2, keep_checkpoints=None)
     metrics = finish(ray_head, submit(ray_head, folder, tmp / "storage", "full"), "full", tmp / "out")
     checkpoints = sorted(p.name for p in (tmp / "storage" / "full").glob("step*"))
     assert checkpoints == ["step3", "step6", f"step{STEPS}"], checkpoints  # every DeepSpeed save reached Ray
@@ -189,6 +191,9 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_head, uninterrupted, tmp
     assert [h["step"] for h in resumed["history"]] == list(range(start + 1, STEPS + 1))
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in uninterrupted["history"][start:]]
     assert resumed["final_eval"] == uninterrupted["final_eval"]
+    # train.keep_checkpoints (default 2): Ray deleted the older checkpoints from the storage path
+    checkpoints = sorted(p.name for p in (tmp_path / "storage" / "fault").glob("step*"))
+    assert checkpoints == [f"step{2 * SAVE_EVERY}", f"step{STEPS}"], checkpoints
 
 
 def test_import_without_ray_names_the_extra():
@@ -201,7 +206,9 @@ def test_import_without_ray_names_the_extra():
 @needs_ray
 @pytest.mark.parametrize("extra,message", [(["--backend", "megatron"], "--backend megatron is not supported"),
                                            (["--num-workers", "3"], "train.cp=2 does not divide --num-workers 3"),
-                                           (["--num-workers", "0"], "--num-workers 0 must be at least 1")])
+                                           (["--num-workers", "0"], "--num-workers 0 must be at least 1"),
+                                           (["--keep-checkpoints", "0"],
+                                            "train.keep_checkpoints must be a positive int or null, got 0")])
 def test_bad_arguments_are_refused_before_ray_starts(tmp_path, extra, message):
     from nsa_dist.launch.ray import build_config, parse_args
 
@@ -210,3 +217,28 @@ def test_bad_arguments_are_refused_before_ray_starts(tmp_path, extra, message):
                        "--deepspeed_config", str(folder / "job.json"), *extra])
     with pytest.raises(ValueError, match=re.escape(message)):
         build_config(args)
+
+
+@needs_ray
+@pytest.mark.parametrize("yaml_value,extra,expected", [("unset", [], 2), (5, [], 5), (None, [], None),
+                                                       (5, ["--keep-checkpoints", "3"], 3),
+                                                       (5, ["--keep-checkpoints", "all"], None)])
+def test_keep_checkpoints_reaches_ray_checkpoint_config(tmp_path, yaml_value, extra, expected):
+    """``train.keep_checkpoints`` (default 2), overridden by ``--keep-checkpoints N|all``, is the job's
+    ``CheckpointConfig.num_to_keep`` (None: Ray keeps every checkpoint)."""
+    from nsa_dist.launch.ray import build_config, make_trainer, parse_args
+
+    folder = job_dir(tmp_path, cp=2, **({} if yaml_value == "unset" else {"keep_checkpoints": yaml_value}))
+    args = parse_args(["--config", str(folder / "job.yaml"), "--num-workers", "2", "--gpus-per-worker", "0",
+                       "--deepspeed_config", str(folder / "job.json"), *extra])
+    trainer = make_trainer(args, build_config(args))
+    assert trainer.run_config.checkpoint_config.num_to_keep == expected
+
+
+@needs_ray
+def test_keep_checkpoints_must_be_a_count_or_all(capsys):
+    from nsa_dist.launch.ray import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--config", "job.yaml", "--num-workers", "2", "--keep-checkpoints", "two"])
+    assert "expected a positive whole number or 'all', got 'two'" in capsys.readouterr().err

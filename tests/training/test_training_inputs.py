@@ -40,6 +40,9 @@ def _tiny_raw():
     ("lr", math.inf, "train.lr must be finite (> 0), got inf"),
     ("lr", 0, "train.lr must be > 0, got 0"),
     ("threads", 0, "train.threads must be a positive int or null, got 0"),
+    ("keep_checkpoints", 0, "train.keep_checkpoints must be a positive int or null, got 0"),
+    ("loss_chunk_tokens", -1, "train.loss_chunk_tokens must be a non-negative int, got -1"),
+    ("loss_chunk_tokens", 1.5, "train.loss_chunk_tokens must be a non-negative int, got 1.5"),
     ("activation_checkpointing", "yes", "train.activation_checkpointing must be true or false, got 'yes'"),
 ])
 def test_optimizer_settings_rejected(key, value, message):
