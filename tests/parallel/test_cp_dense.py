@@ -160,8 +160,9 @@ def single_rank_module(case, seed):
 
 def gpt_loss(case: Case, seed: int, cp: ContextParallelGroup):
     """Loss (summed over the group) and parameter gradients (all-reduced) of a 2-layer dense GPT made
-    context-parallel by the training job's ``use_context_parallel``. The cross-entropy is taken in float64 here
-    (the job's ``loss_and_accuracy`` rounds logits to float32, too coarse for the 1e-10 check)."""
+    context-parallel by the training job's ``use_context_parallel``. The cross-entropy is taken here, in float64,
+    because the model runs on packed documents (``cu_seqlens``), which the job's ``loss_and_accuracy`` does not
+    pass."""
     torch.manual_seed(seed % (2 ** 31))
     model = GPT(GPTConfig(vocab_size=11, hidden_size=HIDDEN, num_layers=2, num_heads=HQ,
                           num_kv_heads=case.kv_heads, attention="dense", nsa={"cp_layout": case.kind})).to(DTYPE)
