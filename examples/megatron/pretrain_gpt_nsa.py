@@ -35,10 +35,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
-from nsa_dist.megatron import NSATransformerConfig, get_batch_on_this_cp_rank, get_gpt_decoder_block_nsa_spec
+from nsa_dist.megatron import (NSATransformerConfig, add_nsa_arguments, get_batch_on_this_cp_rank,
+                               get_gpt_decoder_block_nsa_spec, nsa_fields_from_args)
 from nsa_dist.selection_warmup import set_full_selection
 
-NSA_FIELDS = [name for name in NSATransformerConfig.__dataclass_fields__ if name.startswith("nsa_")]
 # the distributed optimizer's checkpoint format (Megatron-LM's default): one shard per data-parallel rank
 OPTIMIZER_CKPT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
@@ -75,7 +75,8 @@ def parse_args(argv=None):
     a("--use-distributed-optimizer", action="store_true")
     a("--recompute-activations", action="store_true", help="full recompute of every layer (long sequences)")
     a("--data-path", nargs="+", default=None,
-      help="Megatron indexed dataset prefix(es), optionally weighted: [W1] PREFIX1 [W2 PREFIX2 ...]; absent: mock data")
+      help="Megatron indexed dataset prefix(es), optionally weighted: [W1] PREFIX1 [W2 PREFIX2 ...]; "
+           "absent: mock data")
     a("--vocab-size", type=int, default=257,
       help="tokens are < vocab size, the end-of-document token is vocab size - 1 (257: make_byte_dataset.py)")
     a("--seed", type=int, default=1234)
@@ -85,9 +86,7 @@ def parse_args(argv=None):
     a("--save-interval", type=int, default=None, help="default: save only at the end (when --save is given)")
     a("--json-log", default=None, help="append one JSON line per log step to this file")
     a("--cpu", action="store_true", help="gloo on the CPU, for smoke tests")
-    for name in NSA_FIELDS:  # --nsa-window etc.: NSATransformerConfig's fields, its defaults (the paper's)
-        default = NSATransformerConfig.__dataclass_fields__[name].default
-        a(f"--{name.replace('_', '-')}", type=int if default is None else type(default), default=default)
+    add_nsa_arguments(p)  # --nsa-window etc.: NSATransformerConfig's fields, its defaults (the paper's)
     return p.parse_args(argv)
 
 
@@ -203,7 +202,7 @@ def transformer_config(args):
         common.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if args.attention == "dense":
         return TransformerConfig(**common)
-    return NSATransformerConfig(**common, **{name: getattr(args, name) for name in NSA_FIELDS})
+    return NSATransformerConfig(**common, **nsa_fields_from_args(args))
 
 
 def build_model(args, config):

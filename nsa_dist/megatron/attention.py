@@ -1,6 +1,8 @@
 """``NSASelfAttention``: the self-attention module of a Megatron ``TransformerLayer``, with NSA inside."""
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -10,6 +12,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from ..branch_kv import BranchKV
 from ..branches import nsa_branches
 from ..compression import BlockCompressor
 from ..parallel import CPLayout
@@ -18,6 +21,32 @@ from .batch import cu_seqlens_from_packed_seq_params
 from .config import nsa_config_from_transformer_config
 from .rotary import RotaryTable
 from .tensor_parallel import KVHeadReplicatedLinear, process_groups, replicate_over_tp
+
+
+# megatron-core's cp_comm_type values that only choose how dense attention exchanges K/V over the sequence split:
+# NSA's own exchange replaces them. "a2a" and "a2a+p2p" split heads over CP ranks (Ulysses), which NSA does not do.
+REPLACED_CP_COMM_TYPES = ("p2p", "all_gather")
+
+
+def check_cp_comm_type(cp_comm_type: Optional[str]) -> None:
+    """Megatron's ``cp_comm_type`` for an NSA layer: None passes; ``"p2p"`` (Megatron-LM's default) and
+    ``"all_gather"`` pass with a warning, once per process and value, that NSA brings its own context-parallel
+    exchange; anything else (``"a2a"``, ``"a2a+p2p"``: heads split over the CP ranks) is a ``ValueError`` naming
+    the setting and the value."""
+    if cp_comm_type is None:
+        return
+    if cp_comm_type not in REPLACED_CP_COMM_TYPES:
+        raise ValueError(f"cp_comm_type={cp_comm_type!r} cannot be honoured by the NSA layer: its context "
+                         f"parallelism splits the sequence and exchanges compressed K/V and selected blocks, it never "
+                         f"splits heads over the CP ranks; use cp_comm_type None or one of {REPLACED_CP_COMM_TYPES} "
+                         f"(both mean NSA's own exchange)")
+    _warn_replaced_cp_comm_type(cp_comm_type)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_replaced_cp_comm_type(cp_comm_type: str) -> None:
+    warnings.warn(f"cp_comm_type={cp_comm_type!r} is ignored by the NSA layer: NSA brings its own context-parallel "
+                  f"exchange (all-gather of compressed K/V, fetch of the selected blocks, window halo)", stacklevel=3)
 
 
 @dataclass
@@ -59,9 +88,11 @@ class NSASelfAttention(FullSelectionSwitch, MegatronModule):
     def __init__(self, config, submodules: NSASelfAttentionSubmodules, layer_number: int,
                  attn_mask_type: AttnMaskType = AttnMaskType.causal, cp_comm_type: Optional[str] = None,
                  pg_collection=None, model_comm_pgs=None, **kwargs):
-        """Constructed by ``build_module`` with megatron-core's keywords; ``cp_comm_type`` (NSA has its own
-        exchange) and version-specific extras (``name``, ``pp_layer_offset``, ...) are accepted and unused."""
+        """Constructed by ``build_module`` with megatron-core's keywords; ``cp_comm_type`` is checked by
+        :func:`check_cp_comm_type` (NSA has its own exchange), version-specific extras (``name``,
+        ``pp_layer_offset``, ...) are accepted and unused."""
         super().__init__(config=config)
+        check_cp_comm_type(cp_comm_type)
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(f"NSA attention is causal; got attn_mask_type={attn_mask_type}")
         self.layer_number = layer_number
@@ -130,7 +161,7 @@ class NSASelfAttention(FullSelectionSwitch, MegatronModule):
             rotary = RotaryTable(rope, self._rope_row_positions(rope, s, cu_seqlens, cp_group), Dk,
                                  interleaved=getattr(self.config, "rotary_interleaved", False))
         o, self.last_cp_stats, self.last_selection_loss = nsa_branches(
-            nsa, q.contiguous(), k_c, v_c, k_s, v_s, k_w, v_w, torch.sigmoid(gate_logits).contiguous(),
+            nsa, q.contiguous(), BranchKV(k_c, v_c, k_s, v_s, k_w, v_w), torch.sigmoid(gate_logits).contiguous(),
             k_compressor=self.k_compressor, v_compressor=self.v_compressor, rotary=rotary, cu_seqlens=cu_seqlens,
             cp_group=cp_group, full_selection=self.full_selection)
         return self.linear_proj(o.transpose(0, 1).reshape(s, b, self.local_heads * Dv))

@@ -1,6 +1,7 @@
 """NSA hyper-parameters on a Megatron ``TransformerConfig``."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,8 +32,9 @@ class NSATransformerConfig(TransformerConfig):
     """megatron-core's ``TransformerConfig`` plus the NSA hyper-parameters (see :class:`nsa_dist.NSAConfig`).
 
     Heads, head dim (``kv_channels``), KV groups (``num_query_groups``), ``softmax_scale`` and ``add_qkv_bias``
-    come from the Megatron fields. A plain ``TransformerConfig`` works too: missing ``nsa_*`` fields take the
-    paper's values (l 32, d 16, l' 64, n 16, w 512). Under context parallelism the sequence layout is Megatron's
+    come from the Megatron fields. A plain ``TransformerConfig`` works too (Megatron-LM builds one): a missing
+    ``nsa_*`` field takes Megatron-LM's ``--nsa-*`` argument (:func:`megatron_lm_args`), else the paper's value
+    (l 32, d 16, l' 64, n 16, w 512). Under context parallelism the sequence layout is Megatron's
     zigzag (``2 * CP`` chunks), so ``seq_length`` must be a multiple of ``2 * CP * nsa_select_len``.
 
     ``nsa_recipe`` is the one switch of :mod:`nsa_dist.recipes` (``"retrieval"``: key-bound scoring and shared K/V;
@@ -64,13 +66,25 @@ class NSATransformerConfig(TransformerConfig):
         nsa_config_from_transformer_config(self)  # validates the NSA fields, errors name them
 
 
+def megatron_lm_args():
+    """The arguments Megatron-LM's training parsed (what ``megatron.training.get_args()`` returns), or None outside
+    a Megatron-LM run (``megatron.training`` not imported, or nothing parsed yet). Never imports Megatron-LM."""
+    return getattr(sys.modules.get("megatron.training.global_vars"), "_GLOBAL_ARGS", None)
+
+
 def nsa_config_from_transformer_config(config: TransformerConfig) -> NSAConfig:
     """The :class:`NSAConfig` of a Megatron config (global head counts; rotary comes from Megatron, so
-    ``use_rope=False``; layout zigzag; ``nsa_recipe`` applied to the fields left at the paper's values). Errors
-    name the offending ``nsa_*`` field."""
+    ``use_rope=False``; layout zigzag; ``nsa_recipe`` applied to the fields left at the paper's values). Each
+    ``nsa_*`` setting is the config's attribute, else the same-named argument Megatron-LM parsed
+    (``--nsa-*``, :func:`megatron_lm_args`), else the paper's value. Errors name the offending ``nsa_*`` field."""
     heads = config.num_attention_heads
-    recipe = check_recipe(getattr(config, "nsa_recipe", "paper"), "config.nsa_recipe")
-    values = {f: v for f, m in NSA_FIELDS.items() if (v := getattr(config, m, None)) is not None
+    args = megatron_lm_args()
+
+    def setting(name: str, default=None):
+        return getattr(config, name, getattr(args, name, default))
+
+    recipe = check_recipe(setting("nsa_recipe", "paper"), "config.nsa_recipe")
+    values = {f: v for f, m in NSA_FIELDS.items() if (v := setting(m)) is not None
               and not (f in RECIPES[recipe] and v == _default(f))}  # left at the paper's value: the recipe's
     try:
         return NSAConfig.from_dict(dict(
@@ -80,4 +94,5 @@ def nsa_config_from_transformer_config(config: TransformerConfig) -> NSAConfig:
             recipe=recipe, **values), where="config")
     except ValueError as err:
         names = ", ".join([f"{f} = config.{m}" for f, m in NSA_FIELDS.items()] + ["recipe = config.nsa_recipe"])
-        raise ValueError(f"invalid NSA settings on the Megatron config ({names}): {err}") from err
+        raise ValueError(f"invalid NSA settings on the Megatron config or Megatron-LM's --nsa-* arguments ({names}): "
+                         f"{err}") from err
