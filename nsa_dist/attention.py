@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .branch_kv import BranchKV
 from .branches import nsa_branches
 from .compression import BlockCompressor
 from .config import NSAConfig
@@ -68,7 +69,7 @@ class NativeSparseAttention(FullSelectionSwitch, nn.Module):
         branch = [0, 1, 2] if c.kv_sharing == "separate" else [0, 0, 0]
         (k_c, k_s, k_w), (v_c, v_s, v_w) = ([t[:, :, i] for i in branch] for t in (k_all, v_all))
         gates = torch.sigmoid(self.gate_proj(x)).view(B, T, c.num_heads, 3)
-        out = nsa_branches(c, q, k_c, v_c, k_s, v_s, k_w, v_w, gates, k_compressor=self.k_compressor,
+        out = nsa_branches(c, q, BranchKV(k_c, v_c, k_s, v_s, k_w, v_w), gates, k_compressor=self.k_compressor,
                            v_compressor=self.v_compressor, rotary=self.rotary, cu_seqlens=cu_seqlens,
                            position_ids=position_ids, cp_group=self.cp_group, full_selection=self.full_selection)
         if self.cp_group is not None:

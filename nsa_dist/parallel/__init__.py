@@ -1,7 +1,8 @@
 """Context parallelism for NSA: the sequence split over a process group (zigzag or contiguous layout), with
 exchanges of compressed K/V, selected blocks and halos (see :func:`context_parallel_nsa`)."""
+from ..branch_kv import BranchKV
 from .comm import ExchangePlan, all_gather_rows, fetch_rows, plan_by_request, plan_from_requests
-from .nsa import BranchKV, context_parallel_nsa
+from .nsa import context_parallel_nsa
 from .selected_exchange import SELECTION_EXCHANGES
 from .sharding import LAYOUTS, CPLayout, Segment, ShardedSequence
 from .stats import CPStats, ExchangeBytes

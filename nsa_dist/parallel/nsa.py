@@ -35,6 +35,7 @@ import nsa_kernels
 from nsa_kernels import NSAGeometry, compressed_cu_seqlens
 from nsa_kernels.validation import check_attention_inputs, check_gates
 
+from ..branch_kv import BranchKV
 from .comm import (INDEX_BYTES, SMALL_INTS, ExchangePlan, Pending, all_gather_bytes, all_gather_rows, fetch_rows,
                    plan_from_requests, row_bytes, start_all_gather, start_fetch)
 from .dense import allgather_dense_attention
@@ -46,22 +47,6 @@ from .sharding import RowSource, Segment, ShardedSequence, remote_requests
 from .stats import CPStats
 
 SELECTIONS = ("compressed", "key_bound", "max_logit", "all")
-
-
-class BranchKV(NamedTuple):
-    """The keys and values of the three NSA branches, each ``[1, B*T/P, H, Dk]`` (keys) or ``[1, B*T/P, H, Dv]``
-    (values) for this rank's local rows: the compression branch's raw K/V (un-rotated, before the compressors),
-    the selection branch's and the window branch's K/V (keys rotated like q)."""
-    k_cmp_raw: torch.Tensor
-    v_cmp_raw: torch.Tensor
-    k_slc: torch.Tensor
-    v_slc: torch.Tensor
-    k_win: torch.Tensor
-    v_win: torch.Tensor
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "BranchKV":
-        """The bundle of ``fn(t)`` for each tensor ``t``, in field order (e.g. a cast or a reshape of all six)."""
-        return BranchKV(*(fn(t) for t in self))
 
 
 class _Call(NamedTuple):
