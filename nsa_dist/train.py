@@ -15,6 +15,8 @@ import argparse
 import os
 from typing import Dict, List, Optional
 
+import torch.distributed as dist
+
 from .training import TrainConfig, train_deepspeed, train_plain
 
 
@@ -56,8 +58,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
 
 
+def release_process_group() -> None:
+    """End the default torch.distributed process group, if this process has one (the DeepSpeed backend starts it
+    for the launcher's ranks), after a barrier: the command line owns it, and a group left to the interpreter's
+    shutdown can abort a rank that already finished (``terminate called without an active exception``)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run_from_args(args: argparse.Namespace) -> Dict:
-    """Load ``args.config``, apply the command-line overrides, train, print a summary line."""
+    """Load ``args.config``, apply the command-line overrides, train, end the process group the training started
+    (:func:`release_process_group`), print a summary line."""
     config = TrainConfig.load(args.config)
     raw = config.to_dict()
     if args.steps is not None:
@@ -77,6 +89,7 @@ def run_from_args(args: argparse.Namespace) -> Dict:
     config = TrainConfig.from_dict(raw)
     metrics = train(config, device=args.device, progress=not args.no_progress, resume=args.resume,
                     resume_tag=args.resume_tag, save_checkpoint=not args.no_checkpoint)
+    release_process_group()
     if metrics.get("backend") == "deepspeed" and int(os.environ.get("RANK", "0")) != 0:
         return metrics
     i, f = metrics["initial_eval"], metrics["final_eval"]
