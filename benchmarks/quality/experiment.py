@@ -82,8 +82,8 @@ def train_run(task: str, seq_len: int, variant: str, lr: float, seed: int, *, ra
     return result
 
 
-def run_setting(tasks: Sequence[str], seq_lens: Sequence[int], variants: List[str], *, out: Path, size: str, steps: int,
-                tokens_per_step: int, lrs: Sequence[float], seeds: Sequence[int], precision: str,
+def run_setting(tasks: Sequence[str], seq_lens: Sequence[int], variants: List[str], *, out: Path, size: str,
+                steps: int, tokens_per_step: int, lrs: Sequence[float], seeds: Sequence[int], precision: str,
                 device: Optional[str], progress: bool, short_seq_len: Optional[int] = None, short_steps: int = 0,
                 done: Sequence[Path] = (), budget_s: Optional[float] = None, jobs: int = 1) -> List[Dict]:
     """Train every (task, length, seed, lr, variant); write and return one result dictionary per finished run.
@@ -109,7 +109,8 @@ def run_setting(tasks: Sequence[str], seq_lens: Sequence[int], variants: List[st
                                short_steps=short_steps, text_file=corpus["path"] if task == "lm" else None,
                                out_dir=str(Path(scratch) / name[:-len(".json")]))
             runs.append(((task, seq_len, variant, lr, seed),
-                         dict(raw=raw, size=size, corpus=corpus, out=out, device=device, progress=progress)))
+                         dict(raw=raw, size=size, corpus=corpus if task == "lm" else None, out=out, device=device,
+                              progress=progress)))
         concurrent = max(1, min(jobs, len(runs)))
         for _, kwargs in runs:
             kwargs.update(concurrent_runs=concurrent, deadline=deadline)
@@ -153,8 +154,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     run_setting(args.task, args.seq_len, args.variants, out=Path(args.out), size=args.size, steps=args.steps,
                 tokens_per_step=args.tokens_per_step, lrs=args.lrs, seeds=args.seeds, precision=args.precision,
                 device=args.device, progress=args.progress, short_seq_len=args.short_seq_len,
-                short_steps=args.short_steps, done=args.done, budget_s=args.budget_s,
-                jobs=args.jobs)
+                short_steps=args.short_steps, done=args.done, budget_s=args.budget_s, jobs=args.jobs)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Query segments and key segments as the context-parallel layer builds them (docs/DESIGN.md, context parallelism), for tests.
+"""Query segments and key segments as the context-parallel layer builds them (docs/DESIGN.md, context
+parallelism), for tests.
 
 A query segment is document positions ``[p0, p1)`` of one document of a packed sequence; its key segment is
 a range of that document's rows (the prefix ``[0, p1)`` for the compressed branch and the selection, a halo
