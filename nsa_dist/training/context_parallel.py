@@ -1,5 +1,5 @@
-"""The training job's context-parallel group (shards batches along the sequence, sums losses and gradients) and
-the switch that makes a model's attention layers context-parallel over it."""
+"""The training job's sequence-parallel groups, context-parallel and Ulysses (shards batches along the sequence,
+sums losses and gradients), and the switch that makes a model's attention layers parallel over them."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -10,42 +10,65 @@ import torch.distributed as dist
 from ..attention import NativeSparseAttention
 from ..models import DenseAttention, GPT
 from ..parallel.sharding import CPLayout
+from ..parallel.ulysses import split_sequence
 
 
 class ContextParallelGroup:
-    """One training process's view of its context-parallel group.
+    """One training process's view of the ranks sharing its sequences: its context-parallel group of ``P`` ranks
+    and its Ulysses group of ``U`` ranks (:mod:`nsa_dist.parallel.ulysses`; the grid of
+    :class:`nsa_dist.deepspeed.ContextDataParallelGroups`).
 
-    Every rank sees the whole batch, keeps its :class:`CPLayout` shard of each sequence (:meth:`shard`), computes
-    its share of the loss, and the group sums losses (:meth:`sum`) and parameter gradients
-    (:meth:`sum_gradients`), so every rank takes the same optimizer step as one process on the whole batch.
-    ``group=None`` is the single-process case, where every method is the identity.
+    Every rank sees the whole batch, keeps its piece of each sequence (:meth:`shard`: its :class:`CPLayout` shard,
+    then the Ulysses rank's contiguous ``1/U`` of it), computes its share of the loss, and the ``P * U`` ranks sum
+    losses (:meth:`sum`) and parameter gradients (:meth:`sum_gradients`), so every rank takes the same optimizer
+    step as one process on the whole batch. Both groups None is the single-process case, where every method is the
+    identity.
 
     Args:
-        group: the ``torch.distributed`` process group, or None.
+        group: the context-parallel ``torch.distributed`` process group, or None.
         layout: ``"zigzag"`` or ``"contiguous"`` (the NSA layers' ``cp_layout``).
         select_len: the NSA selection block length ``l'`` (chunk lengths must be multiples of it).
+        ulysses_group: the Ulysses process group, or None.
     """
 
-    def __init__(self, group=None, layout: str = "zigzag", select_len: int = 1):
-        self.group, self.layout, self.select_len = group, layout, select_len
+    def __init__(self, group=None, layout: str = "zigzag", select_len: int = 1, ulysses_group=None):
+        self.group, self.layout, self.select_len, self.ulysses_group = group, layout, select_len, ulysses_group
         self.rank = dist.get_rank(group) if group is not None else 0
         self.world_size = dist.get_world_size(group) if group is not None else 1
+        self.ulysses_rank = dist.get_rank(ulysses_group) if ulysses_group is not None else 0
+        self.ulysses_size = dist.get_world_size(ulysses_group) if ulysses_group is not None else 1
+
+    @property
+    def sequence_rank(self) -> int:
+        """The place of this rank's piece in the sequence's ``P * U`` pieces (0: the rank that reports)."""
+        return self.rank * self.ulysses_size + self.ulysses_rank
+
+    @property
+    def sequence_size(self) -> int:
+        """Ranks sharing every sequence, ``P * U``."""
+        return self.world_size * self.ulysses_size
 
     def shard(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's part of ``x [B, T, ...]`` along the sequence (dim 1): ``[B, T / P, ...]``."""
-        if self.group is None:
-            return x
-        return CPLayout(self.world_size, x.shape[1], self.layout, self.select_len).shard(x, self.rank)
+        """This rank's part of ``x [B, T, ...]`` along the sequence (dim 1): ``[B, T / (P * U), ...]``."""
+        if self.group is not None:
+            x = CPLayout(self.world_size, x.shape[1], self.layout, self.select_len).shard(x, self.rank)
+        if self.ulysses_group is not None:
+            x = split_sequence(x, self.ulysses_size, self.ulysses_rank)
+        return x
+
+    def _groups(self) -> list:
+        return [g for g in (self.group, self.ulysses_group) if g is not None]
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` summed over the group (in place), e.g. the ranks' loss shares."""
-        if self.group is not None:
-            dist.all_reduce(x, group=self.group)
+        """``x`` summed over the ``P * U`` ranks (in place; over each group in turn), e.g. the ranks' loss shares."""
+        for group in self._groups():
+            dist.all_reduce(x, group=group)
         return x
 
     def sum_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
-        """Sum every parameter's gradient over the group in one all-reduce (a missing gradient counts as 0)."""
-        if self.group is None:
+        """Sum every parameter's gradient over the ``P * U`` ranks in one flat buffer (a missing gradient counts as
+        0)."""
+        if not self._groups():
             return
         params = list(parameters)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -54,11 +77,15 @@ class ContextParallelGroup:
             p.grad = g.view_as(p)
 
 
-def use_context_parallel(model: GPT, group) -> None:
-    """Make every attention layer of ``model`` (NSA or dense) context-parallel over ``group``; dense layers take
-    the NSA layers' ``cp_layout`` (``model.nsa``), the layout batches are sharded in."""
+def use_context_parallel(model: GPT, group, ulysses_group=None) -> None:
+    """Make every attention layer of ``model`` (NSA or dense) context-parallel over ``group`` (None: not) and the
+    NSA layers Ulysses-parallel over ``ulysses_group`` (dense attention has no Ulysses mode: ValueError); dense
+    layers take the NSA layers' ``cp_layout`` (``model.nsa``), the layout batches are sharded in."""
     for module in model.modules():
         if isinstance(module, NativeSparseAttention):
-            module.cp_group = group
+            module.cp_group, module.ulysses_group = group, ulysses_group
         elif isinstance(module, DenseAttention):
+            if ulysses_group is not None:
+                raise ValueError("Ulysses parallelism (train.ulysses > 1) applies to NSA attention only; dense "
+                                 "attention shards the sequence with train.cp")
             module.cp_group, module.cp_layout = group, model.config.nsa_config().cp_layout
