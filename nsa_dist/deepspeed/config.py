@@ -1,7 +1,7 @@
 """A DeepSpeed JSON completed from the training YAML.
 
-The YAML owns the model, data, steps, the global batch, context parallelism and the optimiser hyper-parameters it
-names; the JSON owns ZeRO, precision, activation-checkpointing details, the optimizer and scheduler types and
+The YAML owns the model, data, steps, the global batch, context and Ulysses parallelism and the optimiser
+hyper-parameters it names; the JSON owns ZeRO, precision, activation-checkpointing details, the optimizer and scheduler types and
 their other parameters. A key the JSON leaves out is filled from the YAML; a key both set must agree (ValueError
 naming both values), so a JSON a DeepSpeed user already has keeps working and nothing is silently overridden.
 """
@@ -32,7 +32,9 @@ def fill_deepspeed_config(ds: Dict[str, Any], config: TrainConfig, dp: int) -> D
 
     Filled (or checked): ``train_batch_size = train.batch_size``, ``gradient_accumulation_steps =
     train.grad_accum``, ``train_micro_batch_size_per_gpu = batch_size / (dp * grad_accum)``,
-    ``sequence_parallel_size = train.cp`` (DeepSpeed's batch arithmetic without an mpu), ``gradient_clipping =
+    ``sequence_parallel_size = train.cp * train.ulysses`` (DeepSpeed's meaning: the ranks that share one sequence,
+    whose gradients DeepSpeed sums while it averages over ``DP = world / sequence_parallel_size``; also what the
+    ``mpu`` of :class:`~nsa_dist.deepspeed.ContextDataParallelGroups` reports), ``gradient_clipping =
     train.grad_clip``, the optimizer's ``lr``, ``betas`` and ``weight_decay`` (an AdamW block when there is none;
     ``torch_adam`` so no CUDA extension is built) and a ``WarmupCosineLR`` scheduler's ``total_num_steps``,
     ``warmup_num_steps`` and ``cos_min_ratio`` (the YAML's linear warm-up and cosine decay when there is none).
@@ -46,7 +48,7 @@ def fill_deepspeed_config(ds: Dict[str, Any], config: TrainConfig, dp: int) -> D
     _fill(out, "train_batch_size", t.batch_size, "train.batch_size")
     _fill(out, "gradient_accumulation_steps", t.grad_accum, "train.grad_accum")
     _fill(out, "train_micro_batch_size_per_gpu", t.batch_size // per_rank, "train.batch_size / (DP * grad_accum)")
-    _fill(out, "sequence_parallel_size", t.cp, "train.cp")
+    _fill(out, "sequence_parallel_size", t.cp * t.ulysses, "train.cp * train.ulysses")
     _fill(out, "gradient_clipping", t.grad_clip, "train.grad_clip")
     optimizer = out.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
     params = optimizer.setdefault("params", {})

@@ -10,6 +10,7 @@ from nsa_kernels.validation import check_non_negative_int, check_positive_int
 from ..data import RetrievalTask
 from ..models import GPTConfig
 from ..parallel.sharding import CPLayout
+from ..parallel.ulysses import ulysses_local_heads
 from ..recipes import with_recipe_warmup
 from ..validation import check_bool, check_mapping, check_optional_positive_int, check_real
 from ..yaml_loader import load_yaml_mapping
@@ -92,6 +93,14 @@ class OptimConfig:
     ``cp``: context-parallel ranks, each holding ``T / cp`` tokens of every sequence (NSA exchanges compressed
     tokens and selected blocks; dense attention all-gathers K/V). Without DeepSpeed they run as local gloo processes on the CPU (``threads`` are shared among them); under the DeepSpeed
     backend the launcher's ranks form groups of ``cp`` consecutive ranks and data parallelism spans the rest.
+    ``ulysses``: Ulysses ranks inside each context-parallel shard (:mod:`nsa_dist.parallel.ulysses`): the ``U``
+    ranks split the shard into contiguous pieces and the NSA layers trade them for heads with an all-to-all, so each
+    rank computes ``num_heads / U`` query heads of the whole shard. ``cp * ulysses`` ranks share every sequence
+    (local gloo processes in the plain backend; under DeepSpeed the ``DP x CP x U`` grid of
+    :class:`nsa_dist.deepspeed.ContextDataParallelGroups`, Ulysses innermost, and DeepSpeed's
+    ``sequence_parallel_size`` is ``cp * ulysses``). NSA attention only; ``ulysses`` must divide ``num_heads``, and
+    divide ``num_kv_heads`` or be a multiple of it (then each GQA group is replicated on ``ulysses /
+    num_kv_heads`` ranks and computed on each).
     ``deepspeed_config``: a DeepSpeed JSON (e.g. ``configs/deepspeed/zero3.json``) selects the DeepSpeed backend
     (launch with ``deepspeed``; see :mod:`nsa_dist.deepspeed`). ``activation_checkpointing``: recompute each
     transformer block in backward (DeepSpeed's checkpointing under that backend). ``save_every``: DeepSpeed backend
@@ -119,6 +128,7 @@ class OptimConfig:
     log_every: int = 10
     threads: Optional[int] = None
     cp: int = 1
+    ulysses: int = 1
     grad_accum: int = 1
     activation_checkpointing: bool = False
     save_every: Optional[int] = None
@@ -129,7 +139,7 @@ class OptimConfig:
     loss_chunk_tokens: int = 4096
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_batches", "log_every", "cp", "grad_accum"):
+        for name in ("steps", "batch_size", "eval_batches", "log_every", "cp", "ulysses", "grad_accum"):
             check_positive_int(f"train.{name}", getattr(self, name))
         check_real("train.lr", self.lr, 0, low_open=True)
         check_real("train.min_lr_ratio", self.min_lr_ratio, 0, 1, note="the final lr as a fraction of train.lr")
@@ -198,21 +208,35 @@ class TrainConfig:
 
     def check_context_parallel(self) -> None:
         """With ``train.cp > 1`` ``data.seq_len`` must split into the CP layout (``model.nsa``'s ``cp_layout`` and
-        ``select_len``; dense attention is sharded the same way)."""
+        ``select_len``; dense attention is sharded the same way); with ``train.ulysses > 1`` each CP shard must
+        split into ``ulysses`` pieces and the heads over the Ulysses ranks (NSA attention only). Errors name the
+        settings and values."""
         model = self.gpt_config(vocab_size=2)
         if self.data.short_steps > self.train.steps:
             raise ValueError(f"data.short_steps={self.data.short_steps} exceeds train.steps={self.train.steps}")
-        if self.train.cp == 1:
+        cp, ulysses = self.train.cp, self.train.ulysses
+        if cp * ulysses == 1:
             return
         nsa = model.nsa_config()
-        if model.attention == "nsa":
-            if nsa.selection_loss_weight:
-                raise ValueError(f"model.nsa.selection_loss_weight={nsa.selection_loss_weight} is not supported "
-                                 f"with train.cp={self.train.cp} (context parallelism); set it to 0 or train on "
-                                 "one rank")
-        for length in (self.data.seq_len, self.data.short_seq_len):
-            if length is not None:
-                CPLayout(self.train.cp, length, nsa.cp_layout, nsa.select_len)
+        if model.attention == "nsa" and nsa.selection_loss_weight:
+            raise ValueError(f"model.nsa.selection_loss_weight={nsa.selection_loss_weight} is not supported with "
+                             f"train.cp={cp}, train.ulysses={ulysses} (sequence parallelism); set it to 0 or train "
+                             "on one rank")
+        if ulysses > 1:
+            if model.attention != "nsa":
+                raise ValueError(f"train.ulysses={ulysses} applies to NSA attention only, not "
+                                 f"model.attention={model.attention!r}; shard the sequence with train.cp instead")
+            ulysses_local_heads(model.num_heads, model.num_kv_heads, ulysses, "train.ulysses")
+        for name in ("seq_len", "short_seq_len"):
+            length = getattr(self.data, name)
+            if length is None:
+                continue
+            if cp > 1:
+                CPLayout(cp, length, nsa.cp_layout, nsa.select_len)
+            if length // cp % ulysses:
+                raise ValueError(f"data.{name}={length} does not split over train.cp={cp} x train.ulysses={ulysses} "
+                                 f"ranks: each context-parallel shard of {length // cp} tokens must be a multiple of "
+                                 f"train.ulysses={ulysses}")
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig.from_dict({**self.model, "vocab_size": vocab_size})

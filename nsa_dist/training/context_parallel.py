@@ -38,6 +38,13 @@ class ContextParallelGroup:
         self.ulysses_rank = dist.get_rank(ulysses_group) if ulysses_group is not None else 0
         self.ulysses_size = dist.get_world_size(ulysses_group) if ulysses_group is not None else 1
 
+    @classmethod
+    def of_grid(cls, groups, layout: str, select_len: int) -> "ContextParallelGroup":
+        """The view of a rank of the ``DP x CP x U`` grid ``groups``
+        (:class:`~nsa_dist.deepspeed.ContextDataParallelGroups`); a group of one rank is None."""
+        return cls(groups.cp_group if groups.cp > 1 else None, layout, select_len,
+                   ulysses_group=groups.ulysses_group if groups.ulysses > 1 else None)
+
     @property
     def sequence_rank(self) -> int:
         """The place of this rank's piece in the sequence's ``P * U`` pieces (0: the rank that reports)."""

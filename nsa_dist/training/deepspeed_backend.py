@@ -1,12 +1,14 @@
-"""The DeepSpeed backend of the training job: ZeRO, context parallelism, checkpoints that resume exactly.
+"""The DeepSpeed backend of the training job: ZeRO, context and Ulysses parallelism, checkpoints that resume
+exactly.
 
 Launched once per rank (``deepspeed``, ``torchrun``, ``mpirun``)::
 
     deepspeed --num_gpus 8 --module nsa_dist.train --config configs/train/gpt-1b-128k-cp8.yaml \\
         --deepspeed_config configs/deepspeed/zero3.json
 
-Ranks form ``DP x CP`` (:class:`ContextDataParallelGroups`); every rank of a CP group draws the same batch and keeps
-its layout shard of each sequence, data-parallel ranks draw different batches. Batches come from a generator
+Ranks form ``DP x CP x U`` (:class:`ContextDataParallelGroups`, ``train.cp`` and ``train.ulysses``); every rank of a
+sequence group (``CP x U`` ranks) draws the same batch and keeps its piece of each sequence (its layout shard, then
+its Ulysses piece of it), data-parallel ranks draw different batches. Batches come from a generator
 seeded by ``(seed, step, micro-step, DP rank)``, so resuming at a step replays exactly the data an uninterrupted run
 would have seen; checkpoints (``engine.save_checkpoint``) hold model, optimizer, scheduler, the step and the RNG
 states.
@@ -74,21 +76,21 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
     import deepspeed
 
     device = _init_distributed(deepspeed)
-    groups = ContextDataParallelGroups(config.train.cp, device.type)
+    groups = ContextDataParallelGroups(config.train.cp, device.type, config.train.ulysses)
     torch.manual_seed(config.seed)
     dataset = make_dataset(config)
     model = GPT(config.gpt_config(dataset.vocab_size)).to(device)
     num_parameters = model.num_parameters()  # before ZeRO-3 partitions them
-    if groups.cp > 1:
-        use_context_parallel(model, groups.cp_group)
+    nsa = model.config.nsa_config()
+    cp = ContextParallelGroup.of_grid(groups, nsa.cp_layout, nsa.select_len)
+    if cp.sequence_size > 1:
+        use_context_parallel(model, cp.group, cp.ulysses_group)
     ds_config = fill_deepspeed_config(load_deepspeed_json(config.train.deepspeed_config), config, groups.dp)
     if config.train.activation_checkpointing:
         deepspeed.checkpointing.configure(groups, deepspeed_config=ds_config)
         model.checkpoint_blocks = deepspeed.checkpointing.checkpoint
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, config),
                                            config=ds_config, mpu=groups, dist_init_required=False)
-    nsa = model.config.nsa_config()
-    cp = ContextParallelGroup(groups.cp_group if groups.cp > 1 else None, nsa.cp_layout, nsa.select_len)
     t = config.train
     micro_batch = t.batch_size // (groups.dp * t.grad_accum)
     eval_gen = torch.Generator().manual_seed(config.seed + 1_000_003)
@@ -102,7 +104,7 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
     history: List[Dict] = []
     tokens_per_step = t.batch_size * config.data.seq_len
     bar = tqdm(range(start_step, t.steps), desc=f"train {model.config.attention} (deepspeed, DP {groups.dp} x CP "
-               f"{groups.cp})", disable=not (progress and groups.rank == 0), dynamic_ncols=True)
+               f"{groups.cp} x U {groups.ulysses})", disable=not (progress and groups.rank == 0), dynamic_ncols=True)
     start = window_start = time.perf_counter()
     window: List[List[float]] = []
     full_selection_steps = model.config.nsa_config().selection_warmup_steps
@@ -152,7 +154,7 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
     steps_run = t.steps - start_step
     metrics = {"attention": model.config.attention, "parameters": num_parameters, "backend": "deepspeed",
                "zero_stage": engine.zero_optimization_stage(), "device": str(device), "cp": groups.cp,
-               "dp": groups.dp, "steps": t.steps, "start_step": start_step, "tokens": steps_run * tokens_per_step,
+               "ulysses": groups.ulysses, "dp": groups.dp, "steps": t.steps, "start_step": start_step, "tokens": steps_run * tokens_per_step,
                "train_time_s": train_time, "tokens_per_s": steps_run * tokens_per_step / max(train_time, 1e-9),
                "peak_memory_mib": _peak_memory_mib(device, groups), "initial_eval": initial, "final_eval": final,
                "history": history}

@@ -33,7 +33,7 @@ def evaluate_with_diagnostics(model: GPT, batches: List[Batch], device: torch.de
     recall, compressed mass on the needle and gates per NSA layer and KV head, accuracy by needle depth) for
     retrieval batches on a single rank."""
     result = evaluate(model, batches, device, cp, precision, loss_chunk_tokens)
-    if cp.group is None and batches and batches[0].needles is not None:
+    if cp.sequence_size == 1 and batches and batches[0].needles is not None:
         result["diagnostics"] = retrieval_diagnostics(model, batches, device,
                                                       functools.partial(autocast, device, precision))
     return result

@@ -1,6 +1,6 @@
-"""The plain backend of the training job: one process (CPU or one GPU), or ``train.cp`` local gloo processes on
-the CPU, each holding its context-parallel shard of every sequence (losses and gradients summed over the ranks,
-rank 0 reporting)."""
+"""The plain backend of the training job: one process (CPU or one GPU), or ``train.cp * train.ulysses`` local gloo
+processes on the CPU, each holding its piece of every sequence (context-parallel shard, Ulysses piece of it; losses
+and gradients summed over the ranks, rank 0 reporting)."""
 from __future__ import annotations
 
 import functools
@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 import torch.utils.checkpoint
 from tqdm import tqdm
 
 from ..attention import NativeSparseAttention
+from ..deepspeed.groups import ContextDataParallelGroups
 from ..launch import run_local_group
 from ..models import GPT
 from ..selection_warmup import set_full_selection
@@ -45,42 +45,47 @@ def mean_selection_loss(model: GPT) -> Optional[float]:
 
 def train_plain(config: TrainConfig, device: Optional[str] = None, progress: bool = True,
                 save_checkpoint: bool = True) -> Dict:
-    """Train per ``config`` on this process (``train.cp == 1``: ``device``, default CUDA if available) or on
-    ``train.cp`` local gloo processes on the CPU; return the metrics written to ``<out_dir>/metrics.json``."""
+    """Train per ``config`` on this process (``train.cp == train.ulysses == 1``: ``device``, default CUDA if
+    available) or on ``train.cp * train.ulysses`` local gloo processes on the CPU (the ``CP x U`` grid of
+    :class:`~nsa_dist.deepspeed.ContextDataParallelGroups`); return the metrics written to
+    ``<out_dir>/metrics.json``."""
     for name, unset in (("grad_accum", 1), ("save_every", None)):
         if getattr(config.train, name) != unset:
             raise ValueError(f"train.{name}={getattr(config.train, name)} needs the DeepSpeed backend "
                              f"(train.deepspeed_config or --deepspeed_config)")
-    cp = config.train.cp
-    if cp == 1:
+    cp, ulysses = config.train.cp, config.train.ulysses
+    if cp * ulysses == 1:
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return train_on(config, dev, progress, ContextParallelGroup(), save_checkpoint)
     if device not in (None, "cpu"):
-        raise ValueError(f"--cp {cp} runs local gloo processes on the CPU; --device {device!r} is not supported")
-    threads = max(1, (config.train.threads or torch.get_num_threads()) // cp)
-    return run_local_group(_train_rank, cp, config, progress, save_checkpoint, threads=threads)[0]
+        raise ValueError(f"train.cp={cp} x train.ulysses={ulysses} runs local gloo processes on the CPU; --device "
+                         f"{device!r} is not supported")
+    threads = max(1, (config.train.threads or torch.get_num_threads()) // (cp * ulysses))
+    return run_local_group(_train_rank, cp * ulysses, config, progress, save_checkpoint, threads=threads)[0]
 
 
 def _train_rank(rank: int, world_size: int, config: TrainConfig, progress: bool, save_checkpoint: bool) -> Dict:
-    """One process of ``train --cp N`` (in the gloo group that :func:`run_local_group` set up)."""
+    """One process of ``train`` with ``train.cp * train.ulysses`` ranks (in the gloo group that
+    :func:`run_local_group` set up)."""
     nsa = config.gpt_config(vocab_size=2).nsa_config()
-    group = ContextParallelGroup(dist.group.WORLD, nsa.cp_layout, nsa.select_len)
-    return train_on(config, torch.device("cpu"), progress and rank == 0, group, save_checkpoint)
+    groups = ContextDataParallelGroups(config.train.cp, "cpu", config.train.ulysses)
+    sequence = ContextParallelGroup.of_grid(groups, nsa.cp_layout, nsa.select_len)
+    return train_on(config, torch.device("cpu"), progress and rank == 0, sequence, save_checkpoint)
 
 
 def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: ContextParallelGroup,
              save_checkpoint: bool = True) -> Dict:
-    """The training loop of one process of context-parallel group ``cp`` (a single process: ``cp.group=None``);
-    rank 0 writes the checkpoint and metrics. Returns the metrics."""
+    """The training loop of one process of the sequence-parallel groups ``cp`` (a single process: both groups
+    None); the rank holding the sequence's first piece writes the checkpoint and metrics. Returns the metrics."""
     out = ensure_writable_dir(config.out_dir)  # every rank, before any collective: all fail alike
     torch.manual_seed(config.seed)
     dataset = make_dataset(config)
     model = GPT(config.gpt_config(dataset.vocab_size)).to(dev)
     precision, chunk = config.train.precision, config.train.loss_chunk_tokens
-    if cp.group is not None:
-        use_context_parallel(model, cp.group)
+    if cp.sequence_size > 1:
+        use_context_parallel(model, cp.group, cp.ulysses_group)
     if config.train.activation_checkpointing:
         model.checkpoint_blocks = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
     optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.train.lr, betas=config.train.betas)
@@ -138,11 +143,11 @@ def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: Context
     final = evaluate_with_diagnostics(model, eval_batches, dev, cp, precision, chunk)
     evals.append({"step": config.train.steps, **final})
     metrics = {"attention": model.config.attention, "parameters": model.num_parameters(),
-               "device": str(dev), "cp": cp.world_size, "steps": config.train.steps, "tokens": tokens_seen,
+               "device": str(dev), "cp": cp.world_size, "ulysses": cp.ulysses_size, "steps": config.train.steps, "tokens": tokens_seen,
                "train_time_s": train_time, "tokens_per_s": tokens_seen / train_time,
                "step_time_s": steady_step_time(step_times[config.data.short_steps:]), "precision": precision,
                "initial_eval": initial, "final_eval": final, "evals": evals, "history": history}
-    if cp.rank != 0:
+    if cp.sequence_rank != 0:
         return metrics
     if save_checkpoint:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": config.train.steps,

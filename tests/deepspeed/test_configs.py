@@ -51,7 +51,8 @@ def _pairs():
 
 class StaticGroups:
     """DeepSpeed's ``mpu`` interface as :class:`nsa_dist.deepspeed.ContextDataParallelGroups` answers it for ``DP x
-    CP`` ranks (rank 0's view), without process groups: ``DeepSpeedConfig`` reads only the sizes."""
+    CP x U`` ranks (rank 0's view; ``cp`` here is the ``CP * U`` ranks sharing a sequence), without process groups:
+    ``DeepSpeedConfig`` reads only the sizes."""
 
     def __init__(self, dp: int, cp: int):
         self.dp, self.cp = dp, cp
@@ -175,7 +176,7 @@ def test_pair_accepted_by_deepspeed(json_path, yaml_path, ds_rank0):
     assert dps, f"{yaml_path.name}: train.batch_size={t.batch_size} fits no DP in {DP_SIZES}"
     for dp in dps:
         filled = fill_deepspeed_config(ds, config, dp)
-        parsed = DeepSpeedConfig(filled, mpu=StaticGroups(dp, t.cp))
+        parsed = DeepSpeedConfig(filled, mpu=StaticGroups(dp, t.cp * t.ulysses))
         _check_parsed(parsed, ds, filled, config, dp)
     assert ds == load_deepspeed_json(json_path), "fill_deepspeed_config changed its input"
 
@@ -242,3 +243,33 @@ def test_indivisible_batch_is_refused_naming_the_numbers(dp, grad_accum):
         fill_deepspeed_config(load_deepspeed_json(DS_JSONS[0]), config, dp=dp)
     message = str(err.value)
     assert f"train.batch_size={batch}" in message and f"{dp} * {grad_accum}" in message, message
+
+
+@pytest.mark.parametrize("cp, ulysses", [(1, 2), (2, 2), (2, 1)])
+def test_sequence_parallel_size_is_the_ranks_sharing_a_sequence(cp, ulysses, ds_rank0, monkeypatch):
+    """``sequence_parallel_size`` is filled with ``train.cp * train.ulysses``: the ranks sharing one sequence, as
+    DeepSpeed means it. Without an mpu DeepSpeed derives ``DP = world / sequence_parallel_size`` from it and checks
+    the batch against that DP, so an 8-rank world gives the same batch arithmetic as nsa-dist's mpu."""
+    raw = TrainConfig.load(TINY).to_dict()
+    raw["train"].update(cp=cp, ulysses=ulysses)
+    config = TrainConfig.from_dict(raw)
+    dp = 8 // (cp * ulysses)
+    filled = fill_deepspeed_config(load_deepspeed_json(DS_JSONS[0]), config, dp=dp)
+    assert filled["sequence_parallel_size"] == cp * ulysses
+    assert DeepSpeedConfig(filled, mpu=StaticGroups(dp, cp * ulysses)).world_size == dp
+    monkeypatch.setattr(deepspeed.comm, "get_world_size", lambda group=None: 8)
+    without_mpu = DeepSpeedConfig(filled)
+    assert without_mpu.world_size == dp
+    assert without_mpu.train_micro_batch_size_per_gpu * config.train.grad_accum * dp == config.train.batch_size
+
+
+def test_json_with_the_ulysses_size_alone_is_refused_under_cp():
+    """A JSON that sets ``sequence_parallel_size`` to the Ulysses size (as a DeepSpeed-only job would) disagrees
+    with CP 2 x U 2: the error names both values."""
+    raw = TrainConfig.load(TINY).to_dict()
+    raw["train"].update(cp=2, ulysses=2)
+    ds = {**load_deepspeed_json(DS_JSONS[0]), "sequence_parallel_size": 2}
+    with pytest.raises(ValueError) as err:
+        fill_deepspeed_config(ds, TrainConfig.from_dict(raw), dp=1)
+    message = str(err.value)
+    assert "sequence_parallel_size=2" in message and "train.cp * train.ulysses=4" in message, message
