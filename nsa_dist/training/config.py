@@ -91,8 +91,9 @@ class OptimConfig:
     ``batch_size``: sequences per optimizer step over all data-parallel ranks (DeepSpeed's ``train_batch_size``),
     split into ``grad_accum`` micro-steps.
     ``cp``: context-parallel ranks, each holding ``T / cp`` tokens of every sequence (NSA exchanges compressed
-    tokens and selected blocks; dense attention all-gathers K/V). Without DeepSpeed they run as local gloo processes on the CPU (``threads`` are shared among them); under the DeepSpeed
-    backend the launcher's ranks form groups of ``cp`` consecutive ranks and data parallelism spans the rest.
+    tokens and selected blocks; dense attention all-gathers K/V). Without DeepSpeed they run as local gloo
+    processes on the CPU (``threads`` are shared among them); under the DeepSpeed backend the launcher's ranks form
+    context-parallel groups (``U`` apart, see ``ulysses``) and data parallelism spans the rest.
     ``ulysses``: Ulysses ranks inside each context-parallel shard (:mod:`nsa_dist.parallel.ulysses`): the ``U``
     ranks split the shard into contiguous pieces and the NSA layers trade them for heads with an all-to-all, so each
     rank computes ``num_heads / U`` query heads of the whole shard. ``cp * ulysses`` ranks share every sequence

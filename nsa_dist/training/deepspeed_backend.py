@@ -154,7 +154,8 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
     steps_run = t.steps - start_step
     metrics = {"attention": model.config.attention, "parameters": num_parameters, "backend": "deepspeed",
                "zero_stage": engine.zero_optimization_stage(), "device": str(device), "cp": groups.cp,
-               "ulysses": groups.ulysses, "dp": groups.dp, "steps": t.steps, "start_step": start_step, "tokens": steps_run * tokens_per_step,
+               "ulysses": groups.ulysses, "dp": groups.dp, "steps": t.steps, "start_step": start_step,
+               "tokens": steps_run * tokens_per_step,
                "train_time_s": train_time, "tokens_per_s": steps_run * tokens_per_step / max(train_time, 1e-9),
                "peak_memory_mib": _peak_memory_mib(device, groups), "initial_eval": initial, "final_eval": final,
                "history": history}

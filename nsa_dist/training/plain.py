@@ -143,7 +143,8 @@ def train_on(config: TrainConfig, dev: torch.device, progress: bool, cp: Context
     final = evaluate_with_diagnostics(model, eval_batches, dev, cp, precision, chunk)
     evals.append({"step": config.train.steps, **final})
     metrics = {"attention": model.config.attention, "parameters": model.num_parameters(),
-               "device": str(dev), "cp": cp.world_size, "ulysses": cp.ulysses_size, "steps": config.train.steps, "tokens": tokens_seen,
+               "device": str(dev), "cp": cp.world_size, "ulysses": cp.ulysses_size, "steps": config.train.steps,
+               "tokens": tokens_seen,
                "train_time_s": train_time, "tokens_per_s": tokens_seen / train_time,
                "step_time_s": steady_step_time(step_times[config.data.short_steps:]), "precision": precision,
                "initial_eval": initial, "final_eval": final, "evals": evals, "history": history}
