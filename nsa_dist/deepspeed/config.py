@@ -2,8 +2,9 @@
 
 The YAML owns the model, data, steps, the global batch, context and Ulysses parallelism and the optimiser
 hyper-parameters it names; the JSON owns ZeRO, precision, activation-checkpointing details, the optimizer and
-scheduler types and their other parameters. A key the JSON leaves out is filled from the YAML; a key both set must agree (ValueError
-naming both values), so a JSON a DeepSpeed user already has keeps working and nothing is silently overridden.
+scheduler types and their other parameters. A key the JSON leaves out is filled from the YAML; a key both set must
+agree (ValueError naming both values), so a JSON a DeepSpeed user already has keeps working and nothing is silently
+overridden.
 """
 from __future__ import annotations
 
