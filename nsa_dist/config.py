@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Tuple
 from nsa_kernels import NSAGeometry
 from nsa_kernels.validation import check_non_negative_int, check_positive_int, check_selection_geometry
 
-from .parallel.sharding import check_layout_kind
+from .parallel.layout import check_layout_kind
 from .parallel.selected_exchange import check_selection_exchange
 from .recipes import apply_recipe
 from .validation import check_bool, check_real
@@ -41,8 +41,11 @@ class NSAConfig:
         rope_theta: rotary base; ``use_rope=False`` disables rotary embeddings.
         softmax_scale: attention scale (default ``1 / sqrt(Dk)``).
         qkv_bias: biases on the q/k/v projections.
-        cp_layout: sequence layout under context parallelism, ``"zigzag"`` (Megatron's, ``2P`` chunks) or
-            ``"contiguous"`` (``P`` chunks); used only when the layer gets a ``cp_group``.
+        cp_layout: sequence layout under context parallelism (:class:`~nsa_dist.parallel.CPLayout`), used only when
+            the layer gets a ``cp_group``: ``"zigzag"`` (megatron-core's split of unpacked batches, ``2P`` chunks),
+            ``"contiguous"`` (``P`` chunks) or ``"per_document"`` (megatron-core's split of packed ``thd`` batches:
+            every document of the call's ``cu_seqlens``, its length divisible by ``2P``, in ``2P`` chunks; calls
+            without ``cu_seqlens`` are a ValueError).
         cp_selection_exchange: how selected blocks reach their queries under context parallelism: ``"auto"``
             (the cheaper in bytes), ``"sparse"`` (fetch only the selected blocks) or ``"allgather"`` (all raw
             selection K/V).

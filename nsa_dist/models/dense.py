@@ -12,7 +12,8 @@ from nsa_kernels import doc_local_positions
 from nsa_kernels.validation import check_cu_seqlens
 
 from ..parallel.dense import allgather_dense_attention
-from ..parallel.sharding import CPLayout, ShardedSequence, check_layout_kind
+from ..parallel.layout import CPLayout, check_layout_kind
+from ..parallel.sharding import ShardedSequence
 from ..rotary import RotaryEmbedding
 from ..validation import check_layer_inputs
 

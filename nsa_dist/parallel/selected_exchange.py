@@ -43,11 +43,11 @@ def cheaper_selection_path(rows_total: int, runs_total: int, bytes_per_row: int,
 
 
 def _unique_remote_blocks(shards: ShardedSequence, rank: int, selection: CompactSelection, select_len: int) -> int:
-    """Distinct selected blocks with at least one row on another rank."""
+    """Distinct selected blocks with at least one row on another rank (a block may straddle several chunks when
+    they are shorter than ``select_len``, as per-document chunks may be)."""
     starts = torch.unique(selection.block_starts)
-    first, _ = shards.owner(starts)
-    last, _ = shards.owner(starts + select_len - 1)  # a block straddles at most one chunk boundary
-    return int(((first != rank) | (last != rank)).sum())
+    owners, _ = shards.owner(starts[:, None] + torch.arange(select_len, device=starts.device))
+    return int((owners != rank).any(dim=1).sum())
 
 
 def _selection_source(shards: ShardedSequence, rank: int, kv: torch.Tensor, selection: CompactSelection,

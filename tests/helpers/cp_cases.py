@@ -1,6 +1,8 @@
-"""Inputs of the context-parallel NSA tests, built identically in the test process and in every rank."""
+"""Inputs of the context-parallel NSA tests, built identically in the test process and in every rank, and
+megatron-core's per-document split of packed batches (Transformer Engine's indices) written out independently."""
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -8,7 +10,7 @@ import torch
 
 from tests.helpers.cp_harness import generator
 from nsa_dist import BlockCompressor, NativeSparseAttention, NSAConfig
-from nsa_dist.parallel import BranchKV
+from nsa_dist.parallel import BranchKV, CPLayout
 from nsa_dist.rotary import RotaryEmbedding
 from nsa_kernels import NSAGeometry
 
@@ -56,17 +58,24 @@ class Case:
 
 
 def cu_seqlens_of(case: Case, seed: int) -> Optional[torch.Tensor]:
-    """Random document boundaries (documents straddle chunks and ranks), ``case.doc_lengths``, or None."""
+    """Random document boundaries (documents straddle chunks and ranks; in the per_document layout, multiples of
+    ``2P`` apart), ``case.doc_lengths``, or None."""
     if case.doc_lengths:
         return torch.tensor([0, *case.doc_lengths], dtype=torch.long).cumsum(0).to(torch.int32)
     if case.num_docs == 0:
         return None
-    cuts = torch.randperm(case.T - 1, generator=generator(seed, 7))[:case.num_docs - 1] + 1
+    unit = 2 * case.P if case.kind == "per_document" else 1
+    cuts = (torch.randperm(case.T // unit - 1, generator=generator(seed, 7))[:case.num_docs - 1] + 1) * unit
     return torch.tensor([0] + sorted(cuts.tolist()) + [case.T], dtype=torch.int32)
 
 
-def random_compressor(head_dim: int, gen: torch.Generator) -> BlockCompressor:
-    comp = BlockCompressor("mlp", head_dim, GEOMETRY["block_len"], GEOMETRY["stride"], 8)
+def layout_of(case: Case, seed: int) -> CPLayout:
+    """The case's :class:`CPLayout` of ``T`` over ``P`` ranks, bound to its documents when per_document."""
+    return CPLayout(case.P, case.T, case.kind, GEOMETRY["select_len"]).with_documents(cu_seqlens_of(case, seed))
+
+
+def random_compressor(head_dim: int, gen: torch.Generator, block_len: int, stride: int) -> BlockCompressor:
+    comp = BlockCompressor("mlp", head_dim, block_len, stride, 8)
     with torch.no_grad():
         for p in comp.parameters():  # away from the mean-pooling start, so every weight carries gradient
             p.copy_(WEIGHT_STD * torch.randn(p.shape, generator=gen))
@@ -93,7 +102,9 @@ def functional_inputs(tensors: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, B
 def compressors(case: Case, seed: int):
     """The mlp compressors of k and v (random weights) and the rotary embedding, in the case's dtype."""
     gen = generator(seed, 2)
-    return random_compressor(DK, gen).to(case.dtype), random_compressor(DV, gen).to(case.dtype), RotaryEmbedding(DK)
+    blocks = case.nsa["block_len"], case.nsa["stride"]
+    return (random_compressor(DK, gen, *blocks).to(case.dtype), random_compressor(DV, gen, *blocks).to(case.dtype),
+            RotaryEmbedding(DK))
 
 
 def module_and_inputs(case: Case, seed: int, cp_group=None):
@@ -124,3 +135,24 @@ def parameter_grads(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 def sum_over_ranks(per_rank: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     return {n: sum(d[n] for d in per_rank) for n in per_rank[0]}
+
+
+def te_thd_partitioned_indices(cu_seqlens: torch.Tensor, total_tokens: int, world_size: int,
+                               rank: int) -> torch.Tensor:
+    """Transformer Engine's ``thd_get_partitioned_indices`` (its CUDA kernel's per-token loop), written out
+    independently: the global token index of each of ``rank``'s ``total_tokens / world_size`` local tokens."""
+    cu_s = [int(b) // world_size for b in cu_seqlens]  # the kernel's cu_seqlens_s
+    batch = len(cu_s) - 1
+    out = []
+    for token_id in range(total_tokens // world_size):
+        seq_id = min(bisect.bisect_right(cu_s, token_id), batch) - 1  # the kernel's binary_search
+        seq_len = cu_s[seq_id + 1] - cu_s[seq_id]
+        index = token_id - cu_s[seq_id]
+        offset = rank if index < seq_len // 2 else (world_size - 1) * 2 - rank
+        out.append(index + cu_s[seq_id] * world_size + seq_len // 2 * offset)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def megatron_thd(val: torch.Tensor, cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Megatron-core's ``get_thd_batch_on_this_cp_rank`` for one ``[1, T, ...]`` tensor (TE's indices)."""
+    return val.index_select(1, te_thd_partitioned_indices(cu_seqlens, val.shape[1], cp_size, cp_rank))

@@ -1,7 +1,8 @@
 """Context-parallel dense attention (all-gather K/V) on 2 and 4 gloo ranks equals the single rank: outputs and the
 gradients of q, k, v (``allgather_dense_attention`` against per-document causal SDPA), of x and every parameter
 (``DenseAttention`` with ``cp_group``), and the loss and parameter gradients of a dense GPT at cp 2 against cp 1.
-Zigzag and contiguous layouts, packed documents straddling ranks, G in {1, 2, 4}; float64, max abs <= 1e-10.
+Zigzag, contiguous and per-document layouts, packed documents straddling ranks, G in {1, 2, 4}; float64, max abs
+<= 1e-10.
 Also: ``nsa-dist train --attention dense --cp 2`` reports the losses of ``--cp 1`` (float32, 1e-5)."""
 import functools
 import json
@@ -62,6 +63,11 @@ def cu_seqlens_of(case: Case, seed: int) -> Optional[torch.Tensor]:
     return torch.tensor([0] + sorted(cuts.tolist()) + [case.T], dtype=torch.int32)
 
 
+def layout_of(case: Case, seed: int) -> CPLayout:
+    """The case's layout over ``P`` ranks, bound to its documents when per_document."""
+    return CPLayout(case.P, case.T, case.kind).with_documents(cu_seqlens_of(case, seed))
+
+
 FUNCTIONAL = [
     # T = 96: zigzag chunks of 24, contiguous of 48; documents of 30 and 48 cross chunk and rank boundaries,
     # a 1-token and an empty document
@@ -74,12 +80,17 @@ FUNCTIONAL = [
     Case(4, "zigzag", 2, 64, batch=2),
     Case(4, "contiguous", 2, 128, num_docs=4),
     Case(4, "contiguous", 4, 128, doc_lengths=(5, 100, 0, 23)),
+    # per_document (megatron-core's thd split): each document in 2P chunks
+    Case(2, "per_document", 2, 96, doc_lengths=(28, 4, 0, 16, 48)),
+    Case(4, "per_document", 4, 128, doc_lengths=(8, 96, 0, 24)),
 ]
 MODULE = [
     Case(2, "zigzag", 2, 96, num_docs=3),
     Case(2, "contiguous", 4, 64, batch=2, position_offset=5),
     Case(4, "zigzag", 4, 128, doc_lengths=(5, 100, 0, 23)),
     Case(4, "contiguous", 1, 64, batch=2),
+    Case(2, "per_document", 4, 96, doc_lengths=(28, 4, 0, 16, 48), position_offset=3),
+    Case(4, "per_document", 1, 128, doc_lengths=(8, 96, 0, 24)),
 ]
 # the GPT's batches are sharded by the layout with the NSA select_len (64 by default): T = 256
 GPT_CASES = [Case(2, "zigzag", 2, 256, batch=2), Case(2, "contiguous", 2, 256, num_docs=3)]
@@ -99,7 +110,7 @@ def functional_inputs(case: Case, seed: int):
 
 
 def functional_job(rank, world, case, seed):
-    layout = CPLayout(world, case.T, case.kind)
+    layout = layout_of(case, seed)
     inputs = functional_inputs(case, seed)
     flat = lambda t: layout.shard(t, rank).reshape(1, -1, *t.shape[2:])
     local = {n: flat(inputs[n]).requires_grad_() for n in ("q", "k", "v")}
@@ -142,7 +153,7 @@ def dense_layer(case: Case, seed: int, cp_group=None):
 
 def module_job(rank, world, case, seed):
     layer, x, dy, pos = dense_layer(case, seed, cp_group=dist.group.WORLD)
-    layout = CPLayout(world, case.T, case.kind)
+    layout = layout_of(case, seed)
     x_local = layout.shard(x, rank).requires_grad_()
     y = layer(x_local, cu_seqlens=cu_seqlens_of(case, seed), position_ids=pos)
     (y * layout.shard(dy, rank)).sum().backward()
@@ -218,7 +229,7 @@ def results_for(P, seed):
 
 def assert_matches(case, seed, ranks, expected):
     """Unshard the ranks' outputs and input gradients, sum their parameter gradients, compare (max abs)."""
-    layout = CPLayout(case.P, case.T, case.kind)
+    layout = layout_of(case, seed)
     o, grads, params = expected
     errors = {"o": (layout.unshard([r["o"] for r in ranks]) - o).abs().max().item()}
     for n, g in grads.items():

@@ -1,7 +1,9 @@
-"""CPLayout and ShardedSequence: Megatron's zigzag formula, round trips, owners, packed-document segments."""
+"""CPLayout and ShardedSequence: Megatron's zigzag formula, Transformer Engine's per-document thd split, round
+trips, owners, packed-document segments, errors naming the setting and the numbers."""
 import pytest
 import torch
 
+from tests.helpers.cp_cases import megatron_thd, te_thd_partitioned_indices
 from nsa_dist.parallel import CPLayout, ShardedSequence
 from nsa_kernels import doc_local_positions
 
@@ -13,6 +15,14 @@ def megatron_zigzag(val: torch.Tensor, cp_size: int, cp_rank: int, seq_dim: int 
     index = torch.tensor([cp_rank, (2 * cp_size - cp_rank - 1)])
     val = val.index_select(seq_dim, index)
     return val.view(*val.shape[0:seq_dim], -1, *val.shape[(seq_dim + 2):])
+
+
+def random_documents(P: int, gen: torch.Generator) -> torch.Tensor:
+    """int32 cu_seqlens of 6 random documents whose lengths are multiples of 2P: an empty one, one of exactly 2P
+    (chunks of one token), the rest up to 11 chunks of every rank."""
+    units = torch.randint(2, 12, (6,), generator=gen)
+    units[1], units[3] = 0, 1
+    return torch.cat([torch.zeros(1, dtype=torch.long), (units * 2 * P).cumsum(0)]).to(torch.int32)
 
 
 def random_cu_seqlens(T: int, gen: torch.Generator) -> torch.Tensor:
@@ -35,10 +45,40 @@ def test_zigzag_equals_megatron_and_contiguous_equals_chunk(seed, P, T):
             assert torch.equal(CPLayout(P, T, "contiguous").shard(x, r), x.chunk(P, dim=1)[r])
 
 
-@pytest.mark.parametrize("kind", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("P", [1, 2, 3, 4])
+def test_per_document_equals_transformer_engine_thd_split(seed, P):
+    """The per-document layout's local tokens are megatron-core's thd split (TE's indices), rank by rank."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        cu = random_documents(P, gen)
+        T = int(cu[-1])
+        x = torch.randn(1, T, 3)
+        layout = CPLayout(P, T, "per_document", select_len=64, doc_bounds=cu.tolist())
+        for r in range(P):
+            assert torch.equal(layout.positions(r), te_thd_partitioned_indices(cu, T, P, r)), f"cu {cu.tolist()}"
+            assert torch.equal(layout.shard(x, r), megatron_thd(x, cu, P, r)), f"P={P} rank {r} cu {cu.tolist()}"
+
+
+def test_per_document_of_one_document_is_zigzag(seed):
+    x = torch.randn(2, 96)
+    for P in (2, 3):
+        one = CPLayout(P, 96, "per_document", doc_bounds=(0, 96))
+        assert all(torch.equal(one.shard(x, r), CPLayout(P, 96, "zigzag").shard(x, r)) for r in range(P))
+
+
+def bound_layout(kind: str, P: int, gen: torch.Generator) -> CPLayout:
+    """A layout over P ranks: zigzag and contiguous of 3 chunks of 16 per chunk, per_document of random
+    documents."""
+    if kind == "per_document":
+        cu = random_documents(P, gen)
+        return CPLayout(P, int(cu[-1]), kind, select_len=16).with_documents(cu)
+    return CPLayout(P, 16 * 2 * P * 3, kind, select_len=16)
+
+
+@pytest.mark.parametrize("kind", ["zigzag", "contiguous", "per_document"])
 @pytest.mark.parametrize("P", [1, 2, 4])
 def test_shard_unshard_round_trip_positions_and_owner(seed, kind, P):
-    layout = CPLayout(P, 16 * 2 * P * 3, kind, select_len=16)
+    layout = bound_layout(kind, P, torch.Generator().manual_seed(seed))
     x = torch.randn(layout.seq_len, 5)
     shards = [layout.shard(x, r, dim=0) for r in range(P)]
     assert torch.equal(layout.unshard(shards, dim=0), x)
@@ -105,3 +145,45 @@ def test_bad_layouts_name_the_numbers():
         layout.chunks(2)
     with pytest.raises(ValueError, match=r"length 50 on dim 1.*T=64"):
         layout.shard(torch.zeros(1, 50), 0)
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_per_document_segments_are_its_chunks(seed, P):
+    """Per-document layout: every local segment is one chunk of one document, at the local row ``cu[n] / P`` of
+    that document plus the chunk's slot; positions restart at each document."""
+    cu = random_documents(P, torch.Generator().manual_seed(seed))
+    T = int(cu[-1])
+    seq = ShardedSequence(CPLayout(P, T, "per_document"), cu)
+    local_doc = doc_local_positions(cu, T)
+    for r in range(P):
+        assert torch.equal(seq.positions(r), te_thd_partitioned_indices(cu, T, P, r))
+        assert torch.equal(seq.doc_positions(r), local_doc[seq.positions(r)])
+        expected = []
+        for n, (b, e) in enumerate(zip(cu.tolist(), cu[1:].tolist())):
+            c = (e - b) // (2 * P)
+            expected += [(n, k * c, (k + 1) * c, b // P + slot * c) for slot, k in enumerate((r, 2 * P - 1 - r)) if c]
+        assert [(s.doc, s.p0, s.p1, s.row) for s in seq.segments(r)] == expected, f"rank {r} cu {cu.tolist()}"
+
+
+def test_per_document_errors_name_the_setting_and_numbers():
+    with pytest.raises(ValueError, match=r"cp_layout='per_document'.*2\*CP = 4 chunks.*needs .*cu_seqlens"):
+        ShardedSequence(CPLayout(2, 64, "per_document", select_len=8))
+    with pytest.raises(ValueError, match=r"cp_layout='per_document'.*needs .*cu_seqlens"):
+        CPLayout(2, 64, "per_document").shard(torch.zeros(1, 64), 0)
+    with pytest.raises(ValueError, match=r"divisible by 4.*document 0 of length 30, document 1 of length 34"):
+        ShardedSequence(CPLayout(2, 64, "per_document"), torch.tensor([0, 30, 64], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"by 8.*document 1 of length 12, document 2 of length 20 .*\[0, 16, 28, 48\]"):
+        CPLayout(4, 48, "per_document", doc_bounds=(0, 16, 28, 48))
+    with pytest.raises(ValueError, match=r"T=62 .*2P=4 chunks of every document \(per_document layout"):
+        CPLayout(2, 62, "per_document")
+    with pytest.raises(ValueError, match=r"doc_bounds given for kind='zigzag'"):
+        CPLayout(2, 64, "zigzag", doc_bounds=(0, 64))
+    with pytest.raises(ValueError, match=r"doc_bounds=\[0, 32, 60\] must .*end at T=64"):
+        CPLayout(2, 64, "per_document", doc_bounds=(0, 32, 60))
+    bound = CPLayout(2, 64, "per_document", doc_bounds=(0, 32, 64))
+    with pytest.raises(ValueError, match=r"bound to cu_seqlens \[0, 32, 64\] .*cu_seqlens \[0, 16, 64\]"):
+        ShardedSequence(bound, torch.tensor([0, 16, 64], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"no single chunk length"):
+        bound.chunk_len
+    with pytest.raises(ValueError, match=r"cu_seqlens.*B = 1, got B=2"):
+        ShardedSequence(CPLayout(2, 64, "per_document"), torch.tensor([0, 32, 64], dtype=torch.int32), batch=2)

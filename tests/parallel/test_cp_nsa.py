@@ -1,7 +1,8 @@
 """Context-parallel NSA on 2, 4 and 8 gloo ranks equals the single-rank result: outputs and the gradients of q,
 every branch's k/v, the gates and the compressor weights (functional op), and of x and every parameter
 (NativeSparseAttention with cp_group). float32, max abs error <= 1e-5. Also: the sparse path is taken and
-moves fewer bytes when selections stay local; bad groups and lengths raise errors naming the numbers."""
+moves fewer bytes when selections stay local; bad groups and lengths raise errors naming the numbers. Layouts:
+zigzag, contiguous and per_document (megatron-core's split of packed thd batches)."""
 import functools
 import os
 
@@ -11,7 +12,7 @@ import torch.distributed as dist
 
 import nsa_kernels
 from tests.helpers.cp_cases import (BRANCH_INPUTS, GEOMETRY, Case, branch_inputs, compressors, cu_seqlens_of,
-                                    functional_inputs, grad_or_zero, module_and_inputs, parameter_grads,
+                                    functional_inputs, grad_or_zero, layout_of, module_and_inputs, parameter_grads,
                                     sum_over_ranks)
 from tests.helpers.cp_harness import run_ranks, value_error_messages
 from nsa_dist.parallel import CPLayout, ShardedSequence, context_parallel_nsa
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.slow  # spawns gloo process groups
 ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 L_SEL = GEOMETRY["select_len"]
 
+PER_DOCUMENT_P4 = (("block_len", 12), ("select_len", 12))  # stride 4
 FUNCTIONAL = [
     # P = 2: T = 288 (not a power of two), chunks of 72 (zigzag) / 144 (contiguous)
     Case(2, "zigzag", "sparse", kv_heads=4, T=288),
@@ -46,6 +48,17 @@ FUNCTIONAL = [
     Case(8, "zigzag", "sparse", kv_heads=2, T=384, num_docs=5),
     Case(8, "contiguous", "auto", kv_heads=4, T=320, num_docs=0),
     Case(8, "zigzag", "allgather", kv_heads=1, T=256, window=40),  # window 40 > chunk 16: three halos
+    # per_document (megatron-core's thd split): each document in 2P chunks, its length a multiple of 2P but not of
+    # l = l' = 8 (P = 2); chunks of 1 .. 13 tokens, so selection blocks and windows span chunks of several ranks
+    Case(2, "per_document", "sparse", kv_heads=4, T=288, doc_lengths=(52, 4, 0, 100, 12, 84, 36)),
+    Case(2, "per_document", "allgather", kv_heads=1, T=288, num_docs=5),
+    Case(2, "per_document", "auto", kv_heads=2, T=96, window=40, num_docs=3),
+    Case(2, "per_document", "sparse", kv_heads=2, T=64, window=3, doc_lengths=(4, 12, 0, 28, 4, 8, 8)),
+    # P = 4: lengths multiples of 8, not of l = l' = 12
+    Case(4, "per_document", "sparse", kv_heads=1, T=320, doc_lengths=(56, 8, 120, 0, 40, 96),
+         geometry=PER_DOCUMENT_P4),
+    Case(4, "per_document", "allgather", kv_heads=4, T=320, num_docs=4, geometry=PER_DOCUMENT_P4),
+    Case(4, "per_document", "auto", kv_heads=2, T=192, window=40, num_docs=2, geometry=PER_DOCUMENT_P4),
 ]
 MODULE = [
     Case(2, "zigzag", "auto", kv_heads=1, T=160, num_docs=3),
@@ -71,6 +84,14 @@ MODULE = [
     Case(2, "zigzag", "allgather", kv_heads=4, T=160, num_docs=3, full_selection=True),
     Case(4, "contiguous", "allgather", kv_heads=2, T=128, num_docs=0, batch=2, full_selection=True,
          dtype=torch.float64),
+    # per_document, with every selection scoring and the full-selection warm-up
+    Case(2, "per_document", "auto", kv_heads=1, T=160, num_docs=3),
+    Case(2, "per_document", "sparse", kv_heads=4, T=160, doc_lengths=(36, 4, 92, 28), dtype=torch.float64),
+    Case(4, "per_document", "auto", kv_heads=2, T=192, num_docs=3, geometry=PER_DOCUMENT_P4),
+    Case(4, "per_document", "sparse", kv_heads=4, T=128, num_docs=3, kv_sharing="shared", dtype=torch.float64),
+    Case(2, "per_document", "auto", kv_heads=2, T=160, num_docs=3, selection_scoring="key_bound"),
+    Case(4, "per_document", "sparse", kv_heads=1, T=128, num_docs=3, selection_scoring="max_logit"),
+    Case(2, "per_document", "allgather", kv_heads=4, T=160, num_docs=3, full_selection=True),
 ]
 TRITON = Case(2, "zigzag", "sparse", kv_heads=2, T=64, window=3, doc_lengths=(3, 1, 7, 2, 5, 0, 30, 4, 8, 4))
 # only the most recent blocks are selected: remote rows are at most one block and a tail halo per segment
@@ -85,13 +106,13 @@ def cp_seed() -> int:
 
 
 def functional_job(rank, world, case, seed):
-    layout = CPLayout(world, case.T, case.kind, L_SEL)
+    layout = layout_of(case, seed)
     inputs = branch_inputs(case, seed)
     local = {n: layout.shard(inputs[n], rank).requires_grad_() for n in BRANCH_INPUTS}
     compress_k, compress_v, rotary = compressors(case, seed)
     o, stats = context_parallel_nsa(*functional_inputs(local), geometry=case.nsa_geometry, shards=ShardedSequence(
-        layout, cu_seqlens_of(case, seed)), group=None, compress_k=compress_k, compress_v=compress_v, rotary=rotary,
-        selection_exchange=case.exchange)
+        CPLayout(world, case.T, case.kind, L_SEL), cu_seqlens_of(case, seed)), group=None, compress_k=compress_k,
+        compress_v=compress_v, rotary=rotary, selection_exchange=case.exchange)
     (o * layout.shard(inputs["dy"], rank)).sum().backward()
     params = {f"k.{n}": g for n, g in parameter_grads(compress_k).items()}
     params.update({f"v.{n}": g for n, g in parameter_grads(compress_v).items()})
@@ -107,7 +128,7 @@ def triton_job(rank, world, case, seed):
 
 def module_job(rank, world, case, seed):
     layer, x, dy, pos = module_and_inputs(case, seed, cp_group=dist.group.WORLD)
-    layout = CPLayout(world, case.T, case.kind, L_SEL)
+    layout = layout_of(case, seed)
     x_local = layout.shard(x, rank).requires_grad_()
     y = layer(x_local, cu_seqlens=cu_seqlens_of(case, seed), position_ids=pos)
     (y * layout.shard(dy, rank)).sum().backward()
@@ -118,6 +139,7 @@ def module_job(rank, world, case, seed):
 def error_job(rank, world, seed):
     """Messages of the errors raised for a group/layout mismatch and for lengths that do not fit the layout."""
     case = Case(world, "zigzag", "auto", kv_heads=1, T=32 * world, num_docs=0)
+    per_document = Case(world, "per_document", "auto", kv_heads=1, T=32 * world, num_docs=0)
     local = {n: t[:, :32] for n, t in branch_inputs(case, seed).items()}
     compress_k, compress_v, _ = compressors(case, seed)
     attempts = [
@@ -127,6 +149,9 @@ def error_job(rank, world, seed):
         lambda: module_and_inputs(case, seed, dist.group.WORLD)[0](torch.randn(1, 30, 16)),
         lambda: module_and_inputs(case, seed, dist.group.WORLD)[0](
             torch.randn(1, 32, 16), cu_seqlens=torch.tensor([0, 10, 60], dtype=torch.int32)),
+        lambda: module_and_inputs(per_document, seed, dist.group.WORLD)[0](torch.randn(1, 32, 16)),
+        lambda: module_and_inputs(per_document, seed, dist.group.WORLD)[0](
+            torch.randn(1, 32, 16), cu_seqlens=torch.tensor([0, 2 * world + 2, 32 * world], dtype=torch.int32)),
     ]
     return value_error_messages(attempts)
 
@@ -155,7 +180,7 @@ def single_rank_functional(case, seed):
     compress_k, compress_v, rotary = compressors(case, seed)
     cu = cu_seqlens_of(case, seed)
     k_cmp, v_cmp = compress_k(leaves["k_c"], cu), compress_v(leaves["v_c"], cu)
-    last = nsa_kernels.compressed_block_last_tokens(cu, case.T, GEOMETRY["block_len"], GEOMETRY["stride"])
+    last = nsa_kernels.compressed_block_last_tokens(cu, case.T, case.nsa["block_len"], case.nsa["stride"])
     k_cmp = rotary(k_cmp, nsa_kernels.doc_local_positions(cu, case.T)[last])
     q, _, _, k_s, v_s, k_w, v_w, gates = (leaves[n] for n in BRANCH_INPUTS)
     o = nsa_kernels.nsa_attention(q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates, cu_seqlens=cu, **case.nsa)
@@ -175,7 +200,7 @@ def single_rank_module(case, seed):
 
 def assert_matches(case, seed, ranks, expected):
     """Unshard the ranks' outputs and input gradients, sum their parameter gradients, compare (max abs)."""
-    layout = CPLayout(case.P, case.T, case.kind, L_SEL)
+    layout = layout_of(case, seed)
     o, grads, params = expected
     errors = {"o": (layout.unshard([r["o"] for r in ranks]) - o).abs().max().item()}
     for n, g in grads.items():
@@ -241,10 +266,13 @@ def test_local_selections_take_the_sparse_path_and_move_fewer_bytes(cp_seed):
 @pytest.mark.parametrize("P", [2, 4, 8])
 def test_bad_group_and_lengths_raise(cp_seed, P):
     for messages in results_for(P, cp_seed)[(error_job, None)]:
-        group, short, cu = messages
+        group, short, cu, unpacked, odd_document = messages
         assert group is not None and f"group has {P} ranks" in group and f"P={2 * P} ranks" in group, group
         assert short is not None and f"T={30 * P}" in short, short
         assert cu is not None and "ends at 60" in cu and f"T={32 * P}" in cu, cu
+        assert unpacked is not None and "cp_layout='per_document'" in unpacked and "cu_seqlens" in unpacked, unpacked
+        assert odd_document is not None and f"divisible by {2 * P}" in odd_document, odd_document
+        assert f"document 0 of length {2 * P + 2}" in odd_document, odd_document
 
 
 def test_auto_choice_falls_back_to_all_gather_when_it_moves_fewer_bytes():
