@@ -35,8 +35,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
-from nsa_dist.megatron import (NSATransformerConfig, add_nsa_arguments, get_batch_on_this_cp_rank,
-                               get_gpt_decoder_block_nsa_spec, nsa_fields_from_args)
+from nsa_dist.megatron import (NSATransformerConfig, add_nsa_arguments, get_gpt_decoder_block_nsa_spec,
+                               nsa_fields_from_args, split_batch_for_cp_rank)
 from nsa_dist.selection_warmup import set_full_selection
 
 # the distributed optimizer's checkpoint format (Megatron-LM's default): one shard per data-parallel rank
@@ -303,8 +303,8 @@ def forward_step(args, device, data_iterator, model):
     the model returns per-token losses when given labels)."""
     batch = {key: value.to(device) for key, value in next(data_iterator).items()}
     if args.context_parallel_size > 1:
-        batch = get_batch_on_this_cp_rank(batch, select_len=args.nsa_select_len,
-                                          cp_group=parallel_state.get_context_parallel_group())
+        batch = split_batch_for_cp_rank(batch, select_len=args.nsa_select_len,
+                                        cp_group=parallel_state.get_context_parallel_group())
     output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None,
                    labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])

@@ -14,8 +14,9 @@ require_megatron()
 
 from .arguments import add_nsa_arguments, nsa_fields_from_args  # noqa: E402
 from .attention import NSASelfAttention, NSASelfAttentionSubmodules  # noqa: E402
-from .batch import cu_seqlens_from_packed_seq_params, get_batch_on_this_cp_rank  # noqa: E402
-from .config import NSATransformerConfig, megatron_lm_args, nsa_config_from_transformer_config  # noqa: E402
+from .batch import cu_seqlens_from_packed_seq_params, megatron_cp_layout, split_batch_for_cp_rank  # noqa: E402
+from .config import (NSATransformerConfig, megatron_layout_kind, megatron_lm_args,  # noqa: E402
+                     nsa_config_from_transformer_config)
 from .norm import SequenceParallelTorchNorm  # noqa: E402
 from .spec import (default_backend, get_gpt_decoder_block_nsa_spec, get_gpt_layer_nsa_spec,  # noqa: E402
                    get_nsa_attention_spec, nsa_layer_spec)
@@ -24,5 +25,5 @@ __all__ = [
     "NSATransformerConfig", "nsa_config_from_transformer_config", "megatron_lm_args", "NSASelfAttention",
     "NSASelfAttentionSubmodules", "get_gpt_layer_nsa_spec", "get_gpt_decoder_block_nsa_spec", "get_nsa_attention_spec",
     "default_backend", "nsa_layer_spec", "add_nsa_arguments", "nsa_fields_from_args", "SequenceParallelTorchNorm",
-    "get_batch_on_this_cp_rank", "cu_seqlens_from_packed_seq_params",
+    "split_batch_for_cp_rank", "megatron_cp_layout", "megatron_layout_kind", "cu_seqlens_from_packed_seq_params",
 ]

@@ -15,9 +15,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from ..branch_kv import BranchKV
 from ..branches import nsa_branches
 from ..compression import BlockCompressor
-from ..parallel import CPLayout
 from ..selection_warmup import FullSelectionSwitch
-from .batch import cu_seqlens_from_packed_seq_params
+from .batch import cu_seqlens_from_packed_seq_params, megatron_cp_layout
 from .config import nsa_config_from_transformer_config
 from .rotary import RotaryTable
 from .tensor_parallel import KVHeadReplicatedLinear, process_groups, replicate_over_tp
@@ -76,9 +75,12 @@ class NSASelfAttention(FullSelectionSwitch, MegatronModule):
     - Tensor parallel over heads: each rank runs its ``HQ / TP`` query heads and their KV heads (``H / TP`` of
       them, or the one replicated head when ``TP > H``). The compressors are shared by all heads, replicated on
       the TP ranks with their gradients summed over the group.
-    - Context parallel over the config's CP group (``pg_collection.cp``) with Megatron's zigzag layout: the batch
-      must be split as ``get_batch_on_this_cp_rank`` does (:func:`nsa_dist.megatron.get_batch_on_this_cp_rank`),
-      compressed tokens and selected blocks are exchanged (:mod:`nsa_dist.parallel`).
+    - Context parallel over the config's CP group (``pg_collection.cp``) in the layout of megatron-core's own batch
+      split (:func:`~nsa_dist.megatron.config.megatron_layout_kind`): zigzag for unpacked batches
+      (``get_batch_on_this_cp_rank``), per document when ``packed_seq_params`` (``thd``) is given
+      (``get_thd_batch_on_this_cp_rank``, every document in ``2 * CP`` chunks); split batches with megatron-core's
+      functions or :func:`nsa_dist.megatron.split_batch_for_cp_rank`. Compressed tokens and selected blocks are
+      exchanged (:mod:`nsa_dist.parallel`).
     - Packed sequences: ``packed_seq_params`` in ``thd`` format gives the global document offsets; no branch
       crosses a document and rotary positions restart at each document.
     - Rotary: the ``rotary_pos_emb`` Megatron passes (RoPE; none with learned absolute positions).
@@ -97,6 +99,7 @@ class NSASelfAttention(FullSelectionSwitch, MegatronModule):
             raise ValueError(f"NSA attention is causal; got attn_mask_type={attn_mask_type}")
         self.layer_number = layer_number
         self.nsa = nsa = nsa_config_from_transformer_config(config)
+        self.packed_nsa = nsa_config_from_transformer_config(config, packed=True)  # thd batches' CP layout
         self.tp_group, self.cp_group = process_groups(pg_collection, model_comm_pgs)
         tp = dist.get_world_size(self.tp_group)
         HQ, H, Dk, Dv = nsa.num_heads, nsa.num_kv_heads, nsa.head_dim, nsa.v_head_dim
@@ -160,8 +163,9 @@ class NSASelfAttention(FullSelectionSwitch, MegatronModule):
             rope = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
             rotary = RotaryTable(rope, self._rope_row_positions(rope, s, cu_seqlens, cp_group), Dk,
                                  interleaved=getattr(self.config, "rotary_interleaved", False))
+        layer_nsa = nsa if cu_seqlens is None else self.packed_nsa  # megatron-core's CP split of this batch
         o, self.last_cp_stats, self.last_selection_loss = nsa_branches(
-            nsa, q.contiguous(), BranchKV(k_c, v_c, k_s, v_s, k_w, v_w), torch.sigmoid(gate_logits).contiguous(),
+            layer_nsa, q.contiguous(), BranchKV(k_c, v_c, k_s, v_s, k_w, v_w), torch.sigmoid(gate_logits).contiguous(),
             k_compressor=self.k_compressor, v_compressor=self.v_compressor, rotary=rotary, cu_seqlens=cu_seqlens,
             cp_group=cp_group, full_selection=self.full_selection)
         return self.linear_proj(o.transpose(0, 1).reshape(s, b, self.local_heads * Dv))
@@ -172,7 +176,7 @@ class NSASelfAttention(FullSelectionSwitch, MegatronModule):
         if cu_seqlens is not None or cp_group is None:
             return torch.arange(rope.shape[0])
         P = dist.get_world_size(cp_group)
-        return CPLayout(P, s * P, "zigzag", self.nsa.select_len).positions(dist.get_rank(cp_group))
+        return megatron_cp_layout(P, s * P, self.nsa.select_len).positions(dist.get_rank(cp_group))
 
     @staticmethod
     def _check_supported(attention_mask, key_value_states, inference, attention_bias, rotary_pos_emb,

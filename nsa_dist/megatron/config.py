@@ -34,8 +34,10 @@ class NSATransformerConfig(TransformerConfig):
     Heads, head dim (``kv_channels``), KV groups (``num_query_groups``), ``softmax_scale`` and ``add_qkv_bias``
     come from the Megatron fields. A plain ``TransformerConfig`` works too (Megatron-LM builds one): a missing
     ``nsa_*`` field takes Megatron-LM's ``--nsa-*`` argument (:func:`megatron_lm_args`), else the paper's value
-    (l 32, d 16, l' 64, n 16, w 512). Under context parallelism the sequence layout is Megatron's
-    zigzag (``2 * CP`` chunks), so ``seq_length`` must be a multiple of ``2 * CP * nsa_select_len``.
+    (l 32, d 16, l' 64, n 16, w 512). Under context parallelism the sequence layout is megatron-core's own split
+    (:func:`megatron_layout_kind`): zigzag (``2 * CP`` chunks) for unpacked batches, so ``seq_length`` must be a
+    multiple of ``2 * CP * nsa_select_len``; per document for packed ``thd`` batches, so every (padded) document
+    length must be a multiple of ``2 * CP``.
 
     ``nsa_recipe`` is the one switch of :mod:`nsa_dist.recipes` (``"retrieval"``: key-bound scoring and shared K/V;
     give ``nsa_selection_warmup_steps`` too, and switch the warm-up in the training loop with
@@ -72,9 +74,18 @@ def megatron_lm_args():
     return getattr(sys.modules.get("megatron.training.global_vars"), "_GLOBAL_ARGS", None)
 
 
-def nsa_config_from_transformer_config(config: TransformerConfig) -> NSAConfig:
+def megatron_layout_kind(packed: bool) -> str:
+    """The context-parallel layout megatron-core's own batch split produces, which the NSA layer therefore uses:
+    ``"zigzag"`` for unpacked batches (``get_batch_on_this_cp_rank``), ``"per_document"`` for packed ``thd``
+    batches (``get_thd_batch_on_this_cp_rank``, Transformer Engine's ``thd_get_partitioned_indices``: every
+    document in ``2 * CP`` chunks). See :class:`~nsa_dist.parallel.CPLayout`."""
+    return "per_document" if packed else "zigzag"
+
+
+def nsa_config_from_transformer_config(config: TransformerConfig, packed: bool = False) -> NSAConfig:
     """The :class:`NSAConfig` of a Megatron config (global head counts; rotary comes from Megatron, so
-    ``use_rope=False``; layout zigzag; ``nsa_recipe`` applied to the fields left at the paper's values). Each
+    ``use_rope=False``; ``cp_layout`` megatron-core's split, :func:`megatron_layout_kind`: zigzag, or per_document
+    for ``packed`` ``thd`` batches; ``nsa_recipe`` applied to the fields left at the paper's values). Each
     ``nsa_*`` setting is the config's attribute, else the same-named argument Megatron-LM parsed
     (``--nsa-*``, :func:`megatron_lm_args`), else the paper's value. Errors name the offending ``nsa_*`` field."""
     heads = config.num_attention_heads
@@ -90,7 +101,8 @@ def nsa_config_from_transformer_config(config: TransformerConfig) -> NSAConfig:
         return NSAConfig.from_dict(dict(
             hidden_size=config.hidden_size, num_heads=heads, num_kv_heads=config.num_query_groups or heads,
             head_dim=config.kv_channels or config.hidden_size // heads, use_rope=False,
-            softmax_scale=config.softmax_scale, qkv_bias=bool(config.add_qkv_bias), cp_layout="zigzag",
+            softmax_scale=config.softmax_scale, qkv_bias=bool(config.add_qkv_bias),
+            cp_layout=megatron_layout_kind(packed),
             recipe=recipe, **values), where="config")
     except ValueError as err:
         names = ", ".join([f"{f} = config.{m}" for f, m in NSA_FIELDS.items()] + ["recipe = config.nsa_recipe"])

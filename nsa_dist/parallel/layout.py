@@ -83,7 +83,8 @@ class CPLayout:
     def _check_documents(self) -> None:
         bounds, T, n = self.doc_bounds, self.seq_len, self.num_chunks
         if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != T or any(b > e for b, e in zip(bounds, bounds[1:])):
-            raise ValueError(f"doc_bounds={list(bounds)} must start at 0, never decrease and end at T={T}")
+            raise ValueError(f"document offsets (cu_seqlens) {show_offsets(bounds)} must start at 0, never decrease "
+                             f"and end at T={T}")
         bad = [(i, e - b) for i, (b, e) in enumerate(zip(bounds, bounds[1:])) if (e - b) % n]
         if bad:
             shown = ", ".join(f"document {i} of length {length}" for i, length in bad[:SHOWN_DOCUMENTS])

@@ -1,5 +1,6 @@
 """Inputs of the context-parallel NSA tests, built identically in the test process and in every rank, and
-megatron-core's per-document split of packed batches (Transformer Engine's indices) written out independently."""
+megatron-core's batch splits written out independently: zigzag for unpacked batches, per document for packed
+``thd`` batches (Transformer Engine's indices)."""
 from __future__ import annotations
 
 import bisect
@@ -135,6 +136,15 @@ def parameter_grads(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 def sum_over_ranks(per_rank: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     return {n: sum(d[n] for d in per_rank) for n in per_rank[0]}
+
+
+def megatron_zigzag(val: torch.Tensor, cp_size: int, cp_rank: int, seq_dim: int = 1) -> torch.Tensor:
+    """Megatron-core's ``get_batch_on_this_cp_rank`` for one tensor, written out independently."""
+    val = val.view(*val.shape[0:seq_dim], 2 * cp_size, val.shape[seq_dim] // (2 * cp_size),
+                   *val.shape[(seq_dim + 1):])
+    index = torch.tensor([cp_rank, (2 * cp_size - cp_rank - 1)])
+    val = val.index_select(seq_dim, index)
+    return val.view(*val.shape[0:seq_dim], -1, *val.shape[(seq_dim + 2):])
 
 
 def te_thd_partitioned_indices(cu_seqlens: torch.Tensor, total_tokens: int, world_size: int,

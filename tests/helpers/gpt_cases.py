@@ -13,7 +13,7 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -118,19 +118,42 @@ def make_batch(case: GPTCase, step: int = 0) -> Dict[str, torch.Tensor]:
     return batch
 
 
-def token_mean_loss(model, case: GPTCase, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """This rank's share of the token-mean loss (its tokens' loss sum / all tokens of the global batch), after
-    splitting the batch with :func:`nsa_dist.megatron.get_batch_on_this_cp_rank`."""
+def packed_seq_params_of(case: GPTCase, batch: Dict[str, torch.Tensor]):
+    """megatron-core's ``thd`` ``PackedSeqParams`` of a packed batch (global offsets), or None."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    from nsa_dist.megatron import get_batch_on_this_cp_rank
+    if "cu_seqlens" not in batch:
+        return None
+    cu = batch["cu_seqlens"]
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(case.docs),
+                           max_seqlen_kv=max(case.docs))
 
-    local = get_batch_on_this_cp_rank(batch, select_len=case.nsa["nsa_select_len"])
-    psp = None
-    if "cu_seqlens" in batch:
-        cu = batch["cu_seqlens"]
-        psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(case.docs),
-                              max_seqlen_kv=max(case.docs))
+
+def megatron_split(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """This CP rank's part of ``batch`` as megatron-core splits it, written out independently of nsa_dist: zigzag
+    (``get_batch_on_this_cp_rank``), or per document with ``cu_seqlens`` (``get_thd_batch_on_this_cp_rank``)."""
+    from megatron.core import parallel_state
+
+    from tests.helpers.cp_cases import megatron_thd, megatron_zigzag
+
+    P, r = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+    if P == 1:
+        return dict(batch)
+    cu = batch.get("cu_seqlens")
+    return {k: v if v.dim() < 2 else megatron_zigzag(v, P, r) if cu is None else megatron_thd(v, cu, P, r)
+            for k, v in batch.items()}
+
+
+def token_mean_loss(model, case: GPTCase, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """This rank's share of the token-mean loss (its tokens' loss sum / all tokens of the global batch), after
+    splitting the batch as megatron-core does (:func:`megatron_split`), which
+    :func:`nsa_dist.megatron.split_batch_for_cp_rank` must equal."""
+    from nsa_dist.megatron import split_batch_for_cp_rank
+
+    psp = packed_seq_params_of(case, batch)
+    local = megatron_split(batch)
+    ours = split_batch_for_cp_rank(batch, select_len=case.nsa["nsa_select_len"], packed_seq_params=psp)
+    assert all(torch.equal(ours[k], v) for k, v in local.items()), "split_batch_for_cp_rank differs from megatron"
     per_token = model(local["tokens"], local["position_ids"], None, labels=local["labels"], packed_seq_params=psp)
     return per_token.sum() / batch["labels"].numel()
 
@@ -297,13 +320,25 @@ def layer_against_native(rank: int, world: int, docs: Optional[Tuple[int, ...]],
     return out.transpose(0, 1).detach(), native(x.transpose(0, 1), cu_seqlens=cu).detach()
 
 
-def cp_batch_error(rank: int, world: int) -> str:
-    """The error of splitting a 200-token batch over CP = 2 with l' = 16 (chunks of 50 tokens)."""
-    init_parallel(1, 2)
-    from nsa_dist.megatron import get_batch_on_this_cp_rank
+def cp_batch_errors(rank: int, world: int) -> List[Optional[str]]:
+    """The errors of splitting over CP = 2 a 200-token batch with l' = 16 (chunks of 50 tokens), and a packed one
+    whose documents of 98 and 102 tokens do not split into 2 * CP chunks, and of the NSA layer given that packed
+    batch (None where nothing was raised)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.spec_utils import build_module
 
-    try:
-        get_batch_on_this_cp_rank({"tokens": torch.zeros(1, 200, dtype=torch.long)}, select_len=16)
-    except ValueError as err:
-        return str(err)
-    return "no error"
+    from nsa_dist.megatron import NSATransformerConfig, split_batch_for_cp_rank
+    from nsa_dist.megatron.spec import get_nsa_attention_spec
+    from tests.helpers.cp_harness import value_error_messages
+
+    init_parallel(1, 2)
+    cu = torch.tensor([0, 98, 200], dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=102, max_seqlen_kv=102)
+    config = NSATransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=2, use_cpu_initialization=True,
+                                  context_parallel_size=2, nsa_block_len=8, nsa_stride=4, nsa_select_len=16)
+    layer = build_module(get_nsa_attention_spec(), config=config, layer_number=1)
+    tokens = {"tokens": torch.zeros(1, 200, dtype=torch.long)}
+    return value_error_messages([
+        lambda: split_batch_for_cp_rank(tokens, select_len=16),
+        lambda: split_batch_for_cp_rank(tokens, select_len=16, packed_seq_params=psp),
+        lambda: layer(torch.randn(100, 1, 32), None, packed_seq_params=psp)])

@@ -22,7 +22,9 @@ from tests.helpers.gpt_cases import GPTCase  # noqa: E402
 
 pytestmark = pytest.mark.slow  # megatron-core models on spawned gloo ranks
 
-PACKED = (100, 20, 136)  # documents straddling the zigzag chunks of CP = 2 (chunks of 64 tokens)
+# packed documents (thd) are split per document as megatron-core splits them: each in 2 * CP chunks
+PACKED = (100, 20, 136)  # CP = 2: chunks of 25, 5 and 34 tokens, not multiples of l' = 16
+PACKED_CP4 = (104, 16, 136)  # CP = 4: chunks of 13, 2 and 17 tokens
 
 CASES = {
     # id: (case, TP, CP, sequence parallel)
@@ -36,6 +38,8 @@ CASES = {
     "tp2-kv-heads-replicated": (GPTCase(groups=1, seed=5), 2, 1, False),
     "tp2-sequence-parallel": (GPTCase(seed=6), 2, 1, True),
     "tp2-cp2-sp-packed": (GPTCase(docs=PACKED, seed=7), 2, 2, True),
+    "cp2-packed-G1": (GPTCase(docs=(44, 4, 120, 88), groups=4, seed=8), 1, 2, False),
+    "cp4-packed-G4": (GPTCase(docs=PACKED_CP4, groups=1, seed=9), 1, 4, False),
 }
 
 

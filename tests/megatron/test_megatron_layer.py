@@ -91,9 +91,12 @@ def test_packed_seq_params_errors():
 
 
 def test_cp_batch_split_names_the_lengths():
-    messages = run_local_group(gpt_cases.cp_batch_error, 2, timeout=300)
-    for message in messages:
-        assert "chunk length 50" in message and "T=200" in message and "l'=16" in message, message
+    for unpacked, packed, layer in run_local_group(gpt_cases.cp_batch_errors, 2, timeout=300):
+        assert unpacked is not None and "chunk length 50" in unpacked and "T=200" in unpacked, unpacked
+        assert "l'=16" in unpacked, unpacked
+        for message in (packed, layer):  # the split and the NSA layer reject documents not in 2 * CP chunks
+            assert message is not None and "cp_layout='per_document'" in message, message
+            assert "divisible by 4" in message and "document 0 of length 98" in message, message
 
 
 def test_missing_megatron_names_the_extra(monkeypatch):

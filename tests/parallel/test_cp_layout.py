@@ -3,18 +3,9 @@ trips, owners, packed-document segments, errors naming the setting and the numbe
 import pytest
 import torch
 
-from tests.helpers.cp_cases import megatron_thd, te_thd_partitioned_indices
+from tests.helpers.cp_cases import megatron_thd, megatron_zigzag, te_thd_partitioned_indices
 from nsa_dist.parallel import CPLayout, ShardedSequence
 from nsa_kernels import doc_local_positions
-
-
-def megatron_zigzag(val: torch.Tensor, cp_size: int, cp_rank: int, seq_dim: int = 1) -> torch.Tensor:
-    """Megatron-core's ``get_batch_on_this_cp_rank`` for one tensor, written out independently."""
-    val = val.view(*val.shape[0:seq_dim], 2 * cp_size, val.shape[seq_dim] // (2 * cp_size),
-                   *val.shape[(seq_dim + 1):])
-    index = torch.tensor([cp_rank, (2 * cp_size - cp_rank - 1)])
-    val = val.index_select(seq_dim, index)
-    return val.view(*val.shape[0:seq_dim], -1, *val.shape[(seq_dim + 2):])
 
 
 def random_documents(P: int, gen: torch.Generator) -> torch.Tensor:
@@ -178,7 +169,7 @@ def test_per_document_errors_name_the_setting_and_numbers():
         CPLayout(2, 62, "per_document")
     with pytest.raises(ValueError, match=r"doc_bounds given for kind='zigzag'"):
         CPLayout(2, 64, "zigzag", doc_bounds=(0, 64))
-    with pytest.raises(ValueError, match=r"doc_bounds=\[0, 32, 60\] must .*end at T=64"):
+    with pytest.raises(ValueError, match=r"offsets \(cu_seqlens\) \[0, 32, 60\] must .*end at T=64"):
         CPLayout(2, 64, "per_document", doc_bounds=(0, 32, 60))
     bound = CPLayout(2, 64, "per_document", doc_bounds=(0, 32, 64))
     with pytest.raises(ValueError, match=r"bound to cu_seqlens \[0, 32, 64\] .*cu_seqlens \[0, 16, 64\]"):
