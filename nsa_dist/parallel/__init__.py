@@ -1,6 +1,7 @@
-"""Sequence parallelism for NSA: context parallelism, the sequence split over a process group (zigzag or
-contiguous layout) with exchanges of compressed K/V, selected blocks and halos (see :func:`context_parallel_nsa`),
-and Ulysses parallelism, an all-to-all over heads around the layer's branches (:mod:`.ulysses`)."""
+"""Sequence parallelism for NSA: context parallelism, the sequence split over a process group (zigzag, contiguous
+or per-document layout, :mod:`.layout`) with exchanges of compressed K/V, selected blocks and halos (see
+:func:`context_parallel_nsa`), and Ulysses parallelism, an all-to-all over heads around the layer's branches
+(:mod:`.ulysses`)."""
 from ..branch_kv import BranchKV
 from .comm import ExchangePlan, all_gather_rows, fetch_rows, plan_by_request, plan_from_requests
 from .nsa import context_parallel_nsa
