@@ -47,16 +47,33 @@ def test_training_steps_cp2_equal_cp1(tmp_path, zero_json, recompute):
     single = run_job(write_job(tmp_path, "cp1", zero_json, cp=1, steps=3), 1)
     split = run_job(write_job(tmp_path, "cp2", zero_json, cp=2, steps=3, activation_checkpointing=recompute), 2)
     assert (single["cp"], single["dp"], split["cp"], split["dp"]) == (1, 1, 2, 1)
+    assert_same_steps(tmp_path, zero_json, single, split, "cp2")
+
+
+def assert_same_steps(tmp_path: Path, zero_json: str, single: dict, split: dict, split_name: str) -> None:
+    """The 3-step run ``split_name`` took the single process's (``cp1``) steps: same losses, same weights at step 3,
+    and the steps did change the model."""
     assert split["zero_stage"] == single["zero_stage"] == int(zero_json[4])
     for h1, h2 in zip(single["history"], split["history"], strict=True):
         assert abs(h1["loss"] - h2["loss"]) <= 1e-6 * abs(h1["loss"]), (h1, h2)
-    w1, w2 = fp32_weights(tmp_path / "cp1", "step3"), fp32_weights(tmp_path / "cp2", "step3")
+    w1, w2 = fp32_weights(tmp_path / "cp1", "step3"), fp32_weights(tmp_path / split_name, "step3")
     assert set(w1) == set(w2) and len(w1) > 10
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=2e-6, msg=name)
     initial = initial_weights(tmp_path / "cp1.yaml")
     changed = [name for name in w1 if not torch.equal(w1[name], initial[name].float())]
     assert "embed.weight" in changed and len(changed) > len(w1) // 2, changed  # the step did update the model
+
+
+@pytest.mark.parametrize("zero_json, cp, ulysses", [("zero2.json", 2, 2), ("zero3.json", 1, 2)])
+def test_training_steps_ulysses_equal_cp1(tmp_path, zero_json, cp, ulysses):
+    """Ulysses over the DP x CP x U grid (U 2 inside CP 2 under ZeRO-2: 4 ranks, one sequence group; U 2 alone under
+    ZeRO-3): DeepSpeed sums the gradients of the ranks sharing each sequence (the mpu's sequence-parallel group)
+    and the steps equal one process's."""
+    single = run_job(write_job(tmp_path, "cp1", zero_json, cp=1, steps=3), 1)
+    split = run_job(write_job(tmp_path, "split", zero_json, cp=cp, ulysses=ulysses, steps=3), cp * ulysses)
+    assert (split["cp"], split["ulysses"], split["dp"]) == (cp, ulysses, 1)
+    assert_same_steps(tmp_path, zero_json, single, split, "split")
 
 
 @pytest.fixture(scope="module")
