@@ -99,6 +99,19 @@ def test_cp_batch_split_names_the_lengths():
             assert "divisible by 4" in message and "document 0 of length 98" in message, message
 
 
+def test_cp_layout_is_megatron_cores_split():
+    """Unpacked batches: zigzag; packed thd batches: per document (the layer's config for each)."""
+    from nsa_dist.megatron import megatron_cp_layout, megatron_layout_kind, nsa_config_from_transformer_config
+
+    config = NSATransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=2)
+    assert megatron_layout_kind(packed=False) == nsa_config_from_transformer_config(config).cp_layout == "zigzag"
+    packed = nsa_config_from_transformer_config(config, packed=True)
+    assert megatron_layout_kind(packed=True) == packed.cp_layout == "per_document"
+    cu = torch.tensor([0, 8, 24], dtype=torch.int32)
+    assert megatron_cp_layout(2, 24, 64, cu).positions(1).tolist() == [2, 3, 4, 5, *range(12, 20)]
+    assert megatron_cp_layout(2, 256, 64).positions(1).tolist() == list(range(64, 192))
+
+
 def test_missing_megatron_names_the_extra(monkeypatch):
     from nsa_dist.megatron.requirements import require_megatron
 
