@@ -12,6 +12,10 @@ from ..parallel import CPLayout
 from .config import megatron_layout_kind
 
 
+# packed-sequence metadata that megatron-core's thd split leaves whole (Megatron-LM's batches may hold it as [1, n])
+PACKED_METADATA = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen")
+
+
 def megatron_cp_layout(world_size: int, seq_len: int, select_len: int,
                        cu_seqlens: Optional[torch.Tensor] = None) -> CPLayout:
     """The :class:`CPLayout` megatron-core's own batch split produces over ``world_size`` CP ranks for a sequence
@@ -32,8 +36,9 @@ def split_batch_for_cp_rank(batch: Dict[str, Optional[torch.Tensor]], select_len
     document of its padded offsets (``cu_seqlens_q_padded``, else ``cu_seqlens_q``; each length divisible by
     ``2 * CP``) is cut into ``2 * CP`` chunks and rank ``r`` keeps chunks ``r`` and ``2 * CP - 1 - r`` of each,
     document after document (megatron-core's ``get_thd_batch_on_this_cp_rank``). Tensors of fewer dims (``None``,
-    scalars, ``cu_seqlens``) pass unchanged: ``packed_seq_params`` stays global. The NSA layer expects exactly this
-    split (it picks the same layout from ``packed_seq_params``).
+    scalars) and the packed metadata of :data:`PACKED_METADATA` (as megatron-core) pass unchanged:
+    ``packed_seq_params`` stays global. The NSA layer expects exactly this split (it picks the same layout from
+    ``packed_seq_params``).
 
     Args:
         batch: name -> ``[b, s, ...]`` tensor (or anything else, passed through).
@@ -49,7 +54,7 @@ def split_batch_for_cp_rank(batch: Dict[str, Optional[torch.Tensor]], select_len
     rank = dist.get_rank(group)
     out = {}
     for name, value in batch.items():
-        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and name not in PACKED_METADATA:
             out[name] = megatron_cp_layout(P, value.shape[1], select_len, cu_seqlens).shard(value, rank, dim=1)
         else:
             out[name] = value

@@ -323,7 +323,7 @@ def layer_against_native(rank: int, world: int, docs: Optional[Tuple[int, ...]],
 def cp_batch_errors(rank: int, world: int) -> List[Optional[str]]:
     """The errors of splitting over CP = 2 a 200-token batch with l' = 16 (chunks of 50 tokens), and a packed one
     whose documents of 98 and 102 tokens do not split into 2 * CP chunks, and of the NSA layer given that packed
-    batch (None where nothing was raised)."""
+    batch (None where nothing was raised); first asserts that a packed batch's ``[1, n]`` cu_seqlens pass whole."""
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.spec_utils import build_module
 
@@ -338,6 +338,11 @@ def cp_batch_errors(rank: int, world: int) -> List[Optional[str]]:
                                   context_parallel_size=2, nsa_block_len=8, nsa_stride=4, nsa_select_len=16)
     layer = build_module(get_nsa_attention_spec(), config=config, layer_number=1)
     tokens = {"tokens": torch.zeros(1, 200, dtype=torch.long)}
+    packed = {"tokens": torch.arange(200)[None], "cu_seqlens": torch.tensor([[0, 100, 200]], dtype=torch.int32)}
+    local = split_batch_for_cp_rank(packed, packed_seq_params=PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=packed["cu_seqlens"][0], cu_seqlens_kv=packed["cu_seqlens"][0]))
+    assert local["cu_seqlens"] is packed["cu_seqlens"], "packed metadata must pass whole, as megatron-core's split"
+    assert local["tokens"][0, :25].tolist() == list(range(25 * rank, 25 * rank + 25)), local["tokens"]
     return value_error_messages([
         lambda: split_batch_for_cp_rank(tokens, select_len=16),
         lambda: split_batch_for_cp_rank(tokens, select_len=16, packed_seq_params=psp),
