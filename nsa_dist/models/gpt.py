@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from ..compression import BlockCompressor
 from nsa_kernels.validation import check_positive_int
 
 from ..config import NSAConfig
+from ..inference.generate import Generation, generate
 from ..validation import check_bool, check_mapping, check_optional_positive_int, check_real, check_token_ids
 from .dense import DenseAttention
 from .layers import SwiGLU
@@ -139,6 +140,14 @@ class GPT(nn.Module):
                 x = block(x, cu_seqlens, position_ids)
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
+
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: Optional[int] = None, stop_tokens: Iterable[int] = (), **options: Any) -> Generation:
+        """Continue the prompts ``tokens [B, T]`` (right-padded; ``lengths=`` gives each prompt's length) by up to
+        ``max_new_tokens`` tokens, greedy (``temperature=0``) or sampled (``top_k``, ``generator=``), on one rank;
+        see :func:`nsa_dist.inference.generate` for every option and the returned :class:`Generation`."""
+        return generate(self, tokens, max_new_tokens, temperature=temperature, top_k=top_k, stop_tokens=stop_tokens,
+                        **options)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
