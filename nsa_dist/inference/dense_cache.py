@@ -14,7 +14,8 @@ from .token_kv import TokenKV
 
 class DenseLayerCache:
     """Rotated keys and values of every token, ``[B, capacity, H, D]`` each (:class:`TokenKV`), and ``lengths``
-    (int64 ``[B]``) of ``batch`` sequences in ``dtype``. Memory: :func:`~nsa_dist.inference.memory.dense_cache_bytes`."""
+    (int64 ``[B]``) of ``batch`` sequences in ``dtype``. Memory:
+    :func:`~nsa_dist.inference.memory.dense_cache_bytes`."""
 
     def __init__(self, num_kv_heads: int, head_dim: int, batch: int, capacity: int, dtype: torch.dtype, device=None):
         self.capacity = capacity

@@ -54,7 +54,8 @@ def dense_kv(layer: DenseAttention, x: torch.Tensor) -> Tuple[torch.Tensor, torc
     B, S = x.shape[:2]
     rows = layer.num_heads * layer.head_dim
     bias = layer.qkv_proj.bias
-    kv = F.linear(x, layer.qkv_proj.weight[rows:], None if bias is None else bias[rows:]).view(B, S, 2 * layer.num_kv_heads, layer.head_dim)
+    kv = F.linear(x, layer.qkv_proj.weight[rows:], None if bias is None else bias[rows:])
+    kv = kv.view(B, S, 2 * layer.num_kv_heads, layer.head_dim)
     return kv.split([layer.num_kv_heads, layer.num_kv_heads], dim=2)
 
 

@@ -32,8 +32,9 @@ def prompts(seed, sizes=(3, 17, 9)):
     return [torch.randint(0, 50, (n,), generator=g) for n in sizes]
 
 
-@pytest.mark.parametrize("attention,nsa", [("nsa", {}), ("nsa", dict(kv_sharing="shared", selection_scoring="key_bound")),
-                                           ("dense", {})])
+@pytest.mark.parametrize("attention,nsa", [
+    ("nsa", {}), ("nsa", dict(kv_sharing="shared", selection_scoring="key_bound")), ("dense", {}),
+])
 def test_greedy_equals_argmax_of_full_forward(attention, nsa):
     model = tiny_gpt(attention, seed=11, **nsa)
     batch = prompts(12)
