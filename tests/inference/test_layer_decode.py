@@ -25,6 +25,11 @@ CONFIGS = {
     "dk-ne-dv-no-rope": dict(v_head_dim=12, use_rope=False),
     "init-local-blocks": dict(init_blocks=0, local_blocks=1, top_n=2, block_len=12, stride=4, select_len=12),
     "disabled-compressed": dict(disabled_branches=("compressed",), softmax_scale=0.2),
+    # no forced blocks: the scores alone pick every block, the newest included
+    "scores-only-compressed": dict(init_blocks=0, local_blocks=0, top_n=2, num_heads=8, num_kv_heads=2),
+    "scores-only-key-bound": dict(init_blocks=0, local_blocks=0, top_n=2, selection_scoring="key_bound"),
+    "scores-only-max-logit": dict(init_blocks=0, local_blocks=0, top_n=2, selection_scoring="max_logit",
+                                  num_heads=8, num_kv_heads=2),
 }
 
 
