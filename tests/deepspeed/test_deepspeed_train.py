@@ -65,15 +65,15 @@ def assert_same_steps(tmp_path: Path, zero_json: str, single: dict, split: dict,
     assert "embed.weight" in changed and len(changed) > len(w1) // 2, changed  # the step did update the model
 
 
-@pytest.mark.parametrize("zero_json, cp, ulysses", [("zero2.json", 2, 2), ("zero3.json", 1, 2)])
-def test_training_steps_ulysses_equal_cp1(tmp_path, zero_json, cp, ulysses):
-    """Ulysses over the DP x CP x U grid (U 2 inside CP 2 under ZeRO-2: 4 ranks, one sequence group; U 2 alone under
-    ZeRO-3): DeepSpeed sums the gradients of the ranks sharing each sequence (the mpu's sequence-parallel group)
-    and the steps equal one process's."""
-    single = run_job(write_job(tmp_path, "cp1", zero_json, cp=1, steps=3), 1)
-    split = run_job(write_job(tmp_path, "split", zero_json, cp=cp, ulysses=ulysses, steps=3), cp * ulysses)
-    assert (split["cp"], split["ulysses"], split["dp"]) == (cp, ulysses, 1)
-    assert_same_steps(tmp_path, zero_json, single, split, "split")
+def test_training_steps_ulysses2_inside_cp2_equal_cp1(tmp_path):
+    """U 2 inside CP 2 under ZeRO-2 (4 ranks of the DP x CP x U grid, one sequence group): DeepSpeed sums the
+    gradients of the ranks sharing each sequence (the mpu's sequence-parallel group) and the steps equal one
+    process's. Without gradient clipping, so a wrong scale of the sum would show (clipped to norm 1, a gradient
+    scaled by a constant takes the same step)."""
+    single = run_job(write_job(tmp_path, "cp1", "zero2.json", unclipped=True, cp=1, steps=3), 1)
+    split = run_job(write_job(tmp_path, "cp2u2", "zero2.json", unclipped=True, cp=2, ulysses=2, steps=3), 4)
+    assert (split["cp"], split["ulysses"], split["dp"]) == (2, 2, 1)
+    assert_same_steps(tmp_path, "zero2.json", single, split, "cp2u2")
 
 
 @pytest.fixture(scope="module")

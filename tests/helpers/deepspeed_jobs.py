@@ -16,14 +16,18 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "train" / "tiny-cpu.yaml"
 
 
-def write_job(tmp: Path, name: str, zero_json: str, **train) -> Path:
+def write_job(tmp: Path, name: str, zero_json: str, unclipped: bool = False, **train) -> Path:
     """A tiny-cpu YAML (few steps, log every step) using a float32 copy of a shipped ZeRO config.
 
     The copy turns bf16 off and raises Adam's eps to 1e-2: Adam's first step is about lr * sign(g), so float32
-    rounding of a near-zero gradient could flip a weight's update; with a large eps the step is smooth in g."""
+    rounding of a near-zero gradient could flip a weight's update; with a large eps the step is smooth in g.
+    ``unclipped``: gradient clipping off in both (with clipping a gradient scaled by a constant gives the same
+    clipped step, so a run that scales the summed gradients wrongly would go unnoticed)."""
     ds = json.loads((REPO / "configs" / "deepspeed" / zero_json).read_text())
     ds["bf16"] = {"enabled": False}
     ds["optimizer"]["params"]["eps"] = 1e-2
+    if unclipped:
+        ds["gradient_clipping"] = train["grad_clip"] = 0.0
     ds_path = tmp / f"{name}.json"
     ds_path.write_text(json.dumps(ds))
     config = yaml.safe_load(TINY.read_text())
