@@ -88,17 +88,19 @@ class NSALayerCache:
         if self.tiles is not None:
             self.tiles.append(self.selection.k, positions)
         self.lengths += positions.shape[1]
-        if self.window is None and self.config.window:  # shared K/V: the window reads the selection K/V
-            keys = torch.arange(self.capacity, device=positions.device).expand(self.batch, -1)
-            window = (self.selection.k, self.selection.v, keys)
         tiles = (None, None) if self.tiles is None else (self.tiles.kmin, self.tiles.kmax)
         return DecodeKV(self.compressed.k, self.compressed.v, self.selection.k, self.selection.v, *window, *tiles)
 
     def _window_rows(self, kv: BranchKV, positions: torch.Tensor):
-        """``(k, v, positions)`` of the window keys of a step of separate K/V: the ring as it holds before the step
-        (its positions from ``lengths``) followed by the step's new tokens; ``(None, None, None)`` without a ring."""
-        if self.window is None:
+        """``(k, v, positions)`` of the window keys of a step, taken before the step's writes: with separate K/V
+        the ring as it holds (its positions from ``lengths``) followed by the step's new tokens; with shared K/V the
+        selection buffers themselves (row = position), which the step's writes then complete;
+        ``(None, None, None)`` without a window branch."""
+        if not self.config.window:
             return None, None, None
+        if self.window is None:
+            rows = torch.arange(self.capacity, device=positions.device).expand(self.batch, -1)
+            return self.selection.k, self.selection.v, rows
         held = ring_positions(self.lengths, self.window.size)
         return (torch.cat([self.window.k, kv.k_win.to(self.dtype)], 1),
                 torch.cat([self.window.v, kv.v_win.to(self.dtype)], 1), torch.cat([held, positions], 1))

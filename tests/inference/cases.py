@@ -46,8 +46,8 @@ def tiny_gpt(attention: str = "nsa", seed: int = 0, **nsa) -> GPT:
 
 def rows_of(x: torch.Tensor, lengths: torch.Tensor, offset: int, count: int) -> torch.Tensor:
     """``[B, count, ...]``: rows ``lengths[b] + offset ...`` of each sequence of ``x [B, T, ...]``."""
-    index = lengths[:, None] + offset + torch.arange(count)
-    return x[torch.arange(x.shape[0])[:, None], index]
+    index = lengths[:, None] + offset + torch.arange(count, device=lengths.device)
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
 
 
 @torch.no_grad()
