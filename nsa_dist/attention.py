@@ -38,7 +38,8 @@ class NativeSparseAttention(FullSelectionSwitch, nn.Module):
         ``ulysses_group``: optional process group of ``U`` ranks for Ulysses sequence parallelism
         (:mod:`nsa_dist.parallel.ulysses`): ``x`` is then rank ``u``'s ``u``-th contiguous piece of the sequence
         (of this rank's context-parallel shard when ``cp_group`` is set too), each rank computes NSA on the whole
-        sequence (shard) for ``num_heads / U`` query heads, and the context-parallel exchange runs over
+        sequence (shard) for ``num_heads / U`` query heads (for the whole GQA group of its KV head, replicated on
+        ``U / num_kv_heads`` ranks, when ``U > num_kv_heads``), and the context-parallel exchange runs over
         ``cp_group``, the ranks holding the same heads in the other shards."""
         super().__init__()
         c = self.config = config

@@ -1,6 +1,6 @@
-"""DeepSpeed integration pieces: DeepSpeed JSONs completed from the training YAML, the ``DP x CP`` process groups
-DeepSpeed reads through an ``mpu``, and the check that DeepSpeed is installed. The training job's DeepSpeed
-backend that uses them is :func:`nsa_dist.training.train_deepspeed`.
+"""DeepSpeed integration pieces: DeepSpeed JSONs completed from the training YAML, the ``DP x CP x U`` process
+groups (data, context and Ulysses parallelism) DeepSpeed reads through an ``mpu``, and the check that DeepSpeed is
+installed. The training job's DeepSpeed backend that uses them is :func:`nsa_dist.training.train_deepspeed`.
 
 Needs ``pip install 'nsa-dist[deepspeed]'``. Launch: ``deepspeed --num_gpus N --module nsa_dist.train --config
 configs/train/... --deepspeed_config configs/deepspeed/zero3.json``.

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from nsa_dist import NativeSparseAttention, NSAConfig
 from nsa_dist.deepspeed.groups import ContextDataParallelGroups
 from nsa_dist.parallel import CPLayout, split_sequence, ulysses_local_heads
 from nsa_dist.training import ContextParallelGroup
 from tests.helpers.cp_cases import DK, DV, GEOMETRY, HQ, Case, cu_seqlens_of, module_and_inputs, parameter_grads, \
     sum_over_ranks
-from tests.helpers.cp_harness import run_ranks
+from tests.helpers.cp_harness import run_ranks, value_error_messages
 
 pytestmark = pytest.mark.slow  # spawns gloo process groups
 
@@ -78,16 +80,32 @@ def module_job(rank, world, ucase: UlyssesCase, seed):
             "stats": layer.last_ulysses_stats.to_dict(), "cp_rank": groups.cp_rank}
 
 
+def error_job(rank, world):
+    """Messages of the layer's errors on a Ulysses group of all ``world`` ranks: KV heads that do not split, a
+    selection loss, and ``cu_seqlens`` that do not end at the gathered length ``world * T_local``."""
+    def layer(**overrides):
+        cfg = dict(hidden_size=16, num_heads=4, num_kv_heads=2, head_dim=4, **GEOMETRY, window=16)
+        return NativeSparseAttention(NSAConfig(**{**cfg, **overrides}), ulysses_group=dist.group.WORLD)
+
+    x = torch.randn(1, 30, 16)
+    return value_error_messages([
+        lambda: layer(num_heads=6, num_kv_heads=3)(x),
+        lambda: layer(selection_loss_weight=0.5)(x),
+        lambda: layer()(x, cu_seqlens=torch.tensor([0, 10, 50], dtype=torch.int32)),
+    ])
+
+
 def run_jobs(rank, world, cases, seed):
-    return [module_job(rank, world, ucase, seed) for ucase in cases]
+    return [module_job(rank, world, ucase, seed) for ucase in cases] + [error_job(rank, world)]
 
 
 @functools.lru_cache(maxsize=None)
 def results_for(world, seed):
-    """Per case on ``world`` ranks, the list of the ranks' results (one spawn per world size)."""
+    """Per case on ``world`` ranks, the list of the ranks' results (one spawn per world size); under the key
+    ``"errors"`` the ranks' messages of :func:`error_job`."""
     cases = [c for c in CASES if c.world == world]
     per_rank = run_ranks(run_jobs, world, cases, seed, timeout=300)
-    return {c: [per_rank[r][i] for r in range(world)] for i, c in enumerate(cases)}
+    return {c: [per_rank[r][i] for r in range(world)] for i, c in enumerate(cases + ["errors"])}
 
 
 def single_rank(case: Case, seed):
@@ -139,6 +157,13 @@ def test_all_to_all_bytes_per_rank(seed, ucase):
         assert r["stats"]["world_size"] == U
         assert exchanges["to_heads"] == {"sent": to_heads, "received": to_heads}, exchanges
         assert exchanges["to_sequence"] == {"sent": to_sequence, "received": to_sequence}, exchanges
+
+
+def test_layer_errors_name_the_setting(seed):
+    for heads, loss, cu in results_for(2, seed)["errors"]:
+        assert heads is not None and "Ulysses size=2 and num_kv_heads=3" in heads, heads
+        assert loss is not None and "selection_loss_weight=0.5 is not supported under Ulysses" in loss, loss
+        assert cu is not None and "end at T=60" in cu and "end 50" in cu, cu
 
 
 @pytest.mark.parametrize("heads, kv_heads, size, words", [
