@@ -46,6 +46,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--cp", type=int, help="context-parallel ranks: override train.cp (local gloo processes on "
                         "the CPU, each holding T/cp tokens of every sequence; dense attention all-gathers K/V)")
+    parser.add_argument("--ulysses", type=int, help="Ulysses ranks inside each context-parallel shard: override "
+                        "train.ulysses (an all-to-all over heads; NSA attention only)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only the summary)")
     parser.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
                         help="DeepSpeed JSON (e.g. configs/deepspeed/zero3.json): override train.deepspeed_config, "
@@ -84,6 +86,8 @@ def run_from_args(args: argparse.Namespace) -> Dict:
         raw["seed"] = args.seed
     if args.cp is not None:
         raw["train"]["cp"] = args.cp
+    if args.ulysses is not None:
+        raw["train"]["ulysses"] = args.ulysses
     if args.deepspeed_config:
         raw["train"]["deepspeed_config"] = args.deepspeed_config
     config = TrainConfig.from_dict(raw)
@@ -93,9 +97,10 @@ def run_from_args(args: argparse.Namespace) -> Dict:
     if metrics.get("backend") == "deepspeed" and int(os.environ.get("RANK", "0")) != 0:
         return metrics
     i, f = metrics["initial_eval"], metrics["final_eval"]
-    ranks = f" on {metrics['cp']} context-parallel ranks" if metrics["cp"] > 1 else ""
+    grid = f"CP {metrics['cp']} x U {metrics['ulysses']}" if metrics["ulysses"] > 1 else f"CP {metrics['cp']}"
+    ranks = f" on {grid} ranks" if metrics["cp"] * metrics["ulysses"] > 1 else ""
     if metrics.get("backend") == "deepspeed":
-        ranks = f" with DeepSpeed ZeRO-{metrics['zero_stage']} on DP {metrics['dp']} x CP {metrics['cp']} ranks"
+        ranks = f" with DeepSpeed ZeRO-{metrics['zero_stage']} on DP {metrics['dp']} x {grid} ranks"
     print(f"done{ranks}: {metrics['steps']} steps in {metrics['train_time_s']:.1f} s, "
           f"{metrics['tokens_per_s']:.0f} tokens/s; "
           f"eval loss {i['loss']:.3f} -> {f['loss']:.3f}, accuracy {i['accuracy']:.3f} -> {f['accuracy']:.3f}; "

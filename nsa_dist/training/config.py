@@ -233,6 +233,10 @@ class TrainConfig:
             if length is None:
                 continue
             if cp > 1:
+                if nsa.cp_layout == "per_document":
+                    raise ValueError(f"model.nsa.cp_layout='per_document' needs packed documents (cu_seqlens), but "
+                                     f"the training job feeds whole rows of data.{name}={length} tokens; use "
+                                     "'zigzag' or 'contiguous'")
                 CPLayout(cp, length, nsa.cp_layout, nsa.select_len)
             if length // cp % ulysses:
                 raise ValueError(f"data.{name}={length} does not split over train.cp={cp} x train.ulysses={ulysses} "

@@ -26,7 +26,8 @@ class ContextParallelGroup:
 
     Args:
         group: the context-parallel ``torch.distributed`` process group, or None.
-        layout: ``"zigzag"`` or ``"contiguous"`` (the NSA layers' ``cp_layout``).
+        layout: the NSA layers' ``cp_layout`` (``"zigzag"`` or ``"contiguous"``: the training job feeds whole rows, so its
+            config refuses ``"per_document"``).
         select_len: the NSA selection block length ``l'`` (chunk lengths must be multiples of it).
         ulysses_group: the Ulysses process group, or None.
     """

@@ -1,5 +1,6 @@
 """``train.ulysses``: the plain backend on ``CP x U`` local ranks takes the same steps as one process, and the training
-config refuses Ulysses sizes that do not split the heads or the sequence, naming the settings and values."""
+config refuses sequence-parallel settings that do not split the heads or the sequence (or need packed documents it
+does not feed), naming the settings and values."""
 import json
 
 import pytest
@@ -19,14 +20,17 @@ def raw_config(**train):
 
 @pytest.mark.slow  # spawns gloo process groups
 def test_ulysses_training_losses_equal_one_process(tmp_path):
-    """3 steps at full learning rate: U = 2 alone and U = 2 inside CP = 2 give the single process's losses."""
+    """3 steps at full learning rate: U = 2 alone (set by ``--ulysses``) and U = 2 inside CP = 2 (set in the YAML) give
+    the single process's losses."""
     raw = raw_config(steps=3, log_every=1, warmup_steps=1, batch_size=4, eval_batches=1)
-    runs = {"single": dict(cp=1, ulysses=1), "u2": dict(cp=1, ulysses=2), "cp2u2": dict(cp=2, ulysses=2)}
+    runs = {"single": (dict(cp=1, ulysses=1), []), "u2": (dict(cp=1, ulysses=1), ["--ulysses", "2"]),
+            "cp2u2": (dict(cp=2, ulysses=2), [])}
     metrics = {}
-    for name, sizes in runs.items():
+    for name, (sizes, flags) in runs.items():
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump({**raw, "train": {**raw["train"], **sizes}}))
-        main(["train", "--config", str(path), "--out-dir", str(tmp_path / name), "--no-progress", "--seed", "5"])
+        main(["train", "--config", str(path), "--out-dir", str(tmp_path / name), "--no-progress", "--seed", "5"]
+             + flags)
         metrics[name] = json.loads((tmp_path / name / "metrics.json").read_text())
     assert [(m["cp"], m["ulysses"]) for m in metrics.values()] == [(1, 1), (1, 2), (2, 2)]
     single = metrics.pop("single")
@@ -57,7 +61,9 @@ def test_ulysses_sizes_are_accepted():
      ["train.ulysses=2 applies to NSA attention only", "model.attention='dense'"]),
     (dict(nsa=dict(selection_loss_weight=0.1, selection_scoring="compressed", selection_warmup_steps=0)), {},
      dict(cp=1, ulysses=2), ["model.nsa.selection_loss_weight=0.1 is not supported", "train.ulysses=2"]),
-], ids=["zero", "float", "heads", "kv-heads", "length", "cp-shard", "dense", "selection-loss"])
+    (dict(nsa=dict(cp_layout="per_document")), {}, dict(cp=2, ulysses=1),
+     ["model.nsa.cp_layout='per_document' needs packed documents", "data.seq_len=256", "'zigzag'"]),
+], ids=["zero", "float", "heads", "kv-heads", "length", "cp-shard", "dense", "selection-loss", "per-document"])
 def test_bad_ulysses_settings_are_refused(model, data, train, words):
     raw = raw_config(**train)
     raw["model"] = {**raw["model"], **model, "nsa": {**raw["model"]["nsa"], **model.get("nsa", {})}}
