@@ -80,10 +80,8 @@ class NativeSparseAttention(FullSelectionSwitch, nn.Module):
         gates = torch.sigmoid(self.gate_proj(x)).view(B, T, c.num_heads, 3)
         if ulysses_size > 1:
             q, kv, gates = self._to_heads(q, kv, gates, ulysses_size)
-        k_all, v_all = kv.split([c.head_dim, c.v_head_dim], dim=-1)
-        branch = [0, 1, 2] if c.kv_sharing == "separate" else [0, 0, 0]
-        (k_c, k_s, k_w), (v_c, v_s, v_w) = ([t[:, :, i] for i in branch] for t in (k_all, v_all))
-        out = nsa_branches(c, q, BranchKV(k_c, v_c, k_s, v_s, k_w, v_w), gates, k_compressor=self.k_compressor,
+        branch_kv = BranchKV.from_projection(kv, c.head_dim, shared=c.kv_sharing == "shared")
+        out = nsa_branches(c, q, branch_kv, gates, k_compressor=self.k_compressor,
                            v_compressor=self.v_compressor, rotary=self.rotary, cu_seqlens=cu_seqlens,
                            position_ids=position_ids, cp_group=self.cp_group, full_selection=self.full_selection)
         if self.cp_group is not None:

@@ -31,6 +31,16 @@ class BranchKV(NamedTuple):
     k_win: torch.Tensor
     v_win: torch.Tensor
 
+    @classmethod
+    def from_projection(cls, kv: torch.Tensor, head_dim: int, shared: bool) -> "BranchKV":
+        """The bundle from a layer's K/V projection ``kv [B, S, branches, H, Dk + Dv]`` (``head_dim = Dk``): branch
+        ``i`` of ``kv`` for the compression, selection and window branches in turn, or branch 0 for all three when
+        ``shared`` (``kv_sharing="shared"``, one K/V projection)."""
+        k_all, v_all = kv.split([head_dim, kv.shape[-1] - head_dim], dim=-1)
+        branch = [0, 0, 0] if shared else [0, 1, 2]
+        (k_c, k_s, k_w), (v_c, v_s, v_w) = ([t[:, :, i] for i in branch] for t in (k_all, v_all))
+        return cls(k_c, v_c, k_s, v_s, k_w, v_w)
+
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "BranchKV":
         """The bundle of ``fn(t)`` for each tensor ``t``, in field order (e.g. a cast or a reshape of all six)."""
         return BranchKV(*(fn(t) for t in self))

@@ -84,7 +84,7 @@ def nsa_branches(config: NSAConfig, q: torch.Tensor, kv: BranchKV, gates: torch.
         last = compressed_block_last_tokens(cu_seqlens, T, c.block_len, c.stride, device=q.device)
         q = rotary(q, position_ids)
         k_cmp = rotary(k_cmp, position_ids[..., last])
-        kv = _rotated_keys(c, kv, rotary, position_ids)
+        kv = rotated_keys(c, kv, rotary, position_ids)
     observe_branches(c, q, k_cmp, v_cmp, kv.k_slc, gates, cu_seqlens)
     if full_selection or c.selection_scoring != "compressed":
         o = _composed_nsa(c, q, k_cmp, v_cmp, kv, gates, cu_seqlens, full_selection)
@@ -123,7 +123,7 @@ def _output_cast_to(compressor: Callable, dtype: torch.dtype) -> Callable:
     return lambda x, cu_seqlens: compressor(x, cu_seqlens).to(dtype)
 
 
-def _rotated_keys(c: NSAConfig, kv: BranchKV, rotary: Callable, positions: torch.Tensor) -> BranchKV:
+def rotated_keys(c: NSAConfig, kv: BranchKV, rotary: Callable, positions: torch.Tensor) -> BranchKV:
     """``kv`` with the selection and window keys rotated at ``positions`` (with ``kv_sharing="shared"`` the
     window keys are the rotated selection keys); the compression branch's raw K/V stay un-rotated."""
     k_slc = rotary(kv.k_slc, positions)
@@ -147,7 +147,7 @@ def _context_parallel(c, q, kv: BranchKV, gates, k_compressor, v_compressor, rot
     if rotary is not None:
         pos = shards.rotary_positions(rank, position_ids, device=q.device)
         q = rotary(q, pos)
-        kv = _rotated_keys(c, kv, rotary, pos)
+        kv = rotated_keys(c, kv, rotary, pos)
     o, stats = context_parallel_nsa(
         q, kv, gates, geometry=c.geometry(), shards=shards, group=cp_group, compress_k=k_compressor,
         compress_v=v_compressor, rotary=rotary, position_ids=shards.flat_position_ids(position_ids, q.device),

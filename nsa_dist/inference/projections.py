@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..attention import NativeSparseAttention
 from ..branch_kv import BranchKV
-from ..branches import _rotated_keys
+from ..branches import rotated_keys
 from ..models.dense import DenseAttention
 
 
@@ -18,11 +18,8 @@ def nsa_branch_kv(layer: NativeSparseAttention, kv: torch.Tensor, dtype: torch.d
     ``kv [B, S, branches * H * (Dk + Dv)]`` (the same tensors for every branch with ``kv_sharing="shared"``)."""
     c = layer.config
     B, S = kv.shape[:2]
-    k_all, v_all = kv.view(B, S, c.num_kv_branches, c.num_kv_heads, c.head_dim + c.v_head_dim).to(dtype).split(
-        [c.head_dim, c.v_head_dim], dim=-1)
-    branch = [0, 1, 2] if c.kv_sharing == "separate" else [0, 0, 0]
-    (k_c, k_s, k_w), (v_c, v_s, v_w) = ([t[:, :, i] for i in branch] for t in (k_all, v_all))
-    return BranchKV(k_c, v_c, k_s, v_s, k_w, v_w)
+    kv = kv.view(B, S, c.num_kv_branches, c.num_kv_heads, c.head_dim + c.v_head_dim).to(dtype)
+    return BranchKV.from_projection(kv, c.head_dim, shared=c.kv_sharing == "shared")
 
 
 def nsa_projections(layer: NativeSparseAttention, x: torch.Tensor) -> Tuple[torch.Tensor, BranchKV, torch.Tensor]:
@@ -41,7 +38,7 @@ def nsa_projections(layer: NativeSparseAttention, x: torch.Tensor) -> Tuple[torc
 def rotated_branch_kv(layer: NativeSparseAttention, kv: BranchKV, positions: torch.Tensor) -> BranchKV:
     """``kv`` with the selection and window keys rotated at ``positions`` (``[S]`` or ``[B, S]``) as training rotates
     them (:func:`~nsa_dist.branches.nsa_branches`); unchanged without rotary."""
-    return kv if layer.rotary is None else _rotated_keys(layer.config, kv, layer.rotary, positions)
+    return kv if layer.rotary is None else rotated_keys(layer.config, kv, layer.rotary, positions)
 
 
 def rotate(rotary: Optional[torch.nn.Module], x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
