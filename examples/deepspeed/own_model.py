@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nsa_dist import NativeSparseAttention, NSAConfig
-from nsa_dist.deepspeed import ContextDataParallelGroups, load_deepspeed_json, require_deepspeed
+from nsa_dist.deepspeed import (ContextDataParallelGroups, load_deepspeed_json, require_deepspeed,
+                                sequence_parallel_loss_scale)
 from nsa_dist.training.context_parallel import ContextParallelGroup
 
 REPO = Path(__file__).resolve().parents[2]
@@ -137,6 +138,7 @@ def train(cp: int, steps: int = 5, seed: int = 0, seq_len: int = 64, micro_batch
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config,
                                            mpu=groups, dist_init_required=False)
     shards = ContextParallelGroup(groups.cp_group if cp > 1 else None, nsa.cp_layout, nsa.select_len)
+    loss_scale = sequence_parallel_loss_scale(config, cp)  # ZeRO-3 averages over the CP ranks: scale back to a sum
     sequence = torch.randint(vocab_size, (micro_batch, seq_len + 1),
                              generator=torch.Generator().manual_seed(seed * 1009 + groups.dp_rank))
     tokens, targets = (shards.shard(t).to(device) for t in (sequence[:, :-1], sequence[:, 1:]))
@@ -146,7 +148,7 @@ def train(cp: int, steps: int = 5, seed: int = 0, seq_len: int = 64, micro_batch
         logits = engine(tokens)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum") / targets.numel()
         loss = loss / shards.world_size  # this rank's share: the shards' losses add up to the batch's mean
-        engine.backward(loss)
+        engine.backward(loss * loss_scale)
         history["nsa_grad_norm"].append(math.sqrt(sum(float(safe_get_full_grad(p).double().square().sum())
                                                       for p in nsa_params)))
         engine.step()

@@ -6,8 +6,10 @@ Needs ``pip install 'nsa-dist[deepspeed]'``. Launch: ``deepspeed --num_gpus N --
 configs/train/... --deepspeed_config configs/deepspeed/zero3.json``.
 """
 from .config import fill_deepspeed_config, load_deepspeed_json
+from .gradient_scale import sequence_parallel_loss_scale
 from .groups import ContextDataParallelGroups
 from .requirements import require_deepspeed
 
-__all__ = ["fill_deepspeed_config", "load_deepspeed_json", "ContextDataParallelGroups", "require_deepspeed"]
+__all__ = ["fill_deepspeed_config", "load_deepspeed_json", "ContextDataParallelGroups", "require_deepspeed",
+           "sequence_parallel_loss_scale"]
 

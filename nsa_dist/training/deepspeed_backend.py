@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..deepspeed import ContextDataParallelGroups, fill_deepspeed_config, load_deepspeed_json, require_deepspeed
+from ..deepspeed import (ContextDataParallelGroups, fill_deepspeed_config, load_deepspeed_json, require_deepspeed,
+                         sequence_parallel_loss_scale)
 from ..launch import (discover_launch, export_torch_env, free_port, launcher_present, master_port,
                       mpi4py_matches_launch)
 from ..models import GPT
@@ -86,6 +87,7 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
     if cp.sequence_size > 1:
         use_context_parallel(model, cp.group, cp.ulysses_group)
     ds_config = fill_deepspeed_config(load_deepspeed_json(config.train.deepspeed_config), config, groups.dp)
+    loss_scale = sequence_parallel_loss_scale(ds_config, cp.sequence_size)  # ZeRO-3's reduce-scatter averages over S
     if config.train.activation_checkpointing:
         deepspeed.checkpointing.configure(groups, deepspeed_config=ds_config)
         model.checkpoint_blocks = deepspeed.checkpointing.checkpoint
@@ -117,7 +119,7 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
             batch = dataset.sample(micro_batch, config.data.seq_len,
                                    batch_generator(config.seed, step, micro, groups.dp_rank))
             loss, _, value = batch_loss(engine, batch, device, cp, loss_chunk_tokens=t.loss_chunk_tokens)
-            engine.backward(loss)
+            engine.backward(loss * loss_scale if loss_scale != 1 else loss)
             engine.step()
             values.append(value)
         loss_value, acc_value = _dp_mean({"loss": sum(v[0] for v in values) / len(values),

@@ -273,3 +273,17 @@ def test_json_with_the_ulysses_size_alone_is_refused_under_cp():
         fill_deepspeed_config(ds, TrainConfig.from_dict(raw), dp=1)
     message = str(err.value)
     assert "sequence_parallel_size=2" in message and "train.cp * train.ulysses=4" in message, message
+
+
+def test_sequence_parallel_loss_scale_only_under_zero3():
+    """ZeRO-3's reduce-scatter averages over the ranks sharing a sequence: the loss factor is their number there and
+    1 elsewhere; ZeRO-3 with reduce_scatter off (averaged for some buckets, summed for others) is refused."""
+    from nsa_dist.deepspeed import sequence_parallel_loss_scale
+
+    zero = lambda stage, **kw: {"zero_optimization": {"stage": stage, **kw}}  # noqa: E731
+    assert [sequence_parallel_loss_scale(zero(3), s) for s in (1, 2, 4)] == [1, 2, 4]
+    assert [sequence_parallel_loss_scale(zero(stage), 4) for stage in (0, 1, 2)] == [1, 1, 1]
+    assert sequence_parallel_loss_scale({}, 4) == 1
+    assert sequence_parallel_loss_scale(zero(3, reduce_scatter=False), 1) == 1
+    with pytest.raises(ValueError, match=r"zero_optimization.reduce_scatter=false .* sequence_parallel_size=2"):
+        sequence_parallel_loss_scale(zero(3, reduce_scatter=False), 2)

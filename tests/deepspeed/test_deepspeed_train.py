@@ -43,9 +43,11 @@ def initial_weights(config: Path) -> dict:
 def test_training_steps_cp2_equal_cp1(tmp_path, zero_json, recompute):
     # three steps: DeepSpeed's WarmupCosineLR starts its warm-up at lr 0 and the first two steps move nothing here.
     # recompute: the CP run recomputes every block in backward (DeepSpeed's partitioned activation checkpointing,
-    # as the shipped JSONs configure it), which must not change a number
-    single = run_job(write_job(tmp_path, "cp1", zero_json, cp=1, steps=3), 1)
-    split = run_job(write_job(tmp_path, "cp2", zero_json, cp=2, steps=3, activation_checkpointing=recompute), 2)
+    # as the shipped JSONs configure it), which must not change a number. Unclipped, so a gradient off by a constant
+    # factor (ZeRO-3's reduce-scatter averaging over the CP ranks without the job's loss factor) shows.
+    single = run_job(write_job(tmp_path, "cp1", zero_json, unclipped=True, cp=1, steps=3), 1)
+    split = run_job(write_job(tmp_path, "cp2", zero_json, unclipped=True, cp=2, steps=3,
+                              activation_checkpointing=recompute), 2)
     assert (single["cp"], single["dp"], split["cp"], split["dp"]) == (1, 1, 2, 1)
     assert_same_steps(tmp_path, zero_json, single, split, "cp2")
 
@@ -65,15 +67,17 @@ def assert_same_steps(tmp_path: Path, zero_json: str, single: dict, split: dict,
     assert "embed.weight" in changed and len(changed) > len(w1) // 2, changed  # the step did update the model
 
 
-def test_training_steps_ulysses2_inside_cp2_equal_cp1(tmp_path):
-    """U 2 inside CP 2 under ZeRO-2 (4 ranks of the DP x CP x U grid, one sequence group): DeepSpeed sums the
-    gradients of the ranks sharing each sequence (the mpu's sequence-parallel group) and the steps equal one
-    process's. Without gradient clipping, so a wrong scale of the sum would show (clipped to norm 1, a gradient
-    scaled by a constant takes the same step)."""
-    single = run_job(write_job(tmp_path, "cp1", "zero2.json", unclipped=True, cp=1, steps=3), 1)
-    split = run_job(write_job(tmp_path, "cp2u2", "zero2.json", unclipped=True, cp=2, ulysses=2, steps=3), 4)
+@pytest.mark.parametrize("zero_json", ["zero2.json", "zero3.json"])
+def test_training_steps_ulysses2_inside_cp2_equal_cp1(tmp_path, zero_json):
+    """U 2 inside CP 2 (4 ranks of the DP x CP x U grid, one sequence group): the gradients of the ranks sharing
+    each sequence (the mpu's sequence-parallel group) are summed and the steps equal one process's, under ZeRO-2 and
+    under ZeRO-3 (whose reduce-scatter averages over the group, undone by the job's loss factor). Without gradient
+    clipping, so a wrong scale of the sum would show (clipped to norm 1, a gradient scaled by a constant takes the
+    same step)."""
+    single = run_job(write_job(tmp_path, "cp1", zero_json, unclipped=True, cp=1, steps=3), 1)
+    split = run_job(write_job(tmp_path, "cp2u2", zero_json, unclipped=True, cp=2, ulysses=2, steps=3), 4)
     assert (split["cp"], split["ulysses"], split["dp"]) == (2, 2, 1)
-    assert_same_steps(tmp_path, "zero2.json", single, split, "cp2u2")
+    assert_same_steps(tmp_path, zero_json, single, split, "cp2u2")
 
 
 @pytest.fixture(scope="module")
