@@ -94,6 +94,25 @@ def test_nsa_arguments_parse_into_the_config():
         parse(["--nsa-recipe", "fast"])
 
 
+def test_nsa_argument_types_follow_the_annotations(monkeypatch):
+    """Each --nsa-* argument parses as its field's annotated type (Optional ones too); a bool parses "false" as
+    False; an annotation the parser cannot handle is a TypeError naming the field."""
+    from nsa_dist.megatron import arguments
+
+    args = parse(["--nsa-selection-loss-weight", "0.5", "--nsa-compressor-hidden", "8", "--nsa-v-head-dim", "24",
+                  "--nsa-kv-sharing", "shared"])
+    assert (args.nsa_selection_loss_weight, args.nsa_compressor_hidden, args.nsa_v_head_dim, args.nsa_kv_sharing) \
+        == (0.5, 8, 24, "shared")
+    assert type(args.nsa_selection_loss_weight) is float and type(args.nsa_v_head_dim) is int
+    assert [arguments.parse_bool(t) for t in ("false", "True", "0", "yes")] == [False, True, False, True]
+    with pytest.raises(argparse.ArgumentTypeError, match="expected true or false, got 'maybe'"):
+        arguments.parse_bool("maybe")
+    field = NSATransformerConfig.__dataclass_fields__["nsa_window"]
+    monkeypatch.setattr(field, "type", "Tuple[int, int]")
+    with pytest.raises(TypeError, match=r"NSATransformerConfig.nsa_window is annotated 'Tuple\[int, int\]'"):
+        arguments.argument_type("nsa_window")
+
+
 def test_plain_config_takes_megatron_lm_arguments_and_config_fields_win(monkeypatch):
     monkeypatch.setitem(sys.modules, "megatron.training.global_vars", types.SimpleNamespace(_GLOBAL_ARGS=parse(ARGV)))
     assert nsa_config_from_transformer_config(TransformerConfig(**BASE)) == EXPECTED
