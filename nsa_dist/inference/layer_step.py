@@ -2,14 +2,18 @@
 from the same projections) and decode steps (new tokens against the cache, through the decode references)."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
+
+from nsa_kernels import NSAGeometry
+from nsa_kernels.reference.tiles import compute_dtype, default_scale
 
 from ..attention import NativeSparseAttention
 from ..models.dense import DenseAttention
 from .compressed_kv import KeyCompression
-from .decode_reference import nsa_decode_reference
+from .decode_kv import DecodeKV
+from .decode_reference import decode_block_indices, nsa_decode_reference
 from .dense_cache import DenseLayerCache, dense_decode_reference
 from .nsa_cache import NSALayerCache
 from .positions import step_positions
@@ -52,10 +56,25 @@ def prefill_layer(layer: Union[NativeSparseAttention, DenseAttention], x: torch.
     return out
 
 
+def nsa_decode_step(q: torch.Tensor, positions: torch.Tensor, kv: DecodeKV, gates: torch.Tensor,
+                    geometry: NSAGeometry, scoring: str, scale: Optional[float]) -> torch.Tensor:
+    """One NSA decode step (the arguments of :func:`nsa_decode_reference`): the Triton kernels
+    (:func:`nsa_kernels.triton.nsa_decode.nsa_decode`) for CUDA tensors, the reference otherwise. The kernels score
+    ``selection_scoring="compressed"`` themselves; other scorings take the reference's selection."""
+    if not q.is_cuda:
+        return nsa_decode_reference(q, positions, kv, gates, geometry, scoring, scale)
+    from nsa_kernels.triton.nsa_decode import nsa_decode  # lazily, as the dispatcher imports the Triton ops
+    block_idx = None
+    if scoring != "compressed":
+        block_idx = decode_block_indices(q.to(compute_dtype(q.dtype)), positions, kv, None, geometry, scoring,
+                                         default_scale(scale, q.shape[-1]))
+    return nsa_decode(q, positions, kv, gates, geometry, scoring, scale, block_idx=block_idx)
+
+
 def decode_layer(layer: Union[NativeSparseAttention, DenseAttention], x: torch.Tensor,
                  cache: LayerCache) -> torch.Tensor:
     """``S`` new tokens per sequence, ``x [B, S, hidden]`` at positions ``cache.lengths[b] + s``: appended to the
-    cache, attended through :func:`~nsa_dist.inference.decode_reference.nsa_decode_reference` (NSA) or
+    cache, attended through :func:`nsa_decode_step` (NSA: Triton on a GPU, else the reference) or
     :func:`~nsa_dist.inference.dense_cache.dense_decode_reference` (dense). Returns ``[B, S, hidden]``."""
     check_step_input(x, cache)
     B, S = x.shape[:2]
@@ -64,8 +83,8 @@ def decode_layer(layer: Union[NativeSparseAttention, DenseAttention], x: torch.T
         c = layer.config
         q, kv, gates = nsa_projections(layer, x)
         step_kv = cache.append(rotated_branch_kv(layer, kv, positions), key_compression(layer))
-        o = nsa_decode_reference(rotate(layer.rotary, q, positions), positions, step_kv, gates, c.geometry(),
-                                 c.selection_scoring, c.softmax_scale)
+        o = nsa_decode_step(rotate(layer.rotary, q, positions), positions, step_kv, gates, c.geometry(),
+                            c.selection_scoring, c.softmax_scale)
     else:
         q, k, v = dense_projections(layer, x)
         cache.append(rotate(layer.rotary, k, positions), v)
