@@ -9,8 +9,9 @@ import triton
 
 from ..geometry import NSAGeometry
 from ..reference.tiles import default_scale
-from .nsa_decode_kernels import (TOKENS, nsa_decode_combine_kernel, nsa_decode_compressed_kernel,
-                                 nsa_decode_selected_kernel, nsa_decode_window_kernel)
+from .nsa_decode_compressed import (TOKENS, nsa_decode_compressed_kernel, nsa_decode_scores_kernel,
+                                    nsa_decode_top_kernel)
+from .nsa_decode_kernels import nsa_decode_combine_kernel, nsa_decode_selected_kernel, nsa_decode_window_kernel
 from .range_attention import _dot_precision, _pow2
 from .selection import LOG2E, selection_config
 from .utils import kernel_dtype, new_output
@@ -94,21 +95,34 @@ def nsa_decode(q: torch.Tensor, positions: torch.Tensor, kv, gates: torch.Tensor
     strides_q = dict(sq_b=q_.stride(0), sq_s=q_.stride(1), sq_h=q_.stride(2))
     qk_scale = scale * LOG2E
 
-    o_cmp = new_output((rows, Dv), torch.float32, device)
-    score = block_idx is None
-    idx = new_output((B, S, H, geometry.top_n), torch.int32, device) if score else block_idx.to(torch.int32)
     heads = triton.next_power_of_2(G)
     sel = selection_config(G, Dk, geometry.block_len, geometry.stride, geometry.select_len, geometry.top_n)
-    nsa_decode_compressed_kernel[(B * H,)](
-        Q=q_, POS=pos, KC=k_cmp, VC=v_cmp, OC=o_cmp, IDX=idx, H=H, G=G, S=S, **strides_q,
-        skc_b=k_cmp.stride(0), skc_s=k_cmp.stride(1), skc_h=k_cmp.stride(2),
-        svc_b=v_cmp.stride(0), svc_s=v_cmp.stride(1), svc_h=v_cmp.stride(2),
-        si_b=idx.stride(0), si_s=idx.stride(1), si_h=idx.stride(2), qk_scale=qk_scale,
-        BLOCK_LEN=geometry.block_len, STRIDE=geometry.stride, SELECT_LEN=geometry.select_len, TOP_N=geometry.top_n,
-        INIT_BLOCKS=geometry.init_blocks, LOCAL_BLOCKS=geometry.local_blocks, BLOCK_S=64, SCORE=score,
-        CHUNK=sel["S"], LOG_CHUNK=sel["S"].bit_length() - 1, KSPLIT=sel["KSPLIT"],
-        **{**common, "HEADS": heads}, TOKENS_ATT=max(triton.next_power_of_2(S), triton.cdiv(16, heads)),
-        num_warps=8 if TOKENS * heads >= 128 else 4)
+    chunk_rows = sel["S"] * geometry.select_len // geometry.stride  # compressed rows of one chunk of blocks
+    chunks = triton.cdiv(k_cmp.shape[1], chunk_rows)
+    splits_c = decode_splits(B * H, chunks, device)
+    cps = triton.cdiv(chunks, splits_c)  # chunks per split
+    op_c, lp_c = _partials(rows, splits_c, Dv, device)
+    kc = dict(Q=q_, POS=pos, KC=k_cmp, H=H, G=G, S=S, **strides_q, skc_b=k_cmp.stride(0), skc_s=k_cmp.stride(1),
+              skc_h=k_cmp.stride(2), qk_scale=qk_scale, BLOCK_LEN=geometry.block_len, STRIDE=geometry.stride,
+              DK=Dk, BLOCK_DK=common["BLOCK_DK"], HEADS=heads, PREC=common["PREC"])
+    nsa_decode_compressed_kernel[(B * H, splits_c)](
+        **kc, VC=v_cmp, OP=op_c, LP=lp_c, svc_b=v_cmp.stride(0), svc_s=v_cmp.stride(1), svc_h=v_cmp.stride(2),
+        SPLIT_ROWS=cps * chunk_rows, DV=Dv, BLOCK_DV=common["BLOCK_DV"], BLOCK_S=64,
+        TOKENS_ATT=max(triton.next_power_of_2(S), triton.cdiv(16, heads)))
+    if block_idx is None:
+        idx = new_output((B, S, H, geometry.top_n), torch.int32, device)
+        tops = new_output((B * H, splits_c, TOKENS, sel["S"]), torch.int64, device)
+        log_chunk = sel["S"].bit_length() - 1
+        nsa_decode_scores_kernel[(B * H, splits_c)](
+            **kc, LP=lp_c, TOPS=tops, SELECT_LEN=geometry.select_len, INIT_BLOCKS=geometry.init_blocks,
+            LOCAL_BLOCKS=geometry.local_blocks, CHUNK=sel["S"], LOG_CHUNK=log_chunk, KSPLIT=sel["KSPLIT"], CPS=cps,
+            SPLITS=splits_c, SPLITS_P2=triton.next_power_of_2(splits_c),
+            num_warps=8 if TOKENS * heads >= 128 else 4)
+        nsa_decode_top_kernel[(B * H,)](
+            TOPS=tops, IDX=idx, H=H, S=S, si_b=idx.stride(0), si_s=idx.stride(1), si_h=idx.stride(2),
+            TOP_N=geometry.top_n, CHUNK=sel["S"], LOG_CHUNK=log_chunk, SPLITS=splits_c)
+    else:
+        idx = block_idx.to(torch.int32)
 
     programs = B * S * H
     splits_s = decode_splits(programs, geometry.top_n, device)
@@ -126,8 +140,9 @@ def nsa_decode(q: torch.Tensor, positions: torch.Tensor, kv, gates: torch.Tensor
         op_w, lp_w, splits_w = _window(q_, pos, kv, geometry.window, qk_scale, strides_q, common, kd)
     out = new_output((B, S, HQ, Dv), dtype, device)
     nsa_decode_combine_kernel[(triton.cdiv(rows, COMBINE_ROWS),)](
-        OC=o_cmp, OPS=op_s, LPS=lp_s, OPW=op_w, LPW=lp_w, GATES=gates.to(torch.float32).contiguous(), O=out,
-        n_rows=rows, DV=Dv, BLOCK_DV=common["BLOCK_DV"], SPLITS_S=splits_s,
+        OPC=op_c, LPC=lp_c, OPS=op_s, LPS=lp_s, OPW=op_w, LPW=lp_w, GATES=gates.to(torch.float32).contiguous(), O=out,
+        n_rows=rows, DV=Dv, BLOCK_DV=common["BLOCK_DV"], SPLITS_C=splits_c,
+        SPLITS_C_P2=triton.next_power_of_2(splits_c), SPLITS_S=splits_s,
         SPLITS_S_P2=triton.next_power_of_2(splits_s), SPLITS_W=splits_w, SPLITS_W_P2=triton.next_power_of_2(splits_w), HAS_WINDOW=bool(geometry.window),
         BR=COMBINE_ROWS)
     return (out, idx) if return_indices else out

@@ -3,35 +3,28 @@
 Same contract as ``nsa_dist.inference.nsa_decode_reference`` (the cache's layout is its ``DecodeKV``: every
 sequence padded to the cache's capacity, rows a query may not see masked by position). GQA group-centric: a
 program owns the ``G`` query heads of one KV head (rows padded to a power of two, at least 16 for ``tl.dot``), so
-each K/V row is read once per group. Four kernels:
+each K/V row is read once per group. The kernels:
 
-* ``nsa_decode_compressed_kernel``, grid ``(B * H,)``: the step's ``S`` tokens x ``G`` heads of one KV head (the
-  stacked rows of :mod:`.selection`). First sweep over the visible compressed rows (``i*d + l - 1 <= t``): online
-  softmax, ``o_cmp`` and ``lse`` (rows padded to 16 at least). Second sweep over the compressed keys only (values
-  are read once): the paper's block scores from those probabilities summed over the group, the forced
-  initial/local blocks and the running top-n of :func:`.selection._merge_chunk` (selection ``"compressed"``; its
-  block-score dots need 16 stacked tokens, padding included); the indices are written for the selected branch. Other scorings (``key_bound``, ``max_logit``) are not computed here: the caller passes
-  ``block_idx`` from the reference's selection.
+* the compressed branch and the block selection: :mod:`.nsa_decode_compressed` (split over the compressed rows,
+  block scores and top-n of the paper's scoring); other scorings (``key_bound``, ``max_logit``) are not computed
+  here: the caller passes ``block_idx`` from the reference's selection.
 * ``nsa_decode_selected_kernel``, grid ``(B * S * H, splits)``: split ``k`` attends the top-n slots
   ``[k * slots, (k + 1) * slots)`` (keys ``<= t`` of each chosen block) and writes a partial ``o`` and ``lse``.
 * ``nsa_decode_window_kernel``, grid ``(B * S * H, splits)``: split ``k`` attends its share of the window rows,
   keys at positions ``t - w + 1 ... t`` (rows = positions for shared K/V; the ring's ``win_positions`` otherwise).
-* ``nsa_decode_combine_kernel``: merges the partials by their log-sum-exp (flash-decoding) and applies the gates.
+* ``nsa_decode_combine_kernel``: merges each branch's partials by their log-sum-exp (flash-decoding) and applies
+  the gates.
 
 The host side is :mod:`.nsa_decode`; the split counts come from the problem size
-(:func:`.nsa_decode.decode_splits`: enough programs to fill the GPU). Partials and ``o_cmp`` are fp32; positions
-are int64 and row offsets 64-bit.
+(:func:`.nsa_decode.decode_splits`: enough programs to fill the GPU). Partials are fp32, their ``lse`` in the log2
+domain; positions are int64 and row offsets 64-bit.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .bitonic import sort_rows
 from .range_attention import _load_rows, _store_rows
-from .selection import _merge_chunk, _overlap_weights
-
-TOKENS = 16  # stacked tokens of the scoring sweep (its tl.dot needs 16): the most queries per sequence and step
 
 
 @triton.jit
@@ -86,89 +79,6 @@ def _store_partial(OP, LP, acc, l_i, m_i, out_rows, row_ok, split, offs_dv, DV: 
     o, lse2 = _finish(acc, l_i, m_i)
     _store_rows(OP + (out_rows * splits + split)[:, None] * DV + offs_dv[None, :], o, row_ok, offs_dv, DV, BLOCK_DV)
     tl.store(LP + out_rows * splits + split, lse2, mask=row_ok)
-
-
-@triton.jit
-def _top_indices(top, TOP_N: tl.constexpr, S: tl.constexpr, LOG_S: tl.constexpr):
-    """Block indices ``[rows, S]`` from the running top list of :func:`.selection._merge_chunk` (sort keys
-    ``score bits << 32 | 2^31 - 1 - j``): the first ``TOP_N`` ascending, -1 for empty slots and past ``TOP_N``."""
-    SENTINEL: tl.constexpr = 0x7FFFFFFF
-    idx = tl.where(top >= 0, 0x7FFFFFFF - (top & 0x7FFFFFFF), SENTINEL).to(tl.int32)
-    idx = tl.where(tl.arange(0, S)[None, :] < TOP_N, idx, SENTINEL)
-    idx = sort_rows(idx, LOG_S, 0)
-    return tl.where(idx == SENTINEL, -1, idx)
-
-
-@triton.jit
-def _stacked_rows(POS, b, h, G, S, TOKENS_: tl.constexpr, HEADS: tl.constexpr, BLOCK_LEN: tl.constexpr,
-                  STRIDE: tl.constexpr):
-    """The step's tokens x the group's heads of KV head ``h`` as stacked rows ``token * HEADS + head`` (the layout of
-    :mod:`.selection`): per row the token, head, validity, query head, position and visible compressed rows."""
-    offs_m = tl.arange(0, TOKENS_ * HEADS)
-    tok = offs_m // HEADS
-    g = offs_m % HEADS
-    row_ok = (tok < S) & (g < G)
-    pos = tl.load(POS + b * S + tok, mask=tok < S, other=0)
-    nvis = tl.where(row_ok & (pos >= BLOCK_LEN - 1), (tl.maximum(pos - BLOCK_LEN + 1, 0)) // STRIDE + 1, 0)
-    return tok, g, row_ok, h * G + g, nvis
-
-
-@triton.jit
-def nsa_decode_compressed_kernel(Q, POS, KC, VC, OC, IDX, H, G, S,
-                                 sq_b, sq_s, sq_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, si_b, si_s, si_h,
-                                 qk_scale, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr, SELECT_LEN: tl.constexpr,
-                                 TOP_N: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
-                                 DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                                 TOKENS_ATT: tl.constexpr, HEADS: tl.constexpr, BLOCK_S: tl.constexpr,
-                                 SCORE: tl.constexpr, CHUNK: tl.constexpr, LOG_CHUNK: tl.constexpr,
-                                 KSPLIT: tl.constexpr, PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    b = (pid // H).to(tl.int64)
-    h = (pid % H).to(tl.int64)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q_base = Q + b * sq_b
-    # attention sweep: the step's tokens (TOKENS_ATT of them, padded so that the rows number 16 at least)
-    tok, g, row_ok, hq, nvis = _stacked_rows(POS, b, h, G, S, TOKENS_ATT, HEADS, BLOCK_LEN, STRIDE)
-    n_max = tl.max(nvis, 0)
-    q = _load_rows(q_base + tok.to(tl.int64)[:, None] * sq_s + hq[:, None] * sq_h + offs_dk[None, :], row_ok,
-                   offs_dk, DK, BLOCK_DK, True)
-    acc = tl.zeros([TOKENS_ATT * HEADS, BLOCK_DV], dtype=tl.float32)
-    l_i = tl.zeros([TOKENS_ATT * HEADS], dtype=tl.float32)
-    m_i = tl.full([TOKENS_ATT * HEADS], float("-inf"), dtype=tl.float32)
-    kc_base = KC + b * skc_b + h * skc_h
-    offs_s = tl.arange(0, BLOCK_S)
-    for s0 in range(0, n_max, BLOCK_S):
-        rows = s0 + offs_s
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kc_base, VC + b * svc_b + h * svc_h, rows, rows < n_max,
-                                rows[None, :] < nvis[:, None], skc_s, svc_s, qk_scale, offs_dk, offs_dv, DK, DV,
-                                BLOCK_DK, BLOCK_DV, PREC)
-    o, lse2 = _finish(acc, l_i, m_i)
-    out_rows = (b * S + tok) * H * G + hq
-    _store_rows(OC + out_rows[:, None] * DV + offs_dv[None, :], o, row_ok, offs_dv, DV, BLOCK_DV)
-    if SCORE:  # scoring sweep over the compressed keys: 16 stacked tokens, as tl.dot needs for the block scores
-        P: tl.constexpr = SELECT_LEN // STRIDE
-        R: tl.constexpr = BLOCK_LEN // STRIDE
-        BN: tl.constexpr = CHUNK * P // KSPLIT
-        att_rows = tl.arange(0, TOKENS_ATT * HEADS)  # the attention layout is a prefix of the scoring layout
-        tok, g, row_ok, hq, nvis = _stacked_rows(POS, b, h, G, S, TOKENS, HEADS, BLOCK_LEN, STRIDE)
-        q = _load_rows(q_base + tok.to(tl.int64)[:, None] * sq_s + hq[:, None] * sq_h + offs_dk[None, :], row_ok,
-                       offs_dk, DK, BLOCK_DK, True)
-        same = tl.arange(0, TOKENS * HEADS)[:, None] == att_rows[None, :]
-        lse0 = tl.where(row_ok, tl.max(tl.where(same, lse2[None, :], float("-inf")), 1), float("inf"))  # pad: p = 0
-        offs_t = tl.arange(0, TOKENS)
-        last_blk = tl.load(POS + b * S + offs_t, mask=offs_t < S, other=0) // SELECT_LEN
-        top = tl.full([TOKENS, CHUNK], -1, tl.int64)
-        carry = tl.zeros([TOKENS, CHUNK], dtype=tl.float32)
-        for c in range(0, tl.cdiv(tl.max(last_blk, 0) + 1, CHUNK)):
-            top, carry = _merge_chunk(top, carry, c, q, lse0, Q, Q, kc_base, sq_h, skc_s, h, G, qk_scale, nvis,
-                                      row_ok, g, offs_dk, n_max, last_blk, _overlap_weights(0, 0, BN, CHUNK, P, R),
-                                      _overlap_weights(0, CHUNK, BN, CHUNK, P, R), BLOCK_LEN, STRIDE, SELECT_LEN,
-                                      INIT_BLOCKS, LOCAL_BLOCKS, DK, TOKENS, HEADS, 1, CHUNK, LOG_CHUNK, KSPLIT, PREC)
-        idx = _top_indices(top, TOP_N, CHUNK, LOG_CHUNK)
-        offs_c = tl.arange(0, CHUNK)
-        tl.store(IDX + b * si_b + offs_t.to(tl.int64)[:, None] * si_s + h * si_h + offs_c[None, :], idx,
-                 mask=(offs_t < S)[:, None] & (offs_c < TOP_N)[None, :])
 
 
 @triton.jit
@@ -239,30 +149,48 @@ def nsa_decode_window_kernel(Q, POS, K, V, KPOS, OP, LP, H, G, S, n_rows,
 
 
 @triton.jit
-def _merge_partials(OP, LP, rows, ok, offs_dv, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, DV: tl.constexpr):
-    """fp32 ``[BR, BLOCK_DV]``: the splits' partial outputs of ``rows`` weighted by ``exp2(lse_k)`` (0 where no
-    split saw a key)."""
+def _split_weights(LP, rows, ok, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
+    """Per row of ``rows`` the splits' weights ``exp2(lse_k - m)`` (``[BR, SPLITS_P2]``, ``m`` the largest
+    ``lse_k``, 0 past ``SPLITS``), their sum and ``m`` (0 where no split saw a key; ``LP [rows, SPLITS]``)."""
     offs_k = tl.arange(0, SPLITS_P2)
-    k_ok = ok[:, None] & (offs_k < SPLITS)[None, :]
-    lse = tl.load(LP + rows[:, None] * SPLITS + offs_k[None, :], mask=k_ok, other=float("-inf"))
+    lse = tl.load(LP + rows[:, None] * SPLITS + offs_k[None, :], mask=ok[:, None] & (offs_k < SPLITS)[None, :],
+                  other=float("-inf"))
     m = tl.max(lse, 1)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[:, None])
-    denom = tl.sum(w, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m[:, None])
+    return w, tl.sum(w, 1), m
+
+
+@triton.jit
+def merged_lse(LP, rows, ok, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
+    """log2-domain log-sum-exp of the splits' partials of ``rows`` (``-inf`` where no split saw a key)."""
+    _, denom, m = _split_weights(LP, rows, ok, SPLITS, SPLITS_P2)
+    return tl.where(denom == 0.0, float("-inf"), m + tl.log2(tl.where(denom == 0.0, 1.0, denom)))
+
+
+@triton.jit
+def _merge_partials(OP, LP, rows, ok, offs_dv, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, DV: tl.constexpr):
+    """fp32 ``[BR, BLOCK_DV]``: the splits' partial outputs of ``rows`` (``OP [rows, SPLITS, DV]``) weighted by
+    ``exp2(lse_k)`` (0 where no split saw a key)."""
+    w, denom, _ = _split_weights(LP, rows, ok, SPLITS, SPLITS_P2)
+    offs_k = tl.arange(0, SPLITS_P2)
     o = tl.load(OP + (rows[:, None, None] * SPLITS + offs_k[None, :, None]) * DV + offs_dv[None, None, :],
-                mask=k_ok[:, :, None] & (offs_dv < DV)[None, None, :], other=0.0)
+                mask=(ok[:, None] & (offs_k < SPLITS)[None, :])[:, :, None] & (offs_dv < DV)[None, None, :],
+                other=0.0)
     return tl.sum(o * w[:, :, None], 1) / tl.where(denom == 0.0, 1.0, denom)[:, None]
 
 
 @triton.jit
-def nsa_decode_combine_kernel(OC, OPS, LPS, OPW, LPW, GATES, O, n_rows, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+def nsa_decode_combine_kernel(OPC, LPC, OPS, LPS, OPW, LPW, GATES, O, n_rows, DV: tl.constexpr,
+                              BLOCK_DV: tl.constexpr, SPLITS_C: tl.constexpr, SPLITS_C_P2: tl.constexpr,
                               SPLITS_S: tl.constexpr, SPLITS_S_P2: tl.constexpr, SPLITS_W: tl.constexpr,
                               SPLITS_W_P2: tl.constexpr, HAS_WINDOW: tl.constexpr, BR: tl.constexpr):
     rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
     ok = rows < n_rows
     offs_dv = tl.arange(0, BLOCK_DV)
-    o_cmp = _load_rows(OC + rows[:, None] * DV + offs_dv[None, :], ok, offs_dv, DV, BLOCK_DV, True)
     gate = GATES + rows * 3
-    o = (tl.load(gate, mask=ok, other=0.0)[:, None] * o_cmp
+    o = (tl.load(gate, mask=ok, other=0.0)[:, None] * _merge_partials(OPC, LPC, rows, ok, offs_dv, SPLITS_C,
+                                                                       SPLITS_C_P2, DV)
          + tl.load(gate + 1, mask=ok, other=0.0)[:, None] * _merge_partials(OPS, LPS, rows, ok, offs_dv, SPLITS_S,
                                                                            SPLITS_S_P2, DV))
     if HAS_WINDOW:

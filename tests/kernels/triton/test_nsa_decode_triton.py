@@ -88,6 +88,14 @@ def test_window_of_several_key_tiles(seed, programs, shared, monkeypatch):
     check(seed, lengths=(150, 83), H=1, shared=shared, geometry=GEOMETRY._replace(window=100, top_n=8))
 
 
+@pytest.mark.parametrize("programs", [1, 64], ids=["one_split", "many_splits"])
+def test_compressed_rows_in_several_splits(seed, programs, monkeypatch):
+    """l' = d = 4: a chunk of 16 selection blocks holds 16 compressed rows, so 101 tokens make 2 chunks, each
+    compressed row reaching into the next block (l/d = 2): one split, or one per chunk whose top lists merge."""
+    monkeypatch.setattr(decode, "INTERPRETER_PROGRAMS", programs)
+    check(seed, lengths=(101, 60), H=1, G=2, geometry=GEOMETRY._replace(select_len=4, top_n=5))
+
+
 def test_paper_geometry(seed):
     """l 32, d 16, l' 64, n 16, w 512 on 1500 and 2100 tokens (33 candidate blocks)."""
     check(seed, lengths=(1500, 2100), H=1, G=4, geometry=NSAGeometry(32, 16, 64, 16, 512, 1, 2), Dk=32, Dv=32)
