@@ -2,7 +2,7 @@
 ``nsa_dist.inference.nsa_decode_reference``."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -83,90 +83,103 @@ def nsa_decode(q: torch.Tensor, positions: torch.Tensor, kv, gates: torch.Tensor
     B, S, HQ, Dk = q.shape
     H, Dv = kv.k_slc.shape[2], kv.v_slc.shape[3]
     G = HQ // H
-    scale = default_scale(scale, Dk)
-    device, dtype = q.device, q.dtype
-    kd = kernel_dtype(dtype)
-    q_, k_cmp, v_cmp, k_slc, v_slc = (x.to(kd).contiguous() for x in (q, kv.k_cmp, kv.v_cmp, kv.k_slc, kv.v_slc))
-    if k_cmp.shape[1] == 0:  # no compressed block yet: valid (never read) pointers
-        k_cmp, v_cmp = k_cmp.new_zeros(B, 1, H, Dk), v_cmp.new_zeros(B, 1, H, Dv)
-    pos = positions.to(device=device, dtype=torch.int64).contiguous()
-    rows = B * S * HQ
-    common = dict(DK=Dk, DV=Dv, BLOCK_DK=_pow2(Dk), BLOCK_DV=_pow2(Dv), HEADS=_pow2(G), PREC=_dot_precision(kd))
-    strides_q = dict(sq_b=q_.stride(0), sq_s=q_.stride(1), sq_h=q_.stride(2))
-    qk_scale = scale * LOG2E
-
-    heads = triton.next_power_of_2(G)
-    sel = selection_config(G, Dk, geometry.block_len, geometry.stride, geometry.select_len, geometry.top_n)
-    chunk_rows = sel["S"] * geometry.select_len // geometry.stride  # compressed rows of one chunk of blocks
-    chunks = triton.cdiv(k_cmp.shape[1], chunk_rows)
-    splits_c = decode_splits(B * H, chunks, device)
-    cps = triton.cdiv(chunks, splits_c)  # chunks per split
-    op_c, lp_c = _partials(rows, splits_c, Dv, device)
-    kc = dict(Q=q_, POS=pos, KC=k_cmp, H=H, G=G, S=S, **strides_q, skc_b=k_cmp.stride(0), skc_s=k_cmp.stride(1),
-              skc_h=k_cmp.stride(2), qk_scale=qk_scale, BLOCK_LEN=geometry.block_len, STRIDE=geometry.stride,
-              DK=Dk, BLOCK_DK=common["BLOCK_DK"], HEADS=heads, PREC=common["PREC"])
-    nsa_decode_compressed_kernel[(B * H, splits_c)](
-        **kc, VC=v_cmp, OP=op_c, LP=lp_c, svc_b=v_cmp.stride(0), svc_s=v_cmp.stride(1), svc_h=v_cmp.stride(2),
-        SPLIT_ROWS=cps * chunk_rows, DV=Dv, BLOCK_DV=common["BLOCK_DV"], BLOCK_S=64,
-        TOKENS_ATT=max(triton.next_power_of_2(S), triton.cdiv(16, heads)))
-    if block_idx is None:
-        idx = new_output((B, S, H, geometry.top_n), torch.int32, device)
-        tops = new_output((B * H, splits_c, TOKENS, sel["S"]), torch.int64, device)
-        log_chunk = sel["S"].bit_length() - 1
-        nsa_decode_scores_kernel[(B * H, splits_c)](
-            **kc, LP=lp_c, TOPS=tops, SELECT_LEN=geometry.select_len, INIT_BLOCKS=geometry.init_blocks,
-            LOCAL_BLOCKS=geometry.local_blocks, CHUNK=sel["S"], LOG_CHUNK=log_chunk, KSPLIT=sel["KSPLIT"], CPS=cps,
-            SPLITS=splits_c, SPLITS_P2=triton.next_power_of_2(splits_c),
-            num_warps=8 if TOKENS * heads >= 128 else 4)
-        nsa_decode_top_kernel[(B * H,)](
-            TOPS=tops, IDX=idx, H=H, S=S, si_b=idx.stride(0), si_s=idx.stride(1), si_h=idx.stride(2),
-            TOP_N=geometry.top_n, CHUNK=sel["S"], LOG_CHUNK=log_chunk, SPLITS=splits_c)
-    else:
-        idx = block_idx.to(torch.int32)
-
-    programs = B * S * H
-    splits_s = decode_splits(programs, geometry.top_n, device)
-    op_s, lp_s = _partials(rows, splits_s, Dv, device)
-    nsa_decode_selected_kernel[(programs, splits_s)](
-        Q=q_, POS=pos, K=k_slc, V=v_slc, IDX=idx, OP=op_s, LP=lp_s, H=H, G=G, S=S, **strides_q,
-        sk_b=k_slc.stride(0), sk_s=k_slc.stride(1), sk_h=k_slc.stride(2),
-        sv_b=v_slc.stride(0), sv_s=v_slc.stride(1), sv_h=v_slc.stride(2),
-        si_b=idx.stride(0), si_s=idx.stride(1), si_h=idx.stride(2), qk_scale=qk_scale,
-        SELECT_LEN=geometry.select_len, TOP_N=geometry.top_n, SLOTS=triton.cdiv(geometry.top_n, splits_s),
-        BLOCK_S=max(16, min(64, triton.next_power_of_2(geometry.select_len))), **common)
-
-    op_w, lp_w, splits_w = op_s, lp_s, 1
+    kd = kernel_dtype(q.dtype)
+    q_ = q.to(kd).contiguous()
+    base = dict(Q=q_, POS=positions.to(device=q.device, dtype=torch.int64).contiguous(), H=H, G=G, S=S,
+                sq_b=q_.stride(0), sq_s=q_.stride(1), sq_h=q_.stride(2), qk_scale=default_scale(scale, Dk) * LOG2E,
+                DK=Dk, BLOCK_DK=_pow2(Dk), PREC=_dot_precision(kd))
+    dims = dict(DV=Dv, BLOCK_DV=_pow2(Dv))
+    cmp, idx = _compressed(base, dims, kv, geometry, block_idx)
+    branches = dict(C=cmp, S=_selected(base, dims, kv, geometry, idx))
     if geometry.window:
-        op_w, lp_w, splits_w = _window(q_, pos, kv, geometry.window, qk_scale, strides_q, common, kd)
-    out = new_output((B, S, HQ, Dv), dtype, device)
+        branches["W"] = _window(base, dims, kv, geometry.window)
+    out = new_output((B, S, HQ, Dv), q.dtype, q.device)
+    rows = B * S * HQ
+    partials = {}
+    for name in "CSW":  # an absent window branch: the selected branch's buffers, never read
+        op, lp, splits = branches.get(name, branches["S"])
+        partials.update({f"OP{name}": op, f"LP{name}": lp, f"SPLITS_{name}": splits,
+                         f"SPLITS_{name}_P2": triton.next_power_of_2(splits)})
     nsa_decode_combine_kernel[(triton.cdiv(rows, COMBINE_ROWS),)](
-        OPC=op_c, LPC=lp_c, OPS=op_s, LPS=lp_s, OPW=op_w, LPW=lp_w, GATES=gates.to(torch.float32).contiguous(), O=out,
-        n_rows=rows, DV=Dv, BLOCK_DV=common["BLOCK_DV"], SPLITS_C=splits_c,
-        SPLITS_C_P2=triton.next_power_of_2(splits_c), SPLITS_S=splits_s,
-        SPLITS_S_P2=triton.next_power_of_2(splits_s), SPLITS_W=splits_w, SPLITS_W_P2=triton.next_power_of_2(splits_w), HAS_WINDOW=bool(geometry.window),
-        BR=COMBINE_ROWS)
+        **partials, GATES=gates.to(torch.float32).contiguous(), O=out, n_rows=rows, **dims,
+        HAS_WINDOW=bool(geometry.window), BR=COMBINE_ROWS)
     return (out, idx) if return_indices else out
 
 
-def _window(q: torch.Tensor, pos: torch.Tensor, kv, window: int, qk_scale: float, strides_q: dict, common: dict,
-            kd: torch.dtype):
-    """Window partials ``(o [rows, splits, Dv], lse [rows, splits], splits)``. With shared K/V the window is the
+def _kv(kv, name: str, kd: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, dict]:
+    """Keys and values ``kv.k_<name>``, ``kv.v_<name>`` in the kernel dtype, and their strides as the kernels take
+    them (``sk_b, sk_s, sk_h, sv_b, sv_s, sv_h``)."""
+    k, v = (getattr(kv, f"{x}_{name}").to(kd).contiguous() for x in "kv")
+    strides = dict(zip(("sk_b", "sk_s", "sk_h", "sv_b", "sv_s", "sv_h"), (*k.stride()[:3], *v.stride()[:3])))
+    return k, v, strides
+
+
+def _compressed(base: dict, dims: dict, kv, geometry: NSAGeometry, block_idx: Optional[torch.Tensor]):
+    """Compressed partials ``(o, lse, splits)`` and the block indices: the kernels' own top-n when ``block_idx`` is
+    None (splits over chunks of ``CHUNK`` selection blocks, as :func:`.selection.selection_config` sizes them)."""
+    B, H, G, S = base["Q"].shape[0], base["H"], base["G"], base["S"]
+    device = base["Q"].device
+    k, v, strides = _kv(kv, "cmp", base["Q"].dtype)
+    if k.shape[1] == 0:  # no compressed block yet: valid (never read) pointers
+        k, v = k.new_zeros(B, 1, H, k.shape[3]), v.new_zeros(B, 1, H, v.shape[3])
+    sel = selection_config(G, base["DK"], geometry.block_len, geometry.stride, geometry.select_len, geometry.top_n)
+    chunk_rows = sel["S"] * geometry.select_len // geometry.stride  # compressed rows of one chunk of blocks
+    chunks = triton.cdiv(k.shape[1], chunk_rows)
+    splits = decode_splits(B * H, chunks, device)
+    cps = triton.cdiv(chunks, splits)  # chunks per split
+    heads = triton.next_power_of_2(G)
+    op, lp = _partials(B * S * H * G, splits, dims["DV"], device)
+    args = dict(base, KC=k, skc_b=strides["sk_b"], skc_s=strides["sk_s"], skc_h=strides["sk_h"],
+                BLOCK_LEN=geometry.block_len, STRIDE=geometry.stride, HEADS=heads)
+    nsa_decode_compressed_kernel[(B * H, splits)](
+        **args, VC=v, OP=op, LP=lp, svc_b=strides["sv_b"], svc_s=strides["sv_s"], svc_h=strides["sv_h"],
+        SPLIT_ROWS=cps * chunk_rows, **dims, BLOCK_S=64, TOKENS_ATT=max(triton.next_power_of_2(S),
+                                                                        triton.cdiv(16, heads)))
+    if block_idx is not None:
+        return (op, lp, splits), block_idx.to(torch.int32)
+    idx = new_output((B, S, H, geometry.top_n), torch.int32, device)
+    tops = new_output((B * H, splits, TOKENS, sel["S"]), torch.int64, device)
+    chunk = dict(CHUNK=sel["S"], LOG_CHUNK=sel["S"].bit_length() - 1, SPLITS=splits)
+    nsa_decode_scores_kernel[(B * H, splits)](
+        **args, LP=lp, TOPS=tops, SELECT_LEN=geometry.select_len, INIT_BLOCKS=geometry.init_blocks,
+        LOCAL_BLOCKS=geometry.local_blocks, KSPLIT=sel["KSPLIT"], CPS=cps, **chunk,
+        SPLITS_P2=triton.next_power_of_2(splits), num_warps=8 if TOKENS * heads >= 128 else 4)
+    nsa_decode_top_kernel[(B * H,)](TOPS=tops, IDX=idx, H=H, S=S, si_b=idx.stride(0), si_s=idx.stride(1),
+                                    si_h=idx.stride(2), TOP_N=geometry.top_n, **chunk)
+    return (op, lp, splits), idx
+
+
+def _selected(base: dict, dims: dict, kv, geometry: NSAGeometry, idx: torch.Tensor):
+    """Selected-branch partials ``(o, lse, splits)``, split over the top-n slots."""
+    B, S, HQ = base["Q"].shape[:3]
+    programs = B * S * base["H"]
+    splits = decode_splits(programs, geometry.top_n, base["Q"].device)
+    k, v, strides = _kv(kv, "slc", base["Q"].dtype)
+    op, lp = _partials(B * S * HQ, splits, dims["DV"], base["Q"].device)
+    nsa_decode_selected_kernel[(programs, splits)](
+        **base, **dims, **strides, K=k, V=v, IDX=idx, OP=op, LP=lp, si_b=idx.stride(0), si_s=idx.stride(1),
+        si_h=idx.stride(2), SELECT_LEN=geometry.select_len, TOP_N=geometry.top_n,
+        SLOTS=triton.cdiv(geometry.top_n, splits), HEADS=_pow2(base["G"]),
+        BLOCK_S=max(16, min(64, triton.next_power_of_2(geometry.select_len))))
+    return op, lp, splits
+
+
+def _window(base: dict, dims: dict, kv, window: int):
+    """Window partials ``(o, lse, splits)``, split over the window's rows. With shared K/V the window is the
     selection buffers (rows = positions) and only the window's ``w`` rows are read; a ring is read whole, each row
     masked by its ``win_positions``."""
-    B, S, HQ, _ = q.shape
-    H, Dv = kv.k_win.shape[2], kv.v_win.shape[3]
+    B, S, HQ = base["Q"].shape[:3]
+    device = base["Q"].device
     by_position = kv.k_win.data_ptr() == kv.k_slc.data_ptr()
-    k_win, v_win = (x.to(kd).contiguous() for x in (kv.k_win, kv.v_win))
-    kpos = kv.win_positions.to(device=q.device, dtype=torch.int64).contiguous()
-    span = window if by_position else k_win.shape[1]
+    k, v, strides = _kv(kv, "win", base["Q"].dtype)
+    kpos = kv.win_positions.to(device=device, dtype=torch.int64).contiguous()
+    span = window if by_position else k.shape[1]
     block_s = max(16, min(64, triton.next_power_of_2(span)))
-    programs = B * S * H
-    splits = decode_splits(programs, triton.cdiv(span, block_s), q.device)
-    op, lp = _partials(B * S * HQ, splits, Dv, q.device)
+    programs = B * S * base["H"]
+    splits = decode_splits(programs, triton.cdiv(span, block_s), device)
+    op, lp = _partials(B * S * HQ, splits, dims["DV"], device)
     nsa_decode_window_kernel[(programs, splits)](
-        Q=q, POS=pos, K=k_win, V=v_win, KPOS=kpos, OP=op, LP=lp, H=H, G=HQ // H, S=S, n_rows=k_win.shape[1],
-        **strides_q, sk_b=k_win.stride(0), sk_s=k_win.stride(1), sk_h=k_win.stride(2),
-        sv_b=v_win.stride(0), sv_s=v_win.stride(1), sv_h=v_win.stride(2), skp_b=kpos.stride(0), qk_scale=qk_scale,
+        **base, **dims, **strides, K=k, V=v, KPOS=kpos, OP=op, LP=lp, n_rows=k.shape[1], skp_b=kpos.stride(0),
         WINDOW=window, ROW_IS_POSITION=by_position, CHUNK=triton.cdiv(triton.cdiv(span, splits), block_s) * block_s,
-        BLOCK_S=block_s, **common)
+        HEADS=_pow2(base["G"]), BLOCK_S=block_s)
     return op, lp, splits
