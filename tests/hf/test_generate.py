@@ -19,9 +19,13 @@ def test_greedy_generate_equals_gpt_generate(layout):
     model = hf_copy(gpt)
     right, lengths, left, mask = prompts(LENGTHS)
     expected = gpt.generate(right, NEW, lengths=lengths)
-    out = model.generate(left, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
-    T = left.shape[1]
+    result = model.generate(left, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                            return_dict_in_generate=True)
+    out, T = result.sequences, left.shape[1]
     assert torch.equal(out[:, :T], left)
+    # decoded through the project's cache: each sequence holds its prompt and every new token but the last
+    assert isinstance(result.cache, NSAGenerationCache)
+    assert torch.equal(result.cache.model_cache.lengths, lengths + NEW - 1)
     for b, n in enumerate(lengths.tolist()):
         assert torch.equal(out[b, T:], expected.tokens[b, n:n + NEW]), f"{layout}: row {b}"
 
@@ -85,3 +89,19 @@ def test_refused_settings_are_named():
         model(left, attention_mask=mask, cache=cache)
         with pytest.raises(ValueError, match="only prompts may be padded"):
             model(left[:, :1], attention_mask=torch.cat([mask, torch.tensor([[1], [0]])], dim=1), cache=cache)
+
+
+def test_sampling_and_generation_without_cache():
+    """Sampling (top_k, several sequences per prompt: the cache is built for the expanded batch) is reproducible
+    under a seed; greedy generation without a cache (every step a padded forward over the whole sequences) equals
+    the cached one."""
+    model = hf_copy(layout_gpt("nsa-paper"))
+    _, _, left, mask = prompts([12, 7])
+    options = dict(attention_mask=mask, max_new_tokens=10, pad_token_id=0)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        draws.append(model.generate(left, do_sample=True, top_k=5, num_return_sequences=2, **options))
+    assert draws[0].shape == (4, left.shape[1] + 10) and torch.equal(*draws)
+    assert torch.equal(model.generate(left, do_sample=False, use_cache=False, **options),
+                       model.generate(left, do_sample=False, **options))

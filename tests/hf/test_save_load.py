@@ -1,4 +1,5 @@
-"""save_pretrained / from_pretrained (directly and through AutoModelForCausalLM) give the same logits as the GPT."""
+"""save_pretrained / from_pretrained (directly and through AutoModelForCausalLM) give the same logits as the GPT; a
+fresh model starts as the GPT does; labels give the causal LM loss."""
 import pytest
 import torch
 
@@ -37,3 +38,12 @@ def test_fresh_model_starts_as_the_gpt_does():
     compressor = model.model.blocks[0].attn.k_compressor
     assert torch.count_nonzero(compressor.mlp[-1].weight) == 0
     assert float(model.model.embed.weight.detach().std()) == pytest.approx(gpt.config.init_std, rel=0.1)
+
+
+def test_labels_give_the_shifted_causal_lm_loss():
+    gpt = layout_gpt("nsa-shared-max-logit")
+    tokens = torch.randint(0, 50, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        loss = hf_copy(gpt)(tokens, labels=tokens).loss
+        expected = torch.nn.functional.cross_entropy(gpt(tokens)[:, :-1].reshape(-1, 50), tokens[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
