@@ -104,9 +104,10 @@ def nsa_decode_scores_kernel(Q, POS, KC, LP, TOPS, H, G, S, sq_b, sq_s, sq_h, sk
     top = tl.full([TOKENS, CHUNK], -1, tl.int64)
     carry = tl.zeros([TOKENS, CHUNK], dtype=tl.float32)
     if c0 > 0:  # the previous split's last chunk: only what its rows give this split's first blocks (carry)
-        _, carry = _merge_chunk(top, carry, c0 - 1, q, lse0, Q, Q, kc_base, sq_h, skc_s, h, G, qk_scale, nvis, row_ok,
+        top, carry = _merge_chunk(top, carry, c0 - 1, q, lse0, Q, Q, kc_base, sq_h, skc_s, h, G, qk_scale, nvis, row_ok,
                                 g, offs_dk, n_max, last_blk, w_cur, w_next, BLOCK_LEN, STRIDE, SELECT_LEN,
                                 INIT_BLOCKS, LOCAL_BLOCKS, DK, TOKENS, HEADS, 1, CHUNK, LOG_CHUNK, KSPLIT, PREC)
+        top = tl.full([TOKENS, CHUNK], -1, tl.int64)  # its blocks are the previous split's
     for c in range(c0, c1):
         top, carry = _merge_chunk(top, carry, c, q, lse0, Q, Q, kc_base, sq_h, skc_s, h, G, qk_scale, nvis, row_ok,
                                   g, offs_dk, n_max, last_blk, w_cur, w_next, BLOCK_LEN, STRIDE, SELECT_LEN,

@@ -149,35 +149,39 @@ def nsa_decode_window_kernel(Q, POS, K, V, KPOS, OP, LP, H, G, S, n_rows,
 
 
 @triton.jit
-def _split_weights(LP, rows, ok, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
-    """Per row of ``rows`` the splits' weights ``exp2(lse_k - m)`` (``[BR, SPLITS_P2]``, ``m`` the largest
-    ``lse_k``, 0 past ``SPLITS``), their sum and ``m`` (0 where no split saw a key; ``LP [rows, SPLITS]``)."""
+def _split_max(LP, rows, ok, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
+    """The largest of the splits' log2-domain ``lse`` of ``rows`` (``LP [rows, SPLITS]``), 0 where all are -inf."""
     offs_k = tl.arange(0, SPLITS_P2)
     lse = tl.load(LP + rows[:, None] * SPLITS + offs_k[None, :], mask=ok[:, None] & (offs_k < SPLITS)[None, :],
                   other=float("-inf"))
     m = tl.max(lse, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m[:, None])
-    return w, tl.sum(w, 1), m
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
 def merged_lse(LP, rows, ok, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
     """log2-domain log-sum-exp of the splits' partials of ``rows`` (``-inf`` where no split saw a key)."""
-    _, denom, m = _split_weights(LP, rows, ok, SPLITS, SPLITS_P2)
+    m = _split_max(LP, rows, ok, SPLITS, SPLITS_P2)
+    offs_k = tl.arange(0, SPLITS_P2)
+    lse = tl.load(LP + rows[:, None] * SPLITS + offs_k[None, :], mask=ok[:, None] & (offs_k < SPLITS)[None, :],
+                  other=float("-inf"))
+    denom = tl.sum(tl.exp2(lse - m[:, None]), 1)
     return tl.where(denom == 0.0, float("-inf"), m + tl.log2(tl.where(denom == 0.0, 1.0, denom)))
 
 
 @triton.jit
 def _merge_partials(OP, LP, rows, ok, offs_dv, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, DV: tl.constexpr):
     """fp32 ``[BR, BLOCK_DV]``: the splits' partial outputs of ``rows`` (``OP [rows, SPLITS, DV]``) weighted by
-    ``exp2(lse_k)`` (0 where no split saw a key)."""
-    w, denom, _ = _split_weights(LP, rows, ok, SPLITS, SPLITS_P2)
-    offs_k = tl.arange(0, SPLITS_P2)
-    o = tl.load(OP + (rows[:, None, None] * SPLITS + offs_k[None, :, None]) * DV + offs_dv[None, None, :],
-                mask=(ok[:, None] & (offs_k < SPLITS)[None, :])[:, :, None] & (offs_dv < DV)[None, None, :],
-                other=0.0)
-    return tl.sum(o * w[:, :, None], 1) / tl.where(denom == 0.0, 1.0, denom)[:, None]
+    ``exp2(lse_k)`` (0 where no split saw a key), one split at a time."""
+    m = _split_max(LP, rows, ok, SPLITS, SPLITS_P2)
+    o = tl.zeros([rows.shape[0], offs_dv.shape[0]], dtype=tl.float32)
+    denom = tl.zeros([rows.shape[0]], dtype=tl.float32)
+    for k in range(0, SPLITS):
+        w = tl.exp2(tl.load(LP + rows * SPLITS + k, mask=ok, other=float("-inf")) - m)
+        o += w[:, None] * _load_rows(OP + (rows * SPLITS + k)[:, None] * DV + offs_dv[None, :], ok, offs_dv, DV,
+                                     offs_dv.shape[0], True)
+        denom += w
+    return o / tl.where(denom == 0.0, 1.0, denom)[:, None]
 
 
 @triton.jit

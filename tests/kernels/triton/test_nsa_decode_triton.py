@@ -25,10 +25,10 @@ GEOMETRY = NSAGeometry(block_len=8, stride=4, select_len=16, top_n=4, window=12,
 LENGTHS = (70, 101, 5)  # not multiples of d, l or l'; the last sequence sees no compressed block
 
 
-def random_cache(lengths, S, H, G, Dk, Dv, geometry, shared, capacity, dtype=torch.float32, device="cpu"):
+def random_cache(lengths, S, H, G, Dk, Dv, geometry, shared, capacity, dtype=torch.float32, device=None):
     """q, positions (``lengths[b] + s``), a random ``DecodeKV`` of ``capacity`` rows as ``NSALayerCache.append``
     lays it out (shared K/V: the window is the selection buffers; separate: a ring of ``w`` then the step's
-    tokens), and gates."""
+    tokens), and gates; on the default device unless ``device`` is given."""
     B = len(lengths)
     held = torch.tensor(lengths, device=device)
     positions = step_positions(held, S)
@@ -55,8 +55,9 @@ def reference_indices(q, positions, kv, geometry, scoring="compressed"):
     return decode_block_indices(q, positions, kv, lse, geometry, scoring, scale)
 
 
-def check(seed, lengths=LENGTHS, S=1, H=2, G=4, shared=False, geometry=GEOMETRY, Dk=16, Dv=16):
+def check(seed, lengths=LENGTHS, S=1, H=2, G=4, shared=False, geometry=GEOMETRY, Dk=16, Dv=16, q_gain=1.0):
     q, positions, kv, gates = random_cache(lengths, S, H, G, Dk, Dv, geometry, shared, max(lengths) + S + 3)
+    q = q * q_gain
     out, idx = decode.nsa_decode(q, positions, kv, gates, geometry, return_indices=True)
     msg = f"seed {seed}"
     assert torch.equal(idx, reference_indices(q, positions, kv, geometry)), msg
@@ -91,9 +92,10 @@ def test_window_of_several_key_tiles(seed, programs, shared, monkeypatch):
 @pytest.mark.parametrize("programs", [1, 64], ids=["one_split", "many_splits"])
 def test_compressed_rows_in_several_splits(seed, programs, monkeypatch):
     """l' = d = 4: a chunk of 16 selection blocks holds 16 compressed rows, so 101 tokens make 2 chunks, each
-    compressed row reaching into the next block (l/d = 2): one split, or one per chunk whose top lists merge."""
+    compressed row reaching into the next block (l/d = 2): one split, or one per chunk whose top lists merge. Peaked
+    attention (queries x 4) over 8 heads: each head's lse (merged from the splits) weighs its share of the scores."""
     monkeypatch.setattr(decode, "INTERPRETER_PROGRAMS", programs)
-    check(seed, lengths=(101, 60), H=1, G=2, geometry=GEOMETRY._replace(select_len=4, top_n=5))
+    check(seed, lengths=(101, 60), H=1, G=8, geometry=GEOMETRY._replace(select_len=4, top_n=5), q_gain=4.0)
 
 
 def test_paper_geometry(seed):
