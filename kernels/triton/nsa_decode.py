@@ -1,5 +1,6 @@
-"""Host side of the Triton NSA decode step (:mod:`.nsa_decode_kernels`): ``nsa_decode``, the kernel version of
-``nsa_dist.inference.nsa_decode_reference``."""
+"""Host side of the Triton NSA decode step (kernels in :mod:`.nsa_decode_compressed` and :mod:`.nsa_decode_kernels`):
+``nsa_decode``, the kernel version of ``nsa_dist.inference.nsa_decode_reference``; split counts from
+:func:`decode_splits`."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -32,6 +33,7 @@ def decode_splits(programs: int, work: int, device: torch.device) -> int:
 
 
 def _partials(rows: int, splits: int, dv: int, device):
+    """fp32 buffers of one branch's partial outputs ``[rows, splits, dv]`` and their lse ``[rows, splits]``."""
     return (new_output((rows, splits, dv), torch.float32, device), new_output((rows, splits), torch.float32, device))
 
 

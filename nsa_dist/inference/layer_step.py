@@ -1,5 +1,6 @@
 """One attention layer with a cache: prefill (the layer's training forward over the prompts, then the cache filled
-from the same projections) and decode steps (new tokens against the cache, through the decode references)."""
+from the same projections) and decode steps (new tokens against the cache: NSA through the Triton decode kernels on
+a GPU, else through the decode references)."""
 from __future__ import annotations
 
 from typing import Optional, Union
