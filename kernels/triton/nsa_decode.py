@@ -41,8 +41,6 @@ def _check(q: torch.Tensor, positions: torch.Tensor, kv, gates: torch.Tensor, sc
            block_idx: Optional[torch.Tensor], geometry: NSAGeometry) -> None:
     B, S, HQ, _ = q.shape
     H = kv.k_slc.shape[2]
-    if S > TOKENS:
-        raise ValueError(f"the Triton decode step takes at most {TOKENS} queries per sequence, got S={S}")
     if HQ % H:
         raise ValueError(f"query heads HQ={HQ} are not a multiple of the cache's KV heads H={H}")
     if positions.shape != (B, S) or gates.shape != (B, S, HQ, 3):
@@ -63,8 +61,8 @@ def nsa_decode(q: torch.Tensor, positions: torch.Tensor, kv, gates: torch.Tensor
     ``nsa_dist.inference.nsa_decode_reference``, same arguments).
 
     Args:
-        q: ``[B, S, HQ, Dk]`` rotated queries, ``S <= 16`` per sequence (speculative steps); ``hq`` reads KV head
-            ``hq // G``.
+        q: ``[B, S, HQ, Dk]`` rotated queries (``S > 1``: speculative steps; more than 16 take one launch per 16);
+            ``hq`` reads KV head ``hq // G``.
         positions: int64 ``[B, S]`` query positions, consecutive per sequence; sequences may differ in length.
         kv: the cache's ``DecodeKV`` (``k_cmp, v_cmp [B, Nc, H, D]``, ``k_slc, v_slc [B, N, H, D]`` row = position,
             ``k_win, v_win [B, Nw, H, D]`` with ``win_positions [B, Nw]``; a window that is the selection buffers
@@ -82,6 +80,12 @@ def nsa_decode(q: torch.Tensor, positions: torch.Tensor, kv, gates: torch.Tensor
         ``[B, S, H, top_n]`` indices (ascending, -1 padded, where the kernel scored them).
     """
     _check(q, positions, kv, gates, scoring, block_idx, geometry)
+    if q.shape[1] > TOKENS:  # the kernels stack TOKENS queries per sequence: launch per group of them
+        parts = [nsa_decode(q[:, s:s + TOKENS], positions[:, s:s + TOKENS], kv, gates[:, s:s + TOKENS], geometry,
+                            scoring, scale, None if block_idx is None else block_idx[:, s:s + TOKENS], True)
+                 for s in range(0, q.shape[1], TOKENS)]
+        out, idx = (torch.cat(x, 1) for x in zip(*parts))
+        return (out, idx) if return_indices else out
     B, S, HQ, Dk = q.shape
     H, Dv = kv.k_slc.shape[2], kv.v_slc.shape[3]
     G = HQ // H
