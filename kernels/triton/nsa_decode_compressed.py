@@ -25,7 +25,7 @@ from .nsa_decode_kernels import _attend, _store_partial, merged_lse
 from .range_attention import _load_rows
 from .selection import _merge_chunk, _overlap_weights
 
-TOKENS = 16  # stacked tokens of the scoring kernel (its tl.dot needs 16): the most queries per sequence and step
+TOKENS = 16  # stacked tokens of the scoring kernel (its tl.dot needs 16): the most queries per sequence and launch
 
 
 @triton.jit
