@@ -46,6 +46,13 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, rows, row_ok, visible, stride_ks, 
 
 
 @triton.jit
+def _empty_state(HEADS: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The online-softmax state before any key: ``acc [HEADS, BLOCK_DV]`` and ``l_i`` zero, ``m_i`` ``-inf``."""
+    return (tl.zeros([HEADS, BLOCK_DV], dtype=tl.float32), tl.zeros([HEADS], dtype=tl.float32),
+            tl.full([HEADS], float("-inf"), dtype=tl.float32))
+
+
+@triton.jit
 def _finish(acc, l_i, m_i):
     """Normalised ``o`` and ``lse`` (log2 domain, ``-inf`` for a row that saw no key; ``o = 0`` there)."""
     empty = l_i == 0.0
@@ -96,9 +103,7 @@ def nsa_decode_selected_kernel(Q, POS, K, V, IDX, OP, LP, H, G, S,
     idx_row = IDX + b * si_b + ((pid // H) % S).to(tl.int64) * si_s + h * si_h
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
-    acc = tl.zeros([HEADS, BLOCK_DV], dtype=tl.float32)
-    l_i = tl.zeros([HEADS], dtype=tl.float32)
-    m_i = tl.full([HEADS], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _empty_state(HEADS, BLOCK_DV)
     for n in range(split * SLOTS, tl.minimum(split * SLOTS + SLOTS, TOP_N)):
         blk = tl.load(idx_row + n).to(tl.int64)
         start = blk * SELECT_LEN
@@ -131,9 +136,9 @@ def nsa_decode_window_kernel(Q, POS, K, V, KPOS, OP, LP, H, G, S, n_rows,
         hi = t * 0 + n_rows
     r0 = lo + split * CHUNK
     r1 = tl.minimum(r0 + CHUNK, hi)
-    acc = tl.zeros([HEADS, BLOCK_DV], dtype=tl.float32)
-    l_i = tl.zeros([HEADS], dtype=tl.float32)
-    m_i = tl.full([HEADS], float("-inf"), dtype=tl.float32)
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    acc, l_i, m_i = _empty_state(HEADS, BLOCK_DV)
     for s0 in range(r0, r1, BLOCK_S):
         rows = s0 + offs_s
         ok = rows < r1
@@ -142,18 +147,22 @@ def nsa_decode_window_kernel(Q, POS, K, V, KPOS, OP, LP, H, G, S, n_rows,
         else:
             kp = tl.load(KPOS + b * skp_b + rows, mask=ok, other=-1)
         visible = ok & (kp >= 0) & (kp <= t) & (kp > t - WINDOW)
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, rows, ok,
-                                visible[None, :], sk_s, sv_s, qk_scale, offs_dk, offs_dv, DK, DV, BLOCK_DK, BLOCK_DV,
-                                PREC)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, rows, ok, visible[None, :], sk_s, sv_s, qk_scale,
+                                offs_dk, offs_dv, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
     _store_partial(OP, LP, acc, l_i, m_i, out_rows, row_ok, split, offs_dv, DV, BLOCK_DV)
 
 
 @triton.jit
-def _split_max(LP, rows, ok, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
-    """The largest of the splits' log2-domain ``lse`` of ``rows`` (``LP [rows, SPLITS]``), 0 where all are -inf."""
+def _split_lses(LP, rows, ok, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
+    """The splits' log2-domain ``lse`` of ``rows`` (``LP [rows, SPLITS]``), ``[BR, SPLITS_P2]`` padded with -inf."""
     offs_k = tl.arange(0, SPLITS_P2)
-    lse = tl.load(LP + rows[:, None] * SPLITS + offs_k[None, :], mask=ok[:, None] & (offs_k < SPLITS)[None, :],
-                  other=float("-inf"))
+    return tl.load(LP + rows[:, None] * SPLITS + offs_k[None, :], mask=ok[:, None] & (offs_k < SPLITS)[None, :],
+                   other=float("-inf"))
+
+
+@triton.jit
+def _safe_max(lse):
+    """The largest ``lse`` of each row of ``lse [BR, K]``, 0 where all are -inf."""
     m = tl.max(lse, 1)
     return tl.where(m == float("-inf"), 0.0, m)
 
@@ -161,10 +170,8 @@ def _split_max(LP, rows, ok, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
 @triton.jit
 def merged_lse(LP, rows, ok, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
     """log2-domain log-sum-exp of the splits' partials of ``rows`` (``-inf`` where no split saw a key)."""
-    m = _split_max(LP, rows, ok, SPLITS, SPLITS_P2)
-    offs_k = tl.arange(0, SPLITS_P2)
-    lse = tl.load(LP + rows[:, None] * SPLITS + offs_k[None, :], mask=ok[:, None] & (offs_k < SPLITS)[None, :],
-                  other=float("-inf"))
+    lse = _split_lses(LP, rows, ok, SPLITS, SPLITS_P2)
+    m = _safe_max(lse)
     denom = tl.sum(tl.exp2(lse - m[:, None]), 1)
     return tl.where(denom == 0.0, float("-inf"), m + tl.log2(tl.where(denom == 0.0, 1.0, denom)))
 
@@ -173,7 +180,7 @@ def merged_lse(LP, rows, ok, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
 def _merge_partials(OP, LP, rows, ok, offs_dv, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, DV: tl.constexpr):
     """fp32 ``[BR, BLOCK_DV]``: the splits' partial outputs of ``rows`` (``OP [rows, SPLITS, DV]``) weighted by
     ``exp2(lse_k)`` (0 where no split saw a key), one split at a time."""
-    m = _split_max(LP, rows, ok, SPLITS, SPLITS_P2)
+    m = _safe_max(_split_lses(LP, rows, ok, SPLITS, SPLITS_P2))
     o = tl.zeros([rows.shape[0], offs_dv.shape[0]], dtype=tl.float32)
     denom = tl.zeros([rows.shape[0]], dtype=tl.float32)
     for k in range(0, SPLITS):
