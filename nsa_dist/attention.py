@@ -75,9 +75,7 @@ class NativeSparseAttention(FullSelectionSwitch, nn.Module):
                                  for g in (self.cp_group, self.ulysses_group))
         check_layer_inputs(x, position_ids, c.hidden_size, self.q_proj.weight.dtype, cp_size * ulysses_size)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, c.num_heads, c.head_dim)
-        kv = self.kv_proj(x).view(B, T, c.num_kv_branches, c.num_kv_heads, c.head_dim + c.v_head_dim)
-        gates = torch.sigmoid(self.gate_proj(x)).view(B, T, c.num_heads, 3)
+        q, kv, gates = self.project(x)
         if ulysses_size > 1:
             q, kv, gates = self._to_heads(q, kv, gates, ulysses_size)
         branch_kv = BranchKV.from_projection(kv, c.head_dim, shared=c.kv_sharing == "shared")
@@ -91,6 +89,16 @@ class NativeSparseAttention(FullSelectionSwitch, nn.Module):
         if ulysses_size > 1:
             o = heads_to_sequence(o, c.num_kv_heads, self.ulysses_group, self.last_ulysses_stats)
         return self.o_proj(o.reshape(B, T, c.num_heads * c.v_head_dim))
+
+    def project(self, x: torch.Tensor):
+        """``x [B, T, hidden]`` -> un-rotated ``q [B, T, HQ, Dk]``, the K/V projection per branch and KV head
+        ``kv [B, T, branches, H, Dk + Dv]`` (:meth:`BranchKV.from_projection` splits it) and the gates
+        ``[B, T, HQ, 3]`` after the sigmoid: what the forward (and a decode step) computes before the branches."""
+        c = self.config
+        B, T, _ = x.shape
+        return (self.q_proj(x).view(B, T, c.num_heads, c.head_dim),
+                self.kv_proj(x).view(B, T, c.num_kv_branches, c.num_kv_heads, c.head_dim + c.v_head_dim),
+                torch.sigmoid(self.gate_proj(x)).view(B, T, c.num_heads, 3))
 
     def _to_heads(self, q: torch.Tensor, kv: torch.Tensor, gates: torch.Tensor, size: int):
         """This rank's rows of ``q [B, S, HQ, Dk]``, ``kv [B, S, branches, H, Dk + Dv]`` and ``gates [B, S, HQ, 3]``

@@ -27,12 +27,11 @@ def nsa_projections(layer: NativeSparseAttention, x: torch.Tensor) -> Tuple[torc
     and the gates ``[B, S, HQ, 3]`` after the sigmoid with ``disabled_branches`` zeroed, all in q's dtype (as
     :func:`~nsa_dist.branches.nsa_branches` receives and casts them)."""
     c = layer.config
-    B, S = x.shape[:2]
-    q = layer.q_proj(x).view(B, S, c.num_heads, c.head_dim)
-    gates = torch.sigmoid(layer.gate_proj(x)).view(B, S, c.num_heads, 3).to(q.dtype)
+    q, kv, gates = layer.project(x)
+    gates = gates.to(q.dtype)
     if c.branch_gate_mask is not None:
         gates = gates * gates.new_tensor(c.branch_gate_mask)
-    return q, nsa_branch_kv(layer, layer.kv_proj(x), q.dtype), gates
+    return q, nsa_branch_kv(layer, kv, q.dtype), gates
 
 
 def rotated_branch_kv(layer: NativeSparseAttention, kv: BranchKV, positions: torch.Tensor) -> BranchKV:
