@@ -35,7 +35,7 @@ from torch import nn
 
 from nsa_dist import NativeSparseAttention, NSAConfig
 from nsa_dist.deepspeed import (ContextDataParallelGroups, load_deepspeed_json, require_deepspeed,
-                                sequence_parallel_loss_scale)
+                                sequence_parallel_loss_scale, unlink_cpu_allreduce_buffer)
 from nsa_dist.training.context_parallel import ContextParallelGroup
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,6 +103,7 @@ def init_distributed() -> torch.device:
         os.environ.setdefault("LOCAL_RANK", str(dist.get_rank()))
     else:
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        unlink_cpu_allreduce_buffer()  # DeepSpeed's CPU all-reduce buffers would outlive the job in /dev/shm
     if not cuda:
         return torch.device("cpu")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

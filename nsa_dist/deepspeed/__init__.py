@@ -9,7 +9,8 @@ from .config import fill_deepspeed_config, load_deepspeed_json
 from .gradient_scale import sequence_parallel_loss_scale
 from .groups import ContextDataParallelGroups
 from .requirements import require_deepspeed
+from .shared_memory import unlink_cpu_allreduce_buffer
 
 __all__ = ["fill_deepspeed_config", "load_deepspeed_json", "ContextDataParallelGroups", "require_deepspeed",
-           "sequence_parallel_loss_scale"]
+           "sequence_parallel_loss_scale", "unlink_cpu_allreduce_buffer"]
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..deepspeed import (ContextDataParallelGroups, fill_deepspeed_config, load_deepspeed_json, require_deepspeed,
-                         sequence_parallel_loss_scale)
+                         sequence_parallel_loss_scale, unlink_cpu_allreduce_buffer)
 from ..launch import (discover_launch, export_torch_env, free_port, launcher_present, master_port,
                       mpi4py_matches_launch)
 from ..models import GPT
@@ -190,6 +190,7 @@ def _init_distributed(deepspeed) -> torch.device:
             export_torch_env(discover_launch())
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=True,
                                    distributed_port=master_port())
+        unlink_cpu_allreduce_buffer()
     if not cuda:
         return torch.device("cpu")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

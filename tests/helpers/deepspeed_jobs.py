@@ -2,6 +2,7 @@
 (tests/deepspeed) and the launcher tests that compare against them (tests/launch)."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from nsa_dist.deepspeed.shared_memory import BUFFER_PREFIX, SHARED_MEMORY_DIR
 from nsa_dist.launch import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,11 +43,16 @@ def write_job(tmp: Path, name: str, zero_json: str, unclipped: bool = False, **t
 
 def launch(config: Path, ranks: int, *args: str) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus ranks --module nsa_dist.train --config config ...`` (on the CPU the launcher starts
-    ``ranks`` processes), its output captured."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(free_port()), "--module", "nsa_dist.train", "--config", str(config), "--no-progress", *args]
+    ``ranks`` processes), its output captured. The job must leave none of DeepSpeed's CPU all-reduce buffers in
+    ``/dev/shm`` (each is 69 MB of RAM that would outlive it; see :mod:`nsa_dist.deepspeed.shared_memory`)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port),
+           "--module", "nsa_dist.train", "--config", str(config), "--no-progress", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    left = glob.glob(f"{SHARED_MEMORY_DIR}/{BUFFER_PREFIX}_{os.getuid()}_*_{port}_*")
+    assert not left, f"the job left DeepSpeed's shared-memory buffers behind: {left}"
+    return proc
 
 
 def run_job(config: Path, ranks: int, *args: str) -> dict:
