@@ -144,13 +144,13 @@ def train_deepspeed(config: TrainConfig, progress: bool = True, resume: Optional
                             mem=f"{record['peak_memory_mib']:.0f}MiB")
             window, window_start = [], time.perf_counter()
         if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps:
-            saved = _save(engine, out, step + 1)
+            saved = _save(engine, out, step + 1, config)
         if callback is not None and (record or saved):
             callback(step + 1, record, saved)
     train_time = time.perf_counter() - start
     final = _dp_mean(evaluate(engine, eval_batches, device, cp, loss_chunk_tokens=t.loss_chunk_tokens), groups)
     if save_final:
-        saved = _save(engine, out, t.steps)
+        saved = _save(engine, out, t.steps, config)
         if callback is not None:
             callback(t.steps, None, saved)
     steps_run = t.steps - start_step
@@ -254,11 +254,14 @@ def _resume(engine, directory: str, tag: str) -> int:
     return int(client["step"])
 
 
-def _save(engine, out: Path, step: int) -> Path:
-    """``engine.save_checkpoint`` into ``<out>/checkpoints/step<N>`` with the step and RNG states (every rank);
-    returns that directory once every rank has written its part."""
+def _save(engine, out: Path, step: int, config: TrainConfig) -> Path:
+    """``engine.save_checkpoint`` into ``<out>/checkpoints/step<N>`` with the step and RNG states (every rank), and
+    the GPT's config and the training config as plain dicts (``model_config``, ``train_config``, as in the plain
+    job's ``checkpoint.pt``; read by ``nsa-dist export-hf``); returns that directory once every rank has written
+    its part."""
     client = {"step": step, "torch_rng": torch.get_rng_state(),
-              "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+              "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+              "model_config": engine.module.config.to_dict(), "train_config": config.to_dict()}
     engine.save_checkpoint(str(out / CHECKPOINT_DIR), tag=f"step{step}", client_state=client)  # ends in a barrier
     return out / CHECKPOINT_DIR / f"step{step}"
 
