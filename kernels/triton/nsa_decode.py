@@ -145,7 +145,7 @@ def _compressed(base: dict, dims: dict, kv, geometry: NSAGeometry, block_idx: Op
         return (op, lp, splits), block_idx.to(torch.int32)
     idx = new_output((B, S, H, geometry.top_n), torch.int32, device)
     tops = new_output((B * H, splits, TOKENS, sel["S"]), torch.int64, device)
-    chunk = dict(CHUNK=sel["S"], LOG_CHUNK=sel["S"].bit_length() - 1, SPLITS=splits)
+    chunk = dict(CHUNK=sel["S"], LOG_CHUNK=sel["S"].bit_length() - 1, SPLITS=splits, TOKENS=TOKENS)
     nsa_decode_scores_kernel[(B * H, splits)](
         **args, LP=lp, TOPS=tops, SELECT_LEN=geometry.select_len, INIT_BLOCKS=geometry.init_blocks,
         LOCAL_BLOCKS=geometry.local_blocks, KSPLIT=sel["KSPLIT"], CPS=cps, **chunk,

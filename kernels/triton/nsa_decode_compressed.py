@@ -79,7 +79,8 @@ def nsa_decode_scores_kernel(Q, POS, KC, LP, TOPS, H, G, S, sq_b, sq_s, sq_h, sk
                              INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, DK: tl.constexpr,
                              BLOCK_DK: tl.constexpr, HEADS: tl.constexpr, CHUNK: tl.constexpr,
                              LOG_CHUNK: tl.constexpr, KSPLIT: tl.constexpr, CPS: tl.constexpr,
-                             SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, PREC: tl.constexpr):
+                             SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, TOKENS: tl.constexpr,
+                             PREC: tl.constexpr):
     P: tl.constexpr = SELECT_LEN // STRIDE
     R: tl.constexpr = BLOCK_LEN // STRIDE
     BN: tl.constexpr = CHUNK * P // KSPLIT
@@ -118,7 +119,7 @@ def nsa_decode_scores_kernel(Q, POS, KC, LP, TOPS, H, G, S, sq_b, sq_s, sq_h, sk
 
 @triton.jit
 def nsa_decode_top_kernel(TOPS, IDX, H, S, si_b, si_s, si_h, TOP_N: tl.constexpr, CHUNK: tl.constexpr,
-                          LOG_CHUNK: tl.constexpr, SPLITS: tl.constexpr):
+                          LOG_CHUNK: tl.constexpr, SPLITS: tl.constexpr, TOKENS: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)

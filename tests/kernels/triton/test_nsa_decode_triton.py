@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from nsa_kernels import NSAGeometry
-from nsa_dist.inference import DecodeKV, nsa_decode_reference
+from nsa_dist.inference import nsa_decode_reference
 from nsa_dist.inference.decode_reference import compressed_decode, decode_block_indices
-from nsa_dist.inference.positions import ring_positions, step_positions
+from tests.helpers.decode_cases import random_cache
 
 decode = pytest.importorskip("nsa_kernels.triton.nsa_decode", reason="needs the triton package")
 
@@ -23,29 +23,6 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # Triton
 # l = 8, d = 4, l' = 16, n = 4, w = 12: 101 tokens hold 6 selection blocks, so top-n leaves some out
 GEOMETRY = NSAGeometry(block_len=8, stride=4, select_len=16, top_n=4, window=12, init_blocks=1, local_blocks=2)
 LENGTHS = (70, 101, 5)  # not multiples of d, l or l'; the last sequence sees no compressed block
-
-
-def random_cache(lengths, S, H, G, Dk, Dv, geometry, shared, capacity, dtype=torch.float32, device=None):
-    """q, positions (``lengths[b] + s``), a random ``DecodeKV`` of ``capacity`` rows as ``NSALayerCache.append``
-    lays it out (shared K/V: the window is the selection buffers; separate: a ring of ``w`` then the step's
-    tokens), and gates; on the default device unless ``device`` is given."""
-    B = len(lengths)
-    held = torch.tensor(lengths, device=device)
-    positions = step_positions(held, S)
-    n_cmp = (capacity - geometry.block_len) // geometry.stride + 1
-
-    def rand(*shape):
-        return torch.randn(*shape, device=device).to(dtype)
-
-    k_slc, v_slc = rand(B, capacity, H, Dk), rand(B, capacity, H, Dv)
-    window = (None, None, None)
-    if geometry.window and shared:
-        window = (k_slc, v_slc, torch.arange(capacity, device=device).expand(B, capacity))
-    elif geometry.window:
-        window = (rand(B, geometry.window + S, H, Dk), rand(B, geometry.window + S, H, Dv),
-                  torch.cat([ring_positions(held, geometry.window), positions], 1))
-    kv = DecodeKV(rand(B, n_cmp, H, Dk), rand(B, n_cmp, H, Dv), k_slc, v_slc, *window, None, None)
-    return rand(B, S, G * H, Dk), positions, kv, torch.rand(B, S, G * H, 3, device=device).to(dtype)
 
 
 def reference_indices(q, positions, kv, geometry, scoring="compressed"):
