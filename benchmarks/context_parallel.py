@@ -3,6 +3,13 @@
 Launch with one process per GPU (NCCL):
 
     torchrun --nproc-per-node 2 benchmarks/context_parallel.py --seqlens 131072 262144 --out benchmarks/results/cp
+    torchrun --nproc-per-node 2 benchmarks/context_parallel.py --documents 8 --layout per_document   # packed
+
+``--documents N`` packs N documents of unequal lengths (proportional to 1, 2, ..., N, each a multiple of 2P) into
+each sequence; ``--layout`` splits it as a whole (``zigzag``, ``contiguous``) or document by document
+(``per_document``, megatron-core's split of packed ``thd`` batches), so the two can be compared on the same batch.
+``--device cpu`` runs the same cases on gloo CPU ranks with the reference ops (tiny shapes; a check that the
+benchmark runs, not a measurement).
 
 For each total length T (B = 1, HQ 64, H 4, D 128, bf16, paper geometry, "mlp" compressors, no rotary) it
 times, with CUDA events around forward+backward (median of ``--iters`` after warm-up, all ranks in step):
@@ -29,8 +36,9 @@ import math
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -39,6 +47,7 @@ import nsa_kernels
 from nsa_kernels import NSAGeometry
 from nsa_dist.compression import BlockCompressor
 from nsa_dist.parallel import BranchKV, CPLayout, ShardedSequence, context_parallel_nsa
+from nsa_dist.parallel.layout import LAYOUTS
 from nsa_dist.parallel.dense import allgather_dense_attention, causal_sdpa
 
 try:  # run as a script (python benchmarks/...) or as a module
@@ -73,39 +82,62 @@ def make_inputs(T: int, HQ: int, H: int, D: int, pattern: str, seed: int, device
     return {k: v.to(torch.bfloat16) for k, v in x.items()}
 
 
+def packed_documents(T: int, documents: int, P: int, device) -> Optional[torch.Tensor]:
+    """int32 ``cu_seqlens`` of ``documents`` packed documents filling ``T`` tokens, lengths proportional to
+    ``1, 2, ..., documents`` and each a multiple of ``2P`` (as the ``per_document`` layout needs); None for one
+    document. ValueError when ``T`` has fewer than ``documents`` units of ``2P`` tokens."""
+    if documents == 1:
+        return None
+    units, weights = T // (2 * P), range(1, documents + 1)
+    if T % (2 * P) or units < documents:
+        raise ValueError(f"--documents {documents} needs T={T} to be a multiple of 2P={2 * P} with at least "
+                         f"{documents} such units")
+    lengths = [max(1, units * w // sum(weights)) for w in weights]
+    lengths[-1] += units - sum(lengths)
+    bounds = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0) * (2 * P)
+    return bounds.to(device=device, dtype=torch.int32)
+
+
 def timed(fn: Callable[[], torch.Tensor], leaves: List[torch.Tensor], iters: int, warmup: int = 2) -> Dict:
-    """Median forward+backward ms (CUDA events, every rank synchronised per iteration) and peak memory."""
+    """Median forward+backward ms (CUDA events on a GPU, the wall clock on the CPU; every rank synchronised per
+    iteration) and the GPU's peak memory (None on the CPU)."""
+    cuda = leaves[0].is_cuda
     grad = None
     times = []
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     for i in range(warmup + iters):
         for t in leaves:
             t.grad = None
         dist.barrier()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        if cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        begin = time.perf_counter()
         out = fn()
         if grad is None:
             grad = torch.randn_like(out)
         out.backward(grad)
-        end.record()
-        torch.cuda.synchronize()
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
         if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return {"fwd+bwd ms": statistics.median(times), "peak GiB": torch.cuda.max_memory_allocated() / 2 ** 30}
+            times.append(start.elapsed_time(end) if cuda else (time.perf_counter() - begin) * 1e3)
+    return {"fwd+bwd ms": statistics.median(times),
+            "peak GiB": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
 
 
 def leaves_of(x: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v.detach().clone().requires_grad_() for k, v in x.items()}
 
 
-def single_gpu_case(x, compress_k, compress_v):
-    """Whole-sequence NSA on this GPU."""
+def single_gpu_case(x, compress_k, compress_v, cu_seqlens: Optional[torch.Tensor]):
+    """Whole-sequence NSA on this GPU (the packed documents of ``cu_seqlens``, or one)."""
     def run():
-        k_cmp, v_cmp = compress_k(x["k_cmp"]), compress_v(x["v_cmp"])
+        k_cmp, v_cmp = compress_k(x["k_cmp"], cu_seqlens), compress_v(x["v_cmp"], cu_seqlens)
         return nsa_kernels.nsa_attention(x["q"], k_cmp, v_cmp, x["k_slc"], x["v_slc"], x["k_win"], x["v_win"],
-                                         x["gates"], **GEOMETRY._asdict())
+                                         x["gates"], **GEOMETRY._asdict(), cu_seqlens=cu_seqlens)
     return run
 
 
@@ -148,18 +180,21 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqlens", type=int, nargs="+", default=[131072, 262144])
     add_shape_arguments(parser)
-    parser.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
+    parser.add_argument("--layout", default="zigzag", choices=LAYOUTS)
+    parser.add_argument("--documents", type=int, default=1, help="packed documents per sequence (see above)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--patterns", nargs="+", default=["local", "random"], choices=["local", "random"])
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--skip-single", action="store_true", help="skip the single-GPU baseline")
     parser.add_argument("--out", default=None, help="write <out>.json (rank 0)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/context_parallel.py needs CUDA GPUs (launch with torchrun)")
-    dist.init_process_group("nccl")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/context_parallel.py needs CUDA GPUs (launch with torchrun), or --device cpu")
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     rank, P = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    device = torch.device("cuda")
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    device = torch.device(args.device)
     HQ, H, D = args.heads, args.kv_heads, args.dim
     compress_k = BlockCompressor("mlp", D, GEOMETRY.block_len, GEOMETRY.stride, 2 * D).to(device, torch.bfloat16)
     compress_v = BlockCompressor("mlp", D, GEOMETRY.block_len, GEOMETRY.stride, 2 * D).to(device, torch.bfloat16)
@@ -171,15 +206,16 @@ def main(argv=None) -> None:
             print(json.dumps(row), file=sys.stderr, flush=True)
 
     for T in args.seqlens:
-        layout = CPLayout(P, T, args.layout, GEOMETRY.select_len)
-        shards = ShardedSequence(layout)
+        cu_seqlens = packed_documents(T, args.documents, P, device)
+        shards = ShardedSequence(CPLayout(P, T, args.layout, GEOMETRY.select_len), cu_seqlens)
+        layout = shards.layout  # per_document: bound to the documents
         for pattern in args.patterns:
             glob = make_inputs(T, HQ, H, D, pattern, seed=T, device=device)
             local = {k: layout.shard(v, rank) for k, v in glob.items()}
-            base = {"T": T, "pattern": pattern, "P": P, "layout": args.layout}
+            base = {"T": T, "pattern": pattern, "P": P, "layout": args.layout, "documents": args.documents}
             if not args.skip_single and pattern == args.patterns[0]:
                 x = leaves_of(glob) if rank == 0 else None
-                fn = single_gpu_case(x, compress_k, compress_v) if rank == 0 else None
+                fn = single_gpu_case(x, compress_k, compress_v, cu_seqlens) if rank == 0 else None
                 res = timed(fn, list(x.values()), args.iters) if rank == 0 else _idle(args.iters)
                 record({**base, "method": "single GPU", **res})
                 del x, fn
@@ -200,14 +236,15 @@ def main(argv=None) -> None:
                         **res, "sent_bytes": kv_bytes, "received_bytes": kv_bytes})
                 del x
             del glob, local
-            torch.cuda.empty_cache()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
     if rank == 0:
         print_table(rows)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
             Path(args.out).with_suffix(".json").write_text(json.dumps(
-                {"device": torch.cuda.get_device_name(), "gpus": P, "HQ": HQ, "H": H, "D": D, "rows": rows},
-                indent=2))
+                {"device": name, "gpus": P, "HQ": HQ, "H": H, "D": D, "rows": rows}, indent=2))
     dist.destroy_process_group()
 
 
@@ -220,14 +257,16 @@ def _idle(iters: int, warmup: int = 2) -> Dict:
 
 def print_table(rows: List[Dict]) -> None:
     single = {r["T"]: r["fwd+bwd ms"] for r in rows if r["method"] == "single GPU"}
-    print("| T | pattern | method | fwd+bwd ms | vs single GPU | sent MiB/rank | received MiB/rank | "
-          "unique remote blocks | peak GiB |\n|---|---|---|---|---|---|---|---|---|")
+    print("| T | documents | layout | pattern | method | fwd+bwd ms | vs single GPU | sent MiB/rank | "
+          "received MiB/rank | unique remote blocks | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ms = r.get("fwd+bwd ms")
         ratio = f"{ms / single[r['T']]:.2f}x" if ms and r["T"] in single else "-"
         mib = lambda k: f"{r[k] / 2 ** 20:.1f}" if k in r else "-"
-        print(f"| {r['T'] // 1024}k | {r['pattern']} | {r['method']} | {ms:.1f} | {ratio} | {mib('sent_bytes')} | "
-              f"{mib('received_bytes')} | {r.get('unique_remote_blocks', '-')} | {r['peak GiB']:.1f} |")
+        peak = "-" if r["peak GiB"] is None else f"{r['peak GiB']:.1f}"
+        print(f"| {r['T'] / 1024:g}k | {r['documents']} | {r['layout']} | {r['pattern']} | {r['method']} | {ms:.1f} | "
+              f"{ratio} | {mib('sent_bytes')} | {mib('received_bytes')} | {r.get('unique_remote_blocks', '-')} | "
+              f"{peak} |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Tile-size sweep for the selected-attention kernels on one GPU.
 
-Sweeps the module knobs of :mod:`nsa_kernels.triton.selected` (``FWD_MIN_ROWS``, ``MAX_BLOCK_S`` and the
+Sweeps the module knobs of :mod:`nsa_kernels.triton.selected_attention` (``FWD_MIN_ROWS``, ``MAX_BLOCK_S`` and the
 forward/dq warps, timing the forward; then ``BWD_ROWS``, ``CHUNK_FACTOR`` and the dK/dV warps, timing
 forward+backward, from the best forward choice) on the paper geometry (l' 64, n 16) with the block indices
 ``select_blocks`` picks on random inputs. Each candidate is checked against the default's output and dq.

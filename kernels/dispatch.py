@@ -18,10 +18,10 @@ from .triton.utils import triton_interpreting
 
 BACKENDS = ("auto", "triton", "reference")
 TRITON_MODULES = {  # op name -> module of nsa_kernels.triton that defines it
-    "compressed_attention": "compressed",
-    "select_blocks": "selection",
-    "selected_attention": "selected",
-    "window_attention": "window",
+    "compressed_attention": "compressed_attention",
+    "select_blocks": "select_blocks",
+    "selected_attention": "selected_attention",
+    "window_attention": "window_attention",
     "nsa_attention": "nsa",
     "gate_combine": "gate_combine",
     "block_max_logits": "block_max",

@@ -1,7 +1,7 @@
 """Bitonic sorting networks on the last dim of a register tile (size a power of two), for Triton kernels.
 
 Written with reshapes and min/max reductions instead of ``tl.sort``, whose xor reductions crawl under the CPU
-interpreter; the same code runs on the GPU. Used by the top-n selection (:mod:`.selection`) and the canonical
+interpreter; the same code runs on the GPU. Used by the top-n selection (:mod:`.select_blocks`) and the canonical
 block lists (:mod:`.block_lists`).
 """
 import triton

@@ -22,10 +22,10 @@ from ..reference.tiles import default_scale
 from .gate_combine import combine_backward, combine_forward
 from .range_attention import (COMPRESSED, WINDOW, RangeGeometry, prepare_inputs, range_attention_backward,
                               range_attention_forward)
-from .selected import SelectedState, selected_backward, selected_forward
-from .selection import select_blocks
+from .selected_attention import SelectedState, selected_backward, selected_forward
+from .select_blocks import select_blocks
 from .utils import host_offsets
-from .window import clamped_window
+from .window_attention import clamped_window
 
 N_SLC = SelectedState.N_TENSORS  # the selected branch's saved tensors
 

@@ -14,7 +14,7 @@ from .nsa_decode_compressed import (TOKENS, nsa_decode_compressed_kernel, nsa_de
                                     nsa_decode_top_kernel)
 from .nsa_decode_kernels import nsa_decode_combine_kernel, nsa_decode_selected_kernel, nsa_decode_window_kernel
 from .range_attention import _dot_precision, _pow2
-from .selection import LOG2E, selection_config
+from .select_blocks import LOG2E, selection_config
 from .utils import kernel_dtype, new_output
 
 INTERPRETER_PROGRAMS = 8  # programs to aim for under the CPU interpreter, so that small tests split too
@@ -122,7 +122,7 @@ def _kv(kv, name: str, kd: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, dic
 
 def _compressed(base: dict, dims: dict, kv, geometry: NSAGeometry, block_idx: Optional[torch.Tensor]):
     """Compressed partials ``(o, lse, splits)`` and the block indices: the kernels' own top-n when ``block_idx`` is
-    None (splits over chunks of ``CHUNK`` selection blocks, as :func:`.selection.selection_config` sizes them)."""
+    None (splits over chunks of ``CHUNK`` selection blocks, as :func:`.select_blocks.selection_config` sizes them)."""
     B, H, G, S = base["Q"].shape[0], base["H"], base["G"], base["S"]
     device = base["Q"].device
     k, v, strides = _kv(kv, "cmp", base["Q"].dtype)

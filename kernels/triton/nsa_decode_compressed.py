@@ -1,7 +1,7 @@
 """Triton kernels of the compressed branch and the block selection of one NSA decode step (:mod:`.nsa_decode`).
 
 Program ``(b * H + h, split)`` owns the step's ``S`` tokens x the ``G`` heads of KV head ``h`` as stacked rows
-``token * HEADS + head`` (the layout of :mod:`.selection`), and split ``k`` the compressed rows of the selection
+``token * HEADS + head`` (the layout of :mod:`.select_blocks`), and split ``k`` the compressed rows of the selection
 chunks ``[k * CPS, (k + 1) * CPS)`` (a chunk: ``CHUNK`` selection blocks, the ``CHUNK * l'/d`` compressed rows that
 start in them), so that one sequence fills the GPU:
 
@@ -10,7 +10,7 @@ start in them), so that one sequence fills the GPU:
 * ``nsa_decode_scores_kernel``: the paper's block scores (``selection_scoring="compressed"``) of the split's chunks
   from the probabilities ``exp2(q k_i - lse)`` (``lse`` merged from the first kernel's partials) summed over the
   group, with the forced initial/local blocks, kept in the running top list of
-  :func:`.selection._merge_chunk` (16 stacked tokens: its block-score dots need 16); a split first walks the chunk
+  :func:`.select_blocks._merge_chunk` (16 stacked tokens: its block-score dots need 16); a split first walks the chunk
   before its own for the Eq. 9 weights that compressed rows at a chunk's end give the next chunk's blocks.
 * ``nsa_decode_top_kernel``, grid ``(B * H,)``: merges the splits' top lists and writes the top-n indices
   (ascending, -1 padded).
@@ -23,7 +23,7 @@ import triton.language as tl
 from .bitonic import bitonic_merge, sort_rows
 from .nsa_decode_kernels import _attend, _store_partial, merged_lse
 from .range_attention import _load_rows
-from .selection import _merge_chunk, _overlap_weights
+from .select_blocks import _merge_chunk, _overlap_weights
 
 TOKENS = 16  # stacked tokens of the scoring kernel (its tl.dot needs 16): the most queries per sequence and launch
 

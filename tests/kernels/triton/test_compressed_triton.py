@@ -21,7 +21,7 @@ from tests.helpers import oracle as O
 from nsa_kernels import reference as R
 from nsa_kernels.layout import total_compressed_blocks
 from nsa_kernels.triton import range_attention as RA
-from nsa_kernels.triton.compressed import compressed_attention
+from nsa_kernels.triton.compressed_attention import compressed_attention
 from tests.helpers.small_tiles import use_small_range_tiles
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: Triton kernels under the CPU interpreter

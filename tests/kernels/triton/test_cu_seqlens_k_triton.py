@@ -30,9 +30,9 @@ from nsa_kernels import reference as R
 from nsa_kernels.layout import compressed_cu_seqlens, num_compressed_blocks
 from nsa_kernels.triton import selected as SA
 from nsa_kernels.triton import selection as SEL
-from nsa_kernels.triton.compressed import compressed_attention
+from nsa_kernels.triton.compressed_attention import compressed_attention
 from nsa_kernels.triton.utils import tile_table
-from nsa_kernels.triton.window import window_attention
+from nsa_kernels.triton.window_attention import window_attention
 from tests.helpers.segments import (Case, Segment, chunk_segments, compact_key_segment, cut_segments, offsets,
                                     packed_rows, unaligned)
 from tests.helpers.small_tiles import use_small_range_tiles

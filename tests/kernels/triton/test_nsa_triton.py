@@ -67,11 +67,11 @@ def test_gpu_fused_nsa_matches_composed_branch_ops(G, docs, seed):
     from types import SimpleNamespace
 
     from nsa_kernels.composition import gated_nsa
-    from nsa_kernels.triton.compressed import compressed_attention
+    from nsa_kernels.triton.compressed_attention import compressed_attention
     from nsa_kernels.triton.gate_combine import gate_combine
-    from nsa_kernels.triton.selected import selected_attention
-    from nsa_kernels.triton.selection import select_blocks
-    from nsa_kernels.triton.window import window_attention
+    from nsa_kernels.triton.selected_attention import selected_attention
+    from nsa_kernels.triton.select_blocks import select_blocks
+    from nsa_kernels.triton.window_attention import window_attention
 
     dev, H, D, T = "cuda", 4, 128, 8192
     geo = dict(block_len=32, stride=16, select_len=64, top_n=16, window=512, init_blocks=1, local_blocks=2,

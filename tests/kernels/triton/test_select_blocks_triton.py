@@ -25,7 +25,7 @@ from nsa_kernels.layout import document_spans, total_compressed_blocks
 from nsa_kernels.reference.compressed import compressed_doc_ranges
 from nsa_kernels.reference.selection import overlap_weights
 
-sel = pytest.importorskip("nsa_kernels.triton.selection", reason="needs the triton package")
+sel = pytest.importorskip("nsa_kernels.triton.select_blocks", reason="needs the triton package")
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: Triton kernels under the CPU interpreter
 
