@@ -1,7 +1,7 @@
 """``python -m tests.helpers.compile_launches LAUNCHES.json OUT.json CAPABILITY``: compile recorded Triton launches
 (:func:`tests.helpers.triton_launches.recorded_launches`) for an NVIDIA GPU of that compute capability, without a
 GPU. Run without ``TRITON_INTERPRET``, so that ``triton.jit`` gives compilable ``JITFunction``s. Writes one
-record per launch: ``{"module", "name", "error", "shared", "seconds"}``."""
+record per launch: ``{"module", "name", "triton", "error", "shared", "seconds"}``."""
 from __future__ import annotations
 
 import importlib
@@ -33,7 +33,8 @@ def compile_launch(launch: Dict[str, Any], capability: int) -> Dict[str, Any]:
         else:
             signature[param.name] = {"float": "fp32", "bool": "i1"}[kind]
     start = time.time()
-    record = {"module": launch["module"], "name": launch["name"], "error": None, "shared": None}
+    record = {"module": launch["module"], "name": launch["name"], "triton": triton.__version__, "error": None,
+              "shared": None}
     try:
         compiled = triton.compile(ASTSource(kernel, signature, constexprs),
                                   target=GPUTarget("cuda", capability, 32), options=launch["options"])

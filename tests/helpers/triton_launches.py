@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRITON_PATH_VARIABLE = "NSA_COMPILE_TRITON_PATH"  # a folder holding another triton package to compile with
 SM90_SHARED_MEMORY = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
 
 _TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
@@ -75,14 +76,19 @@ def recorded_launches() -> Iterator[List[Dict[str, Any]]]:
 
 def compile_for_gpu(launches: List[Dict[str, Any]], tmp_dir: str, capability: int = 90) -> List[Dict[str, Any]]:
     """Compile every launch of ``launches`` (from :func:`recorded_launches`) for ``sm_<capability>`` in a fresh
-    process without ``TRITON_INTERPRET`` (identical launches once, on every core). Returns, for each launch in
-    order, ``{"module", "name", "error": str | None, "shared": bytes of shared memory or None, "seconds"}``."""
+    process without ``TRITON_INTERPRET`` (identical launches once, on every core), with the Triton of this
+    environment, or the one in the folder ``$NSA_COMPILE_TRITON_PATH`` names (``pip install --no-deps --target
+    /tmp/triton36 triton==3.6.0`` gives the GPU image's version). Returns, for each launch in order,
+    ``{"module", "name", "triton": its version, "error": str | None, "shared": bytes of shared memory or None,
+    "seconds"}``."""
     keys = [json.dumps(launch, sort_keys=True) for launch in launches]
     unique = list(dict.fromkeys(keys))
     src, dst = os.path.join(tmp_dir, "launches.json"), os.path.join(tmp_dir, "compiled.json")
     with open(src, "w") as f:
         json.dump([json.loads(key) for key in unique], f)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if os.environ.get(TRITON_PATH_VARIABLE):  # another Triton first on the path, e.g. the GPU image's version
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (env[TRITON_PATH_VARIABLE], env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-m", "tests.helpers.compile_launches", src, dst, str(capability)],
                           capture_output=True, text=True, env=env, timeout=1800, cwd=REPO)
     if proc.returncode != 0:

@@ -7,6 +7,9 @@ it, the branch ops on their own, decoding) are recorded under the interpreter an
 an SM's shared memory. The workloads are small in T, but the tile configurations depend on the group size, head
 dims and block sizes only, which are those of the GPU runs. And every ``*_kernel`` of ``nsa_kernels.triton``
 must be among the compiled ones, so that a new kernel is covered or this test says which is not.
+
+The compiler is this environment's Triton; ``NSA_COMPILE_TRITON_PATH=/tmp/triton36`` after ``pip install --no-deps
+--target /tmp/triton36 triton==3.6.0`` compiles with the GPU image's Triton instead.
 """
 from __future__ import annotations
 
@@ -104,7 +107,7 @@ def compiled(tmp_path_factory):
 def test_kernels_compile_for_sm90(compiled, workload):
     records = compiled[workload]
     assert records, f"{workload} launched no Triton kernel"
-    errors = [f"{r['module']}.{r['name']}:\n{r['error']}" for r in records if r["error"]]
+    errors = [f"{r['module']}.{r['name']} (triton {r['triton']}):\n{r['error']}" for r in records if r["error"]]
     assert not errors, "\n\n".join(errors)
     too_big = [(r["name"], r["shared"]) for r in records if r["shared"] > SM90_SHARED_MEMORY]
     assert not too_big, f"more shared memory than an sm_90 block may use ({SM90_SHARED_MEMORY} B): {too_big}"
