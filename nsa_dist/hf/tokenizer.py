@@ -36,6 +36,9 @@ class NSAByteTokenizer(PreTrainedTokenizer):
 
     def __init__(self, errors: str = "replace", pad_token: Union[str, AddedToken] = PAD, padding_side: str = "left",
                  clean_up_tokenization_spaces: bool = False, **kwargs):
+        """``errors``: the UTF-8 error handler of :meth:`decode` (LookupError for an unknown one); ``pad_token`` must
+        be ``"\\x00"`` (byte 0; ValueError otherwise); ``padding_side``: where ``padding=True`` pads (left for
+        ``generate``); other keyword arguments go to ``PreTrainedTokenizer``."""
         if str(pad_token) != PAD:
             raise ValueError(f"pad_token must be {PAD!r} (byte 0): the byte vocabulary has no other id to pad with, "
                              f"got {pad_token!r}")
