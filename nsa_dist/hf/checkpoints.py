@@ -13,10 +13,10 @@ from typing import Any, Dict, NamedTuple, Optional, Union
 
 import torch
 
+from ..deepspeed.checkpoints import checkpoint_tag, load_client_state, model_states_file
 from ..models.gpt import GPTConfig
 
 CHECKPOINT_KEYS = ("model", "model_config")
-LATEST = "latest"
 
 
 class TrainingCheckpoint(NamedTuple):
@@ -64,38 +64,17 @@ def read_plain_checkpoint(path: Union[str, Path]) -> TrainingCheckpoint:
                               checkpoint.get("train_config"), path)
 
 
-def checkpoint_tag(directory: Union[str, Path], tag: Optional[str] = None) -> str:
-    """The tag of DeepSpeed checkpoint directory ``directory`` to read: ``tag``, else the one its ``latest`` file
-    names. FileNotFoundError naming the directory, the tag and the tags available when there is no ``latest`` file
-    or no such tag directory."""
-    root = Path(directory)
-    tags = sorted(p.name for p in root.iterdir() if p.is_dir())
-    available = f"available tags: {', '.join(tags)}" if tags else "it holds no checkpoint tags"
-    if tag is None:
-        if not (root / LATEST).is_file():
-            found = [str(p) for p in (root / "checkpoints", root / "checkpoint.pt") if p.exists()]
-            hint = f"; did you mean {' or '.join(found)}?" if found else ""
-            raise FileNotFoundError(f"{str(root)!r} has no {LATEST!r} file: not a DeepSpeed checkpoint directory, or "
-                                    f"pass a tag ({available}){hint}")
-        tag = (root / LATEST).read_text().strip()
-        named = f"the {LATEST!r} file of {str(root)!r} names tag {tag!r}"
-    else:
-        named = f"tag {tag!r} was asked for"
-    if not tag or not (root / tag).is_dir():
-        raise FileNotFoundError(f"{named} but {str(root)!r} has no such checkpoint ({available})")
-    return tag
-
-
 def read_deepspeed_checkpoint(directory: Union[str, Path], tag: Optional[str] = None) -> TrainingCheckpoint:
     """The DeepSpeed training job's checkpoint in ``directory`` (``<out_dir>/checkpoints``) at ``tag``
-    (:func:`checkpoint_tag`: default the ``latest`` file's): float32 weights from DeepSpeed's
+    (:func:`~nsa_dist.deepspeed.checkpoints.checkpoint_tag`, default the ``latest`` file's): float32 weights from
+    DeepSpeed's
     ``get_fp32_state_dict_from_zero_checkpoint`` (ZeRO 1, 2 or 3, any number of ranks), the configs from the
     client state. ImportError naming the pip extra without deepspeed; ValueError naming the checkpoint when it
     records no ``model_config`` or DeepSpeed cannot reassemble it."""
     from ..deepspeed.requirements import require_deepspeed
 
     root = Path(directory)
-    tag = checkpoint_tag(root, tag)
+    tag = checkpoint_tag(root, tag, option="--tag")
     require_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -110,14 +89,12 @@ def read_deepspeed_checkpoint(directory: Union[str, Path], tag: Optional[str] = 
 
 
 def deepspeed_client_state(tag_dir: Path) -> Dict[str, Any]:
-    """The client state the DeepSpeed backend saved in the ``*model_states.pt`` file of ``tag_dir`` (the first
-    one: every rank's holds the same), without its tensors' storage read (memory-mapped). FileNotFoundError when
-    there is none; ValueError naming the file when it records no ``model_config``."""
-    files = sorted(tag_dir.glob("*model_states.pt"))
-    if not files:
-        raise FileNotFoundError(f"checkpoint {tag_dir} holds no DeepSpeed *model_states.pt file")
-    state = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)  # as zero_to_fp32 loads it
+    """The client state the DeepSpeed backend saved in tag folder ``tag_dir`` (without reading the weights).
+    FileNotFoundError when it holds no ``*model_states.pt``; ValueError naming the file when the state records no
+    ``model_config``."""
+    file = model_states_file(tag_dir)
+    state = load_client_state(file)
     if "model_config" not in state:
-        raise ValueError(f"{files[0]} records no model_config in its client state: it was not written by the "
+        raise ValueError(f"{file} records no model_config in its client state: it was not written by the "
                          "training job's DeepSpeed backend (which saves it since 2026-12-08)")
     return state

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ..deepspeed import (ContextDataParallelGroups, fill_deepspeed_config, load_deepspeed_json, require_deepspeed,
                          sequence_parallel_loss_scale, unlink_cpu_allreduce_buffer)
+from ..deepspeed.checkpoints import available_tags, checkpoint_tag, load_client_state, model_states_file
 from ..launch import (discover_launch, export_torch_env, free_port, launcher_present, master_port,
                       mpi4py_matches_launch)
 from ..models import GPT
@@ -208,31 +209,17 @@ def _check_resume(directory: str, tag: Optional[str], steps: int) -> str:
     if not root.is_dir():
         raise FileNotFoundError(f"--resume {directory!r} is not a directory: expected a DeepSpeed checkpoint "
                                 f"directory such as <out_dir>/{CHECKPOINT_DIR}")
-    tags = sorted(p.name for p in root.iterdir() if p.is_dir())
-    available = f"available tags: {', '.join(tags)}" if tags else "it holds no checkpoint tags"
-    if tag is None:
-        if not (root / "latest").is_file():
-            raise FileNotFoundError(f"no DeepSpeed checkpoint (latest) in {directory!r}: it has no 'latest' file; "
-                                    f"pass --resume-tag ({available})")
-        tag = (root / "latest").read_text().strip()
-        named = f"the 'latest' file of {directory!r} names tag {tag!r}"
-    else:
-        named = f"--resume-tag {tag!r}"
-    if not (root / tag).is_dir():
-        raise FileNotFoundError(f"{named} but {directory!r} has no such checkpoint ({available})")
-    files = sorted((root / tag).glob("*.pt"))
-    for file in files:
+    tag = checkpoint_tag(root, tag, option="--resume-tag")
+    for file in sorted((root / tag).glob("*.pt")):
         try:
             zipfile.ZipFile(file).close()  # reads the central directory at the end: a truncated file has none
         except (zipfile.BadZipFile, OSError) as exc:
             raise ValueError(f"checkpoint file {file} is not a complete torch.save archive (truncated or corrupt: "
-                             f"{exc}); resume from another tag ({available})") from exc
-    model_states = [f for f in files if f.name.endswith("model_states.pt")]
-    if not model_states:
-        raise FileNotFoundError(f"checkpoint {root / tag} holds no DeepSpeed *model_states.pt file ({available})")
-    step = torch.load(model_states[0], map_location="cpu", mmap=True, weights_only=False).get("step")
+                             f"{exc}); resume from another tag ({available_tags(root)})") from exc
+    model_states = model_states_file(root / tag)
+    step = load_client_state(model_states).get("step")
     if step is None:
-        raise ValueError(f"checkpoint {model_states[0]} records no step: it was not written by train_deepspeed")
+        raise ValueError(f"checkpoint {model_states} records no step: it was not written by train_deepspeed")
     if step >= steps:
         raise ValueError(f"checkpoint {root / tag} is at step {step} but train.steps={steps}: nothing left to "
                          "train; raise train.steps to continue")

@@ -101,7 +101,7 @@ def test_wrong_checkpoints_are_named(tmp_path, monkeypatch):
         main(["export-hf", "--checkpoint", str(root), "--out", str(tmp_path / "out")])
     with pytest.raises(FileNotFoundError, match=r"'latest' file.*did you mean .*run/checkpoints\?"):
         convert_checkpoint(tmp_path / "run", tmp_path / "out")
-    with pytest.raises(FileNotFoundError, match=r"tag 'step5' was asked for but .*checkpoints' has no such checkpoint "
+    with pytest.raises(FileNotFoundError, match=r"--tag 'step5' but .*checkpoints' has no such checkpoint "
                                                 r"\(available tags: step4, step8\)"):
         main(["export-hf", "--checkpoint", str(root), "--tag", "step5", "--out", str(tmp_path / "out")])
     (root / "latest").write_text("step9")
