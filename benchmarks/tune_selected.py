@@ -16,7 +16,7 @@ import time
 import torch
 
 import nsa_kernels
-from nsa_kernels.triton import selected as SA
+from nsa_kernels.triton import selected_attention as SA
 
 try:  # run as a script (python benchmarks/...) or as a module
     from kernels import add_shape_arguments

@@ -84,7 +84,8 @@ def _log2_pow2(x: int) -> int:
 def canonical_rows(block_idx: torch.Tensor, select_len: int, cu_seqlens: Optional[torch.Tensor],
                    cu_seqlens_k: Optional[torch.Tensor]) -> torch.Tensor:
     """int32 ``[B, T, H, n]`` canonical rows (module docstring) of the integer ``block_idx [B, T, H, n]``, on its
-    device; ``cu_seqlens`` / ``cu_seqlens_k``: CPU segment offsets as in :func:`.selected_attention.selected_attention`."""
+    device; ``cu_seqlens`` / ``cu_seqlens_k``: CPU segment offsets as in
+    :func:`.selected_attention.selected_attention`."""
     B, T, H, n = block_idx.shape
     out = new_output((B, T, H, n), torch.int32, block_idx.device)
     n_rows = B * T * H

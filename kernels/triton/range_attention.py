@@ -32,8 +32,8 @@ running together share K/V in L2):
   ``_range_reduce_kernel`` sums per key tile in item order: no atomics, deterministic.
 
 Host side: :func:`range_attention_forward` / :func:`range_attention_backward`, used by the autograd
-Functions of :mod:`.window_attention` and :mod:`.compressed_attention`. Inputs whose last dim is not contiguous are copied
-(``.contiguous()``); any other strides are passed to the kernels. Offsets are 64-bit.
+Functions of :mod:`.window_attention` and :mod:`.compressed_attention`. Inputs whose last dim is not contiguous
+are copied (``.contiguous()``); any other strides are passed to the kernels. Offsets are 64-bit.
 """
 from __future__ import annotations
 

@@ -28,8 +28,8 @@ import torch
 
 from nsa_kernels import reference as R
 from nsa_kernels.layout import compressed_cu_seqlens, num_compressed_blocks
-from nsa_kernels.triton import selected as SA
-from nsa_kernels.triton import selection as SEL
+from nsa_kernels.triton import selected_attention as SA
+from nsa_kernels.triton import select_blocks as SEL
 from nsa_kernels.triton.compressed_attention import compressed_attention
 from nsa_kernels.triton.utils import tile_table
 from nsa_kernels.triton.window_attention import window_attention

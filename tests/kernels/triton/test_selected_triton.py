@@ -17,7 +17,7 @@ import torch
 
 from nsa_kernels import reference as R
 from nsa_kernels.layout import total_compressed_blocks
-from nsa_kernels.triton import selected as S
+from nsa_kernels.triton import selected_attention as S
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: Triton kernels under the CPU interpreter
 
