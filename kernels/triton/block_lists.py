@@ -40,9 +40,10 @@ def _distinct_sorted(x, N_DIMS: tl.constexpr, EMPTY_ID: tl.constexpr):
 
 
 @triton.jit
-def _canonical_kernel(IDX, POS, OUT, n_rows, T, H, N, SEL,
-                      R: tl.constexpr, N_DIMS: tl.constexpr, EMPTY_ID: tl.constexpr):
-    # R rows of the flattened [B, T, H] per program; row r is token (r // H) % T
+def canonical_block_rows_kernel(IDX, POS, OUT, n_rows, T, H, N, SEL,
+                                R: tl.constexpr, N_DIMS: tl.constexpr, EMPTY_ID: tl.constexpr):
+    """Canonical rows (module docstring) of ``R`` rows of the flattened ``block_idx [B, T, H, N]`` per program;
+    row ``r`` is token ``(r // H) % T``, whose position is ``POS[token]``."""
     r = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
     r_ok = r < n_rows
     limit = tl.load(POS + (r // H) % T, mask=r_ok, other=0) // SEL  # the last block holding a visible key
@@ -54,10 +55,11 @@ def _canonical_kernel(IDX, POS, OUT, n_rows, T, H, N, SEL,
 
 
 @triton.jit
-def _union_kernel(CANON, TILES, UNI, UCNT, n_unions, T, H, NT, N, UL,
-                  R: tl.constexpr, BQ: tl.constexpr, BQP: tl.constexpr, NP: tl.constexpr, U_DIMS: tl.constexpr,
-                  EMPTY_ID: tl.constexpr):
-    # R unions of the flattened [B, NT, H] per program; union u = (tile (u // H) % NT, KV head u % H)
+def tile_block_unions_kernel(CANON, TILES, UNI, UCNT, n_unions, T, H, NT, N, UL,
+                             R: tl.constexpr, BQ: tl.constexpr, BQP: tl.constexpr, NP: tl.constexpr,
+                             U_DIMS: tl.constexpr, EMPTY_ID: tl.constexpr):
+    """Union of the canonical rows of each query tile's ``BQ`` queries and its length, ``R`` unions of the
+    flattened ``[B, NT, H]`` per program; union ``u`` = (tile ``(u // H) % NT``, KV head ``u % H``)."""
     u = tl.program_id(0) * R + tl.arange(0, R)
     u_ok = u < n_unions
     h = u % H
@@ -94,9 +96,9 @@ def canonical_rows(block_idx: torch.Tensor, select_len: int, cu_seqlens: Optiona
     pos = query_positions(cu_seqlens, T, cu_seqlens_k, block_idx.device)
     n_dims = _log2_pow2(n)
     R = max(1, TILE_ELEMS >> n_dims)
-    _canonical_kernel[(triton.cdiv(n_rows, R),)](
-        block_idx.contiguous(), pos, out, n_rows, T, H, n, select_len, R=R, N_DIMS=n_dims, EMPTY_ID=EMPTY,
-        num_warps=4)
+    canonical_block_rows_kernel[(triton.cdiv(n_rows, R),)](
+        IDX=block_idx.contiguous(), POS=pos, OUT=out, n_rows=n_rows, T=T, H=H, N=n, SEL=select_len, R=R,
+        N_DIMS=n_dims, EMPTY_ID=EMPTY, num_warps=4)
     return out
 
 
@@ -117,7 +119,7 @@ def tile_unions(canon: torch.Tensor, tiles: torch.Tensor, BQ: int):
     NP, BQP = triton.next_power_of_2(n), triton.next_power_of_2(BQ)
     u_dims = _log2_pow2(BQP * NP)
     R = max(1, TILE_ELEMS >> u_dims)
-    _union_kernel[(triton.cdiv(n_unions, R),)](
-        canon, tiles, uni, ucnt, n_unions, T, H, NT, n, BQ * n, R=R, BQ=BQ, BQP=BQP, NP=NP, U_DIMS=u_dims,
-        EMPTY_ID=EMPTY, num_warps=4)
+    tile_block_unions_kernel[(triton.cdiv(n_unions, R),)](
+        CANON=canon, TILES=tiles, UNI=uni, UCNT=ucnt, n_unions=n_unions, T=T, H=H, NT=NT, N=n, UL=BQ * n, R=R, BQ=BQ,
+        BQP=BQP, NP=NP, U_DIMS=u_dims, EMPTY_ID=EMPTY, num_warps=4)
     return uni, ucnt

@@ -15,6 +15,7 @@ import triton.language as tl
 from ..reference.tiles import default_scale
 from ..validation import check_block_max_inputs
 from .range_attention import prepare_inputs
+from .utils import stride_args
 
 ROWS_PER_PROGRAM = 128  # stacked (head, query) rows per program
 
@@ -79,8 +80,9 @@ def block_max_logits(q: torch.Tensor, k: torch.Tensor, select_len: int, scale: O
     block_q = max(1, ROWS_PER_PROGRAM // g_pad)
     grid = (triton.cdiv(dims.T, block_q), dims.B * dims.H)
     block_max_logits_kernel[grid](
-        q, k, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        dims.T, L, num_sel, first_pos, scale, H=dims.H, G=dims.G, BLOCK_Q=block_q, ROWS=g_pad * block_q,
+        Q=q, K=k, Out=out, **stride_args(q, "stride_qb", "stride_qt", "stride_qh"),
+        **stride_args(k, "stride_kb", "stride_kt", "stride_kh"), tq=dims.T, L=L, num_sel=num_sel,
+        first_pos=first_pos, scale=scale, H=dims.H, G=dims.G, BLOCK_Q=block_q, ROWS=g_pad * block_q,
         SEL=select_len, SEL_PAD=max(16, triton.next_power_of_2(select_len)), DK=dims.Dk,
         D_PAD=max(16, triton.next_power_of_2(dims.Dk)),
         DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",  # fp32 inputs: ~fp32-exact on tensor cores

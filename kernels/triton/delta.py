@@ -5,14 +5,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import new_output
+from .utils import new_output, stride_args
 
 BLOCK_ROWS = 64  # (batch, token, head) rows per program
 
 
 @triton.jit
-def _delta_kernel(O, DO, DELTA, n_rows, T, HQ, so_b, so_t, so_h, sdo_b, sdo_t, sdo_h,
-                  DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
+def attention_delta_kernel(O, DO, DELTA, n_rows, T, HQ, so_b, so_t, so_h, sdo_b, sdo_t, sdo_h,
+                           DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
     """``delta[b, t, hq] = sum_d dO * O`` (fp32), rows flattened as ``(b * T + t) * HQ + hq``; 64-bit offsets."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = r < n_rows
@@ -34,7 +34,8 @@ def attention_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     delta = new_output((B, T, HQ), torch.float32, o.device)
     n_rows = B * T * HQ
     if n_rows:
-        _delta_kernel[(triton.cdiv(n_rows, BLOCK_ROWS),)](
-            o, do, delta, n_rows, T, HQ, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1),
-            do.stride(2), DV=Dv, BLOCK_DV=max(16, triton.next_power_of_2(Dv)), BLOCK_R=BLOCK_ROWS, num_warps=4)
+        attention_delta_kernel[(triton.cdiv(n_rows, BLOCK_ROWS),)](
+            O=o, DO=do, DELTA=delta, n_rows=n_rows, T=T, HQ=HQ, **stride_args(o, "so_b", "so_t", "so_h"),
+            **stride_args(do, "sdo_b", "sdo_t", "sdo_h"), DV=Dv, BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
+            BLOCK_R=BLOCK_ROWS, num_warps=4)
     return delta

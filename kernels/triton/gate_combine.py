@@ -30,8 +30,9 @@ def _rows(X, r64, offs_d, ok, D: tl.constexpr):
 
 
 @triton.jit
-def _combine_fwd_kernel(G, OC, OS, OW, O, n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr, BR: tl.constexpr,
-                        HAS_WIN: tl.constexpr):
+def gate_combine_fwd_kernel(G, OC, OS, OW, O, n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr, BR: tl.constexpr,
+                            HAS_WIN: tl.constexpr):
+    """``o = g_cmp * o_cmp + g_slc * o_slc (+ g_win * o_win)`` for ``BR`` (token, head) rows per program."""
     r64 = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = r64 < n_rows
@@ -60,8 +61,11 @@ def _branch_bwd(X, DX, DELTA, do, G, c: tl.constexpr, r64, row_ok, n_rows, offs_
 
 
 @triton.jit
-def _combine_bwd_kernel(G, OC, OS, OW, DO, DG, DOC, DOS, DOW, DELTA, n_rows, D: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BR: tl.constexpr, HAS_WIN: tl.constexpr, WITH_DELTA: tl.constexpr):
+def gate_combine_bwd_kernel(G, OC, OS, OW, DO, DG, DOC, DOS, DOW, DELTA, n_rows, D: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BR: tl.constexpr, HAS_WIN: tl.constexpr,
+                            WITH_DELTA: tl.constexpr):
+    """Each branch's ``dO_c = g_c * dO``, the gate gradient ``dg_c = sum_d dO * o_c`` and, with ``WITH_DELTA``,
+    each branch's ``delta_c`` (:func:`_branch_bwd`), ``BR`` (token, head) rows per program."""
     r64 = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = r64 < n_rows
@@ -88,8 +92,8 @@ def combine_forward(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tenso
     """``sum_c g_c * o_c`` of contiguous ``gates [B, T, HQ, 3]`` and branch outputs ``[B, T, HQ, Dv]``."""
     out = new_output(o_cmp.shape, o_cmp.dtype, o_cmp.device)
     n_rows, grid, meta = _launch_meta(o_cmp)
-    _combine_fwd_kernel[grid](gates, o_cmp, o_slc, o_cmp if o_win is None else o_win, out, n_rows,
-                              HAS_WIN=o_win is not None, **meta)
+    gate_combine_fwd_kernel[grid](G=gates, OC=o_cmp, OS=o_slc, OW=o_cmp if o_win is None else o_win, O=out,
+                                  n_rows=n_rows, HAS_WIN=o_win is not None, **meta)
     return out
 
 
@@ -103,9 +107,9 @@ def combine_backward(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tens
     d_outs = [new_output(o_cmp.shape, o_cmp.dtype, o_cmp.device) for _ in range(3 if has_win else 2)]
     delta = new_output((3, *o_cmp.shape[:-1]), torch.float32, o_cmp.device) if with_delta else None
     n_rows, grid, meta = _launch_meta(o_cmp)
-    _combine_bwd_kernel[grid](gates, o_cmp, o_slc, o_win if has_win else o_cmp, do, dg, *d_outs[:2],
-                              d_outs[-1], dg if delta is None else delta, n_rows, HAS_WIN=has_win,
-                              WITH_DELTA=with_delta, **meta)
+    gate_combine_bwd_kernel[grid](G=gates, OC=o_cmp, OS=o_slc, OW=o_win if has_win else o_cmp, DO=do, DG=dg,
+                                  DOC=d_outs[0], DOS=d_outs[1], DOW=d_outs[-1], DELTA=dg if delta is None else delta,
+                                  n_rows=n_rows, HAS_WIN=has_win, WITH_DELTA=with_delta, **meta)
     return dg, d_outs + ([] if has_win else [None]), delta
 
 

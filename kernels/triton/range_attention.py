@@ -15,21 +15,24 @@ GQA: a program owns ``BLOCK_T`` query tokens of one KV head and ``GB`` query hea
 (all ``G`` heads unless ``G`` is large), i.e. ``BLOCK_M = BLOCK_T * GB`` rows ordered
 ``row = token * GB + head``, so every K/V tile is loaded once for the whole group. A program visits
 only the key tiles that intersect the union of its rows' ranges; tiles inside every row's range skip the
-per-element mask (``MASKED=False``), only the boundary tiles are masked.
+per-element mask (``MASKED=False``), only the boundary tiles are masked: each pass's loop is one helper
+(:func:`_fwd_inner`, :func:`_dq_inner`, :func:`_dkdv_inner`) called for the masked, unmasked and masked parts.
 
 Kernels (all grids 1-D, ``program_id = tile * (B * H * chunks) + head``, heads fastest so the programs
-running together share K/V in L2):
+running together share K/V in L2); each runs both branches, compressed and window, picked by ``MODE``:
 
-* ``_range_fwd_kernel``: online softmax in the log2 domain; writes ``o`` and ``lse`` (natural log, fp32).
+* ``range_attention_fwd_kernel``: online softmax in the log2 domain; writes ``o`` and ``lse`` (natural log,
+  fp32).
 * ``delta = rowsum(dO * O)`` comes from :func:`.delta.attention_delta`, or from the caller (the fused NSA's gate
   pass, :mod:`.nsa`).
-* ``_range_dq_kernel``: same tiling as forward, recomputes ``P`` from ``lse``, ``dq = scale * dS K``.
-* ``_range_dkdv_kernel``: one program per (work item, KV head) loops over query tokens whose ranges can
-  include the item's key tile (the inverse map, clipped to the segment's queries: window: positions
+* ``range_attention_bwd_dq_kernel``: same tiling as forward, recomputes ``P`` from ``lse``,
+  ``dq = scale * dS K``.
+* ``range_attention_bwd_dkdv_kernel``: one program per (work item, KV head) loops over query tokens whose
+  ranges can include the item's key tile (the inverse map, clipped to the segment's queries: window: positions
   ``[s, s + w - 1]``, one item per tile; compressed: positions ``>= i*d + l - 1`` up to the segment end, cut
   into chunks of tokens, one item each: :func:`dkdv_work_items`), all ``G`` heads, accumulating
   ``dk``/``dv`` in fp32 registers. Window items store their rows; compressed items store fp32 partials that
-  ``_range_reduce_kernel`` sums per key tile in item order: no atomics, deterministic.
+  ``range_attention_bwd_reduce_kernel`` sums per key tile in item order: no atomics, deterministic.
 
 Host side: :func:`range_attention_forward` / :func:`range_attention_backward`, used by the autograd
 Functions of :mod:`.window_attention` and :mod:`.compressed_attention`. Inputs whose last dim is not contiguous
@@ -45,7 +48,7 @@ import triton.language as tl
 
 from .delta import attention_delta
 from .tile_loads import load_tile, tile_row
-from .utils import host_table_to, kernel_dtype, new_output, query_tile_table, tile_table
+from .utils import host_table_to, kernel_dtype, new_output, query_tile_table, stride_args, tile_table
 
 WINDOW = 0
 COMPRESSED = 1
@@ -139,9 +142,12 @@ def _program_ids(n_tiles, BHC, H, NGC, REVERSE: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_start, stride_ks, stride_vs, kv_end, lo, hi, qk_scale,
-              offs_s, offs_dk, offs_dv, MASKED: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-              BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+def _key_tile_scores(q, k_base, v_base, s_start, stride_ks, stride_vs, kv_end, lo, hi, qk_scale, offs_s, offs_dk,
+                     offs_dv, MASKED: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+                     BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    """K and V of the key tile starting at row ``s_start`` and the rows' scores ``q k^T * qk_scale`` (log2
+    domain); ``MASKED``: rows past ``kv_end`` read 0 and scores outside each row's range ``[lo, hi)`` are
+    ``-inf``."""
     s = s_start + offs_s
     s64 = s.to(tl.int64)
     kv_ok = s < kv_end
@@ -151,13 +157,27 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_start, stride_ks, stride_vs, k
     if MASKED:
         vis = (s[None, :] >= lo[:, None]) & (s[None, :] < hi[:, None])
         qk = tl.where(vis, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet: no -inf - -inf
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(qk - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
-    return acc, l_i, m_new
+    return k, v, qk
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_lo, s_hi, stride_ks, stride_vs, kv_end, lo, hi, qk_scale,
+               offs_s, offs_dk, offs_dv, MASKED: tl.constexpr, BLOCK_S: tl.constexpr, DK: tl.constexpr,
+               DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    """The forward's key loop over the ``BLOCK_S``-key tiles starting in ``[s_lo, s_hi)``: one online-softmax
+    step (log2 domain) of the rows ``q`` per tile. ``MASKED``: boundary tiles, whose keys are masked to each
+    row's range ``[lo, hi)`` and to ``kv_end``; else interior tiles that every row sees whole."""
+    for s_start in range(s_lo, s_hi, BLOCK_S):
+        k, v, qk = _key_tile_scores(q, k_base, v_base, s_start, stride_ks, stride_vs, kv_end, lo, hi, qk_scale, offs_s,
+                                    offs_dk, offs_dv, MASKED, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet: no -inf - -inf
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(qk - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -187,13 +207,17 @@ def _query_tile(TILES, n_tiles, BHC, H, NGC, REVERSE: tl.constexpr, MODE: tl.con
 
 
 @triton.jit
-def _range_fwd_kernel(Q, K, V, O, LSE, TILES, n_tiles, BHC, H, T,
-                      sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_t, so_h,
-                      qk_scale,
-                      MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
-                      G: tl.constexpr, GB: tl.constexpr, NGC: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
-                      BLOCK_DV: tl.constexpr, PREC: tl.constexpr, REVERSE: tl.constexpr):
+def range_attention_fwd_kernel(Q, K, V, O, LSE, TILES, n_tiles, BHC, H, T,
+                               sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_t, so_h,
+                               qk_scale,
+                               MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr,
+                               STRIDE: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, NGC: tl.constexpr,
+                               BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                               BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+                               REVERSE: tl.constexpr):
+    """Forward of both range branches, compressed attention and sliding-window attention (``MODE``): the
+    program's ``BLOCK_T`` query tokens x ``GB`` heads against the key rows they see; writes ``o`` and ``lse``
+    (natural log, ``-inf`` for a row that sees nothing)."""
     BLOCK_M: tl.constexpr = BLOCK_T * GB
     offs_s = tl.arange(0, BLOCK_S)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -209,15 +233,13 @@ def _range_fwd_kernel(Q, K, V, O, LSE, TILES, n_tiles, BHC, H, T,
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for s_start in range(u0, a, BLOCK_S):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_start, sk_s, sv_s, u1, lo, hi, qk_scale,
-                                  offs_s, offs_dk, offs_dv, True, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
-    for s_start in range(a, bnd, BLOCK_S):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_start, sk_s, sv_s, u1, lo, hi, qk_scale,
-                                  offs_s, offs_dk, offs_dv, False, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
-    for s_start in range(bnd, u1, BLOCK_S):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, s_start, sk_s, sv_s, u1, lo, hi, qk_scale,
-                                  offs_s, offs_dk, offs_dv, True, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+    # boundary tiles [u0, a) masked, interior tiles [a, bnd) unmasked, boundary tiles [bnd, u1) masked
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, u0, a, sk_s, sv_s, u1, lo, hi, qk_scale, offs_s,
+                               offs_dk, offs_dv, True, BLOCK_S, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, a, bnd, sk_s, sv_s, u1, lo, hi, qk_scale, offs_s,
+                               offs_dk, offs_dv, False, BLOCK_S, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bnd, u1, sk_s, sv_s, u1, lo, hi, qk_scale, offs_s,
+                               offs_dk, offs_dv, True, BLOCK_S, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -242,33 +264,32 @@ def _load_lse2(LSE, DELTA, offs, ok):
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k_base, v_base, s_start, stride_ks, stride_vs, kv_end, lo, hi, qk_scale,
-             offs_s, offs_dk, offs_dv, MASKED: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-             BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
-    s = s_start + offs_s
-    s64 = s.to(tl.int64)
-    kv_ok = s < kv_end
-    k = _load_rows(k_base + s64[:, None] * stride_ks + offs_dk[None, :], kv_ok, offs_dk, DK, BLOCK_DK, MASKED)
-    v = _load_rows(v_base + s64[:, None] * stride_vs + offs_dv[None, :], kv_ok, offs_dv, DV, BLOCK_DV, MASKED)
-    qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    if MASKED:
-        vis = (s[None, :] >= lo[:, None]) & (s[None, :] < hi[:, None])
-        qk = tl.where(vis, qk, float("-inf"))
-    p = tl.exp2(qk - lse2[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-    ds = p * (dp - delta[:, None])
-    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, s_lo, s_hi, stride_ks, stride_vs, kv_end, lo, hi, qk_scale,
+              offs_s, offs_dk, offs_dv, MASKED: tl.constexpr, BLOCK_S: tl.constexpr, DK: tl.constexpr,
+              DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    """The dq pass's key loop over the ``BLOCK_S``-key tiles starting in ``[s_lo, s_hi)``: ``P`` recomputed from
+    ``lse2``, ``dq += dS K`` per tile (``MASKED`` as in :func:`_fwd_inner`)."""
+    for s_start in range(s_lo, s_hi, BLOCK_S):
+        k, v, qk = _key_tile_scores(q, k_base, v_base, s_start, stride_ks, stride_vs, kv_end, lo, hi, qk_scale, offs_s,
+                                    offs_dk, offs_dv, MASKED, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+        p = tl.exp2(qk - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
     return dq
 
 
 @triton.jit
-def _range_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TILES, n_tiles, BHC, H, T,
-                     sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_t, sdo_h,
-                     sdq_b, sdq_t, sdq_h, qk_scale, scale,
-                     MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
-                     G: tl.constexpr, GB: tl.constexpr, NGC: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK_S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
-                     BLOCK_DV: tl.constexpr, PREC: tl.constexpr, REVERSE: tl.constexpr):
+def range_attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TILES, n_tiles, BHC, H, T,
+                                  sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_t, sdo_h,
+                                  sdq_b, sdq_t, sdq_h, qk_scale, scale,
+                                  MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr,
+                                  STRIDE: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, NGC: tl.constexpr,
+                                  BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, DK: tl.constexpr,
+                                  DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                                  PREC: tl.constexpr, REVERSE: tl.constexpr):
+    """dq of both range branches (``MODE``), with the forward's query tiling: ``P`` recomputed from ``lse``,
+    ``dq = scale * dS K`` over the key rows the program's rows see."""
     BLOCK_M: tl.constexpr = BLOCK_T * GB
     offs_s = tl.arange(0, BLOCK_S)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -282,47 +303,48 @@ def _range_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TILES, n_tiles, BHC, H, T,
                     offs_dv, DV, BLOCK_DV, True)
     lse2, delta = _load_lse2(LSE, DELTA, (b64 * T + t64) * (H * G) + hq64, row_ok)
 
-
     k_base = K + b64 * sk_b + h64 * sk_h
     v_base = V + b64 * sv_b + h64 * sv_h
     dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
-    for s_start in range(u0, a, BLOCK_S):
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, s_start, sk_s, sv_s, u1, lo, hi, qk_scale,
-                      offs_s, offs_dk, offs_dv, True, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
-    for s_start in range(a, bnd, BLOCK_S):
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, s_start, sk_s, sv_s, u1, lo, hi, qk_scale,
-                      offs_s, offs_dk, offs_dv, False, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
-    for s_start in range(bnd, u1, BLOCK_S):
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, s_start, sk_s, sv_s, u1, lo, hi, qk_scale,
-                      offs_s, offs_dk, offs_dv, True, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+    # boundary tiles [u0, a) masked, interior tiles [a, bnd) unmasked, boundary tiles [bnd, u1) masked
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, u0, a, sk_s, sv_s, u1, lo, hi, qk_scale, offs_s, offs_dk,
+                   offs_dv, True, BLOCK_S, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, a, bnd, sk_s, sv_s, u1, lo, hi, qk_scale, offs_s, offs_dk,
+                   offs_dv, False, BLOCK_S, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bnd, u1, sk_s, sv_s, u1, lo, hi, qk_scale, offs_s, offs_dk,
+                   offs_dv, True, BLOCK_S, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
     _store_rows(DQ + b64 * sdq_b + t64[:, None] * sdq_t + hq64[:, None] * sdq_h + offs_dk[None, :],
                 (dq * scale).to(DQ.dtype.element_ty), row_ok, offs_dk, DK, BLOCK_DK)
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, t_start, q_end, koff, k_start, cmp_start,
-               sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk, offs_dv,
-               MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
-               G: tl.constexpr, MASKED: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
-               BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
-    t = t_start + tq
-    row_ok = (t < q_end) & g_ok
-    t64 = t.to(tl.int64)
-    q = _load_rows(Q + b64 * sq_b + t64[:, None] * sq_t + hq64[:, None] * sq_h + offs_dk[None, :], row_ok,
-                   offs_dk, DK, BLOCK_DK, True)
-    do = _load_rows(DO + b64 * sdo_b + t64[:, None] * sdo_t + hq64[:, None] * sdo_h + offs_dv[None, :], row_ok,
-                    offs_dv, DV, BLOCK_DV, True)
-    lse2, delta = _load_lse2(LSE, DELTA, (b64 * T + t64) * (H * G) + hq64, row_ok)
-    qk_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_S, BLOCK_M]
-    if MASKED:
-        lo, hi = _visible_rows(t + koff, k_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
-        vis = (s[:, None] >= lo[None, :]) & (s[:, None] < hi[None, :])
-        qk_t = tl.where(vis, qk_t, float("-inf"))
-    p_t = tl.exp2(qk_t - lse2[None, :])
-    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
+def _dkdv_inner(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, t_lo, t_hi, q_end, koff, k_start,
+                cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk, offs_dv,
+                MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
+                G: tl.constexpr, MASKED: tl.constexpr, BLOCK_TQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    """The dK/dV pass's query loop over the ``BLOCK_TQ``-token query tiles starting in ``[t_lo, t_hi)``: the key
+    rows ``s`` (``k``, ``v``) against each tile's rows, ``dv += P^T dO`` and ``dk += dS^T q``. ``MASKED``:
+    boundary tiles, whose scores are masked to each query's visible range; else every key is visible."""
+    for t_start in range(t_lo, t_hi, BLOCK_TQ):
+        t = t_start + tq
+        row_ok = (t < q_end) & g_ok
+        t64 = t.to(tl.int64)
+        q = _load_rows(Q + b64 * sq_b + t64[:, None] * sq_t + hq64[:, None] * sq_h + offs_dk[None, :], row_ok,
+                       offs_dk, DK, BLOCK_DK, True)
+        do = _load_rows(DO + b64 * sdo_b + t64[:, None] * sdo_t + hq64[:, None] * sdo_h + offs_dv[None, :], row_ok,
+                        offs_dv, DV, BLOCK_DV, True)
+        lse2, delta = _load_lse2(LSE, DELTA, (b64 * T + t64) * (H * G) + hq64, row_ok)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_S, BLOCK_M]
+        if MASKED:
+            lo, hi = _visible_rows(t + koff, k_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+            vis = (s[:, None] >= lo[None, :]) & (s[:, None] < hi[None, :])
+            qk_t = tl.where(vis, qk_t, float("-inf"))
+        p_t = tl.exp2(qk_t - lse2[None, :])
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
     return dk, dv
 
 
@@ -351,16 +373,19 @@ def _store_kv_grads(DK_, DV_, dk, dv, b64, h64, s64, s_ok, sdk_b, sdk_s, sdk_h, 
 
 
 @triton.jit
-def _range_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, ITEMS, n_items, BH, H, T,
-                       sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_t, sdo_h,
-                       sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, qk_scale, scale,
-                       MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
-                       G: tl.constexpr, GB: tl.constexpr, NGC: tl.constexpr, BLOCK_TQ: tl.constexpr,
-                       BLOCK_S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
-                       BLOCK_DV: tl.constexpr, PREC: tl.constexpr, PARTIAL: tl.constexpr):
-    """One program per (work item, batch x KV head): the item's ``BLOCK_S`` key rows against the query tokens
+def range_attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, ITEMS, n_items, BH, H, T,
+                                    sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_t, sdo_h,
+                                    sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, qk_scale, scale,
+                                    MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr,
+                                    STRIDE: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, NGC: tl.constexpr,
+                                    BLOCK_TQ: tl.constexpr, BLOCK_S: tl.constexpr, DK: tl.constexpr,
+                                    DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                                    PREC: tl.constexpr, PARTIAL: tl.constexpr):
+    """dK/dV of both range branches (``MODE``).
+
+    One program per (work item, batch x KV head): the item's ``BLOCK_S`` key rows against the query tokens
     ``[q_lo, q_hi)`` of their seeing range. ``PARTIAL``: store the unscaled fp32 sums in the item's slot of
-    ``DK_``/``DV_`` (``[n_items * BH, BLOCK_S, BLOCK_D]``, summed by ``_range_reduce_kernel``), else the
+    ``DK_``/``DV_`` (``[n_items * BH, BLOCK_S, BLOCK_D]``, summed by ``range_attention_bwd_reduce_kernel``), else the
     final ``dk``/``dv`` rows."""
     BLOCK_M: tl.constexpr = BLOCK_TQ * GB
     item, b, h, _ = _program_ids(n_items, BH, H, 1, False)
@@ -400,18 +425,16 @@ def _range_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, ITEMS, n_items, BH, H,
         g = gc * GB + offs_m % GB
         g_ok = g < G
         hq64 = (h * G + g).to(tl.int64)
-        for t_start in range(u0, a, BLOCK_TQ):
-            dk, dv = _dkdv_step(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, t_start, u1,
-                                koff, k_start, cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk,
-                                offs_dv, MODE, WINDOW, BLOCK_LEN, STRIDE, G, True, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
-        for t_start in range(a, bnd, BLOCK_TQ):
-            dk, dv = _dkdv_step(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, t_start, u1,
-                                koff, k_start, cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk,
-                                offs_dv, MODE, WINDOW, BLOCK_LEN, STRIDE, G, False, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
-        for t_start in range(bnd, u1, BLOCK_TQ):
-            dk, dv = _dkdv_step(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, t_start, u1,
-                                koff, k_start, cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk,
-                                offs_dv, MODE, WINDOW, BLOCK_LEN, STRIDE, G, True, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+        # boundary tiles [u0, a) masked, interior tiles [a, bnd) unmasked, boundary tiles [bnd, u1) masked
+        dk, dv = _dkdv_inner(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, u0, a, u1, koff, k_start,
+                             cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk, offs_dv, MODE, WINDOW,
+                             BLOCK_LEN, STRIDE, G, True, BLOCK_TQ, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, a, bnd, u1, koff, k_start,
+                             cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk, offs_dv, MODE, WINDOW,
+                             BLOCK_LEN, STRIDE, G, False, BLOCK_TQ, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, bnd, u1, u1, koff, k_start,
+                             cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk, offs_dv, MODE, WINDOW,
+                             BLOCK_LEN, STRIDE, G, True, BLOCK_TQ, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
     if PARTIAL:
         slot = (item * BH + b * H + h).to(tl.int64) * BLOCK_S + offs_s
         tl.store(DK_ + slot[:, None] * BLOCK_DK + offs_dk[None, :], dk)
@@ -422,11 +445,13 @@ def _range_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, ITEMS, n_items, BH, H,
 
 
 @triton.jit
-def _range_reduce_kernel(PK, PV, DK_, DV_, KTILES, TILE_ITEMS, BH, H, sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h,
-                         scale, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr, BLOCK_S: tl.constexpr,
-                         DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """``dk``/``dv`` of one key tile and (batch, KV head): the sum of its work items' partials, in item order
-    (deterministic), times ``scale`` for ``dk``."""
+def range_attention_bwd_reduce_kernel(PK, PV, DK_, DV_, KTILES, TILE_ITEMS, BH, H,
+                                      sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, scale,
+                                      BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr, BLOCK_S: tl.constexpr,
+                                      DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+                                      BLOCK_DV: tl.constexpr):
+    """Compressed branch only: ``dk``/``dv`` of one key tile and (batch, KV head), the sum of its work items'
+    partials in item order (deterministic), times ``scale`` for ``dk``."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b64 = (bh // H).to(tl.int64)
@@ -537,6 +562,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _qkv_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+    """The batch, row and head strides of ``q``, ``k`` and ``v`` as the kernels' keyword arguments."""
+    return dict(**stride_args(q, "sq_b", "sq_t", "sq_h"), **stride_args(k, "sk_b", "sk_s", "sk_h"),
+                **stride_args(v, "sv_b", "sv_s", "sv_h"))
 
 
 def _mode_constexprs(geom: RangeGeometry) -> dict:
@@ -600,13 +629,12 @@ def range_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
     if n_tiles == 0 or B * H == 0:
         return o, lse, tiles
     bhc = B * H * ngc
-    _range_fwd_kernel[(n_tiles * bhc,)](
-        q, k, v, o, lse, tiles, n_tiles, bhc, H, T,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        scale * LOG2E, **_mode_constexprs(geom), G=G, GB=gb, NGC=ngc, BLOCK_T=block_t, BLOCK_S=cfg.fwd_keys,
-        DK=Dk, DV=Dv, BLOCK_DK=_pow2(Dk), BLOCK_DV=_pow2(Dv), PREC=_dot_precision(q.dtype),
-        REVERSE=geom.mode == COMPRESSED, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+    range_attention_fwd_kernel[(n_tiles * bhc,)](
+        Q=q, K=k, V=v, O=o, LSE=lse, TILES=tiles, n_tiles=n_tiles, BHC=bhc, H=H, T=T, **_qkv_strides(q, k, v),
+        **stride_args(o, "so_b", "so_t", "so_h"), qk_scale=scale * LOG2E, **_mode_constexprs(geom), G=G, GB=gb,
+        NGC=ngc, BLOCK_T=block_t, BLOCK_S=cfg.fwd_keys, DK=Dk, DV=Dv, BLOCK_DK=_pow2(Dk), BLOCK_DV=_pow2(Dv),
+        PREC=_dot_precision(q.dtype), REVERSE=geom.mode == COMPRESSED, num_warps=cfg.fwd_warps,
+        num_stages=cfg.fwd_stages)
     return o, lse, tiles
 
 
@@ -626,6 +654,9 @@ def range_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     dv = new_output(v.shape, v.dtype, v.device)
     bdk, bdv, prec = _pow2(Dk), _pow2(Dv), _dot_precision(q.dtype)
     modes = _mode_constexprs(geom)
+    qkv_strides = _qkv_strides(q, k, v)
+    kv_grad_strides = dict(**stride_args(dk, "sdk_b", "sdk_s", "sdk_h"),
+                           **stride_args(dv, "sdv_b", "sdv_s", "sdv_h"))
 
     n_rows = B * T * HQ
     if n_rows == 0:
@@ -636,13 +667,12 @@ def range_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     gb, block_t, ngc = _group_split(G, cfg.fwd_rows)
     n_tiles = q_tiles.shape[0]
     bhc = B * H * ngc
-    _range_dq_kernel[(n_tiles * bhc,)](
-        q, k, v, do, lse, delta, dq, q_tiles, n_tiles, bhc, H, T,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), scale * LOG2E, scale, **modes, G=G, GB=gb, NGC=ngc,
-        BLOCK_T=block_t, BLOCK_S=cfg.dq_keys, DK=Dk, DV=Dv, BLOCK_DK=bdk, BLOCK_DV=bdv, PREC=prec,
-        REVERSE=geom.mode == COMPRESSED, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
+    range_attention_bwd_dq_kernel[(n_tiles * bhc,)](
+        Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DQ=dq, TILES=q_tiles, n_tiles=n_tiles, BHC=bhc, H=H, T=T,
+        **qkv_strides, **stride_args(do, "sdo_b", "sdo_t", "sdo_h"), **stride_args(dq, "sdq_b", "sdq_t", "sdq_h"),
+        qk_scale=scale * LOG2E, scale=scale, **modes, G=G, GB=gb, NGC=ngc, BLOCK_T=block_t, BLOCK_S=cfg.dq_keys,
+        DK=Dk, DV=Dv, BLOCK_DK=bdk, BLOCK_DV=bdv, PREC=prec, REVERSE=geom.mode == COMPRESSED,
+        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
 
     k_tiles = key_tile_table(geom, cu_seqlens, T, cfg.dkdv_keys, cu_seqlens_k)
     if k_tiles.shape[0] == 0:  # no key rows at all (e.g. every document shorter than a compressed block)
@@ -655,20 +685,18 @@ def range_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     else:
         dk_out, dv_out = dk, dv
     gb2, block_tq, ngc2 = _group_split(G, cfg.dkdv_rows)
-    _range_dkdv_kernel[(items.shape[0] * B * H,)](
-        q, k, v, do, lse, delta, dk_out, dv_out, host_table_to(items, q.device), items.shape[0],
-        B * H, H, T, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        scale * LOG2E, scale, **modes, G=G, GB=gb2, NGC=ngc2, BLOCK_TQ=block_tq, BLOCK_S=cfg.dkdv_keys,
-        DK=Dk, DV=Dv, BLOCK_DK=bdk, BLOCK_DV=bdv, PREC=prec, PARTIAL=partial, num_warps=cfg.dkdv_warps,
-        num_stages=cfg.dkdv_stages)
+    range_attention_bwd_dkdv_kernel[(items.shape[0] * B * H,)](
+        Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DK_=dk_out, DV_=dv_out, ITEMS=host_table_to(items, q.device),
+        n_items=items.shape[0], BH=B * H, H=H, T=T, **qkv_strides, **stride_args(do, "sdo_b", "sdo_t", "sdo_h"),
+        **kv_grad_strides, qk_scale=scale * LOG2E, scale=scale, **modes, G=G, GB=gb2, NGC=ngc2, BLOCK_TQ=block_tq,
+        BLOCK_S=cfg.dkdv_keys, DK=Dk, DV=Dv, BLOCK_DK=bdk, BLOCK_DV=bdv, PREC=prec, PARTIAL=partial,
+        num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages)
     if partial:
-        _range_reduce_kernel[(k_tiles.shape[0], B * H)](
-            dk_out, dv_out, dk, dv, host_table_to(k_tiles, q.device),
-            host_table_to(tile_items, q.device), B * H, H, dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2), scale, BLOCK_LEN=geom.block_len, STRIDE=geom.stride,
-            BLOCK_S=cfg.dkdv_keys, DK=Dk, DV=Dv, BLOCK_DK=bdk, BLOCK_DV=bdv, num_warps=4)
+        range_attention_bwd_reduce_kernel[(k_tiles.shape[0], B * H)](
+            PK=dk_out, PV=dv_out, DK_=dk, DV_=dv, KTILES=host_table_to(k_tiles, q.device),
+            TILE_ITEMS=host_table_to(tile_items, q.device), BH=B * H, H=H, **kv_grad_strides, scale=scale,
+            BLOCK_LEN=geom.block_len, STRIDE=geom.stride, BLOCK_S=cfg.dkdv_keys, DK=Dk, DV=Dv, BLOCK_DK=bdk,
+            BLOCK_DV=bdv, num_warps=4)
     return dq, dk, dv
 
 

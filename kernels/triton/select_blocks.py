@@ -45,7 +45,7 @@ from ..reference.tiles import default_scale
 from ..validation import check_attention_inputs, check_lse, check_selection_geometry
 from .bitonic import bitonic_merge, sort_rows
 from .tile_loads import tile_row
-from .utils import kernel_dtype, new_output, query_tile_table
+from .utils import kernel_dtype, new_output, query_tile_table, stride_args
 
 LOG2E = 1.4426950408889634
 # budgets of the heuristic: elements of the [M, BN] score tile, bytes of the [M, Dk] query tile of one pass.
@@ -146,7 +146,7 @@ def _merge_chunk(top, carry, c, q0, lse0, q_rows, lse_rows, k_base, stride_qh, s
 
 
 @triton.jit
-def _select_blocks_kernel(
+def select_blocks_kernel(
     Q, K, LSE, OUT, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -160,6 +160,8 @@ def _select_blocks_kernel(
     BLOCK_T: tl.constexpr, HEADS: tl.constexpr, PASSES: tl.constexpr,
     S: tl.constexpr, LOG_S: tl.constexpr, KSPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """Top-n selection blocks of ``BLOCK_T`` queries of one segment for KV head ``h`` (grid ``(query tiles,
+    B * H)``, latest tiles first): block scores chunk by chunk, merged into a running top list."""
     P: tl.constexpr = SELECT_LEN // STRIDE  # compressed rows starting in one selection block
     R: tl.constexpr = BLOCK_LEN // STRIDE  # stride-d chunks covered by one compressed row
     BN: tl.constexpr = S * P // KSPLIT  # compressed rows per key tile (a chunk of S blocks has S * P rows)
@@ -293,13 +295,13 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, block
     if k_cmp.shape[1] == 0:  # no compressed block anywhere: give the kernel a valid (never read) pointer
         k_cmp = k_cmp.new_zeros(dims.B, 1, dims.H, dims.Dk)
     grid = (tiles.shape[0], dims.B * dims.H)
-    _select_blocks_kernel[grid](
-        q, k_cmp, lse, out, tiles,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
-        lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        scale * LOG2E, dims.H, dims.G,
+    select_blocks_kernel[grid](
+        Q=q, K=k_cmp, LSE=lse, OUT=out, TILES=tiles,
+        **stride_args(q, "stride_qb", "stride_qt", "stride_qh"),
+        **stride_args(k_cmp, "stride_kb", "stride_kt", "stride_kh"),
+        **stride_args(lse, "stride_lb", "stride_lt"),
+        **stride_args(out, "stride_ob", "stride_ot", "stride_oh"),
+        qk_scale=scale * LOG2E, H=dims.H, G=dims.G,
         BLOCK_LEN=block_len, STRIDE=stride, SELECT_LEN=select_len,
         TOP_N=top_n, INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
         DK=dims.Dk, BLOCK_D=cfg["BLOCK_D"], BLOCK_T=cfg["BLOCK_T"], HEADS=cfg["HEADS"], PASSES=cfg["PASSES"],

@@ -10,14 +10,14 @@ the reference does, because every row is first canonicalised (see :func:`.block_
 
 Design
 ------
-* **Forward and dq** (``_fwd_kernel``, ``_dq_kernel``): program = (query tile, batch x KV head). A tile holds
-  ``BQ`` consecutive queries of one segment (``query_tile_table``) and the tile's ``ROWS = BQ * G`` rows
-  (padded to a power of two >= 16) are the rows of every ``tl.dot``: query ``t`` and its G query heads. The
-  program walks the *union* of the tile's selected blocks (sorted, deduplicated, built on the device by
-  :func:`.block_lists.tile_unions`), loads each selection block's K/V once for all rows, and masks each row to
-  the blocks its query selected and to causality. ``G >= 16`` gives ``BQ = 1`` (the paper's group-centric
-  kernel: one query, its G heads, n blocks; the union is the query's own list and no membership test runs);
-  ``G = 1, 2, 4`` give ``BQ = 16, 8, 4`` queries per program, so a block shared by neighbouring queries
+* **Forward and dq** (``selected_fwd_kernel``, ``selected_bwd_dq_kernel``): program = (query tile, batch x KV
+  head). A tile holds ``BQ`` consecutive queries of one segment (``query_tile_table``) and the tile's
+  ``ROWS = BQ * G`` rows (padded to a power of two >= 16) are the rows of every ``tl.dot``: query ``t`` and its
+  G query heads. The program walks the *union* of the tile's selected blocks (sorted, deduplicated, built on
+  the device by :func:`.block_lists.tile_unions`), loads each selection block's K/V once for all rows, and
+  masks each row to the blocks its query selected and to causality. ``G >= 16`` gives ``BQ = 1`` (the paper's
+  group-centric kernel: one query, its G heads, n blocks; the union is the query's own list and no membership
+  test runs); ``G = 1, 2, 4`` give ``BQ = 16, 8, 4`` queries per program, so a block shared by neighbouring queries
   (forced init/local blocks, and in trained models most top-n blocks) is read once for all of them, and the
   tensor-core tiles stay 16 rows tall instead of being padded from G to 16. Online softmax in base 2 with the
   log2(e)-scaled scale; the forward stores ``lse`` (base 2, fp32) for backward.
@@ -28,8 +28,8 @@ Design
   the block's K/V in registers, loops over its queries in batches (rows = queries x G) and accumulates
   ``dK [l', Dk]``, ``dV [l', Dv]`` in fp32 registers. No atomics: a block whose list fits in one chunk writes its
   rows once; a block chosen by more queries than one chunk (block 0 is chosen by every query) is split into
-  chunks whose fp32 partials a second kernel (``_reduce_kernel``) sums in a fixed order, so the result is
-  deterministic and no program processes a whole document's queries alone. Bytes: per (query, KV head,
+  chunks whose fp32 partials a second kernel (``selected_bwd_reduce_kernel``) sums in a fixed order, so the
+  result is deterministic and no program processes a whole document's queries alone. Bytes: per (query, KV head,
   selected block) the forward and dq read the block's K/V (``l' * (Dk + Dv)``), the dK/dV kernel reads the
   query's q/dO rows (``G * (Dk + Dv)``).
 * **Small G** (``<= ATOMIC_DQ_MAX_G``, :func:`_dq_in_dkdv`): the dq kernel would read as many K/V bytes as at
@@ -57,7 +57,7 @@ from .block_lists import EMPTY, canonical_rows, tile_unions
 from .delta import attention_delta
 from .tile_loads import tile_row
 from .utils import (host_offsets, host_table_to, kernel_dtype, new_output, query_tile_table,
-                    segment_offsets, tile_table)
+                    segment_offsets, stride_args, tile_table)
 
 LOG2E = 1.4426950408889634
 # Tunables (host heuristics; see _config)
@@ -122,12 +122,14 @@ def _tile_queries(TILES, tile, h, BQ: tl.constexpr, ROWS: tl.constexpr, G: tl.co
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, IDX, UNI, UCNT, TILES,
-                s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
-                T, H, NT, N_IDX, UL, scale_log2,
-                G: tl.constexpr, BQ: tl.constexpr, ROWS: tl.constexpr, NP: tl.constexpr,
-                SEL: tl.constexpr, BS: tl.constexpr, NCH: tl.constexpr,
-                DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def selected_fwd_kernel(Q, K, V, O, LSE, IDX, UNI, UCNT, TILES,
+                        s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
+                        T, H, NT, N_IDX, UL, scale_log2,
+                        G: tl.constexpr, BQ: tl.constexpr, ROWS: tl.constexpr, NP: tl.constexpr,
+                        SEL: tl.constexpr, BS: tl.constexpr, NCH: tl.constexpr,
+                        DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Forward: program (query tile, batch x KV head) walks the union of its ``BQ`` queries' selected blocks;
+    writes ``o`` and ``lse`` (base 2, fp32)."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -169,12 +171,15 @@ def _fwd_kernel(Q, K, V, O, LSE, IDX, UNI, UCNT, TILES,
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, UNI, UCNT, TILES,
-               s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
-               T, H, NT, N_IDX, UL, scale_log2, scale,
-               G: tl.constexpr, BQ: tl.constexpr, ROWS: tl.constexpr, NP: tl.constexpr,
-               SEL: tl.constexpr, BS: tl.constexpr, NCH: tl.constexpr,
-               DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def selected_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, UNI, UCNT, TILES,
+                           s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
+                           T, H, NT, N_IDX, UL, scale_log2, scale,
+                           G: tl.constexpr, BQ: tl.constexpr, ROWS: tl.constexpr, NP: tl.constexpr,
+                           SEL: tl.constexpr, BS: tl.constexpr, NCH: tl.constexpr,
+                           DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           PREC: tl.constexpr):
+    """dq with the forward's tiling: ``P`` recomputed from ``lse``, ``dq = scale * dS K`` over the selected
+    blocks' keys."""
     # q/dq share strides (contiguous [B, T, HQ, Dk]); do shares o's strides ([B, T, HQ, Dv])
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -276,12 +281,15 @@ def _batch_probs(Q, LSE, QLIST, kt, qs, end, b, h, kpos, k_ok, koff, s_qb, s_qt,
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PK, PV, DQ, ITEMS, QLIST, BLK,
-                 s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
-                 T, H, NB, scale_log2, scale,
-                 G: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr, LP: tl.constexpr,
-                 BS: tl.constexpr, DKD: tl.constexpr, DVD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 WITH_DQ: tl.constexpr, PREC: tl.constexpr):
+def selected_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PK, PV, DQ, ITEMS, QLIST, BLK,
+                             s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
+                             T, H, NB, scale_log2, scale,
+                             G: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr,
+                             LP: tl.constexpr, BS: tl.constexpr, DKD: tl.constexpr, DVD: tl.constexpr,
+                             BK: tl.constexpr, BV: tl.constexpr, WITH_DQ: tl.constexpr, PREC: tl.constexpr):
+    """dK/dV: one program per (work item of the inverted selection, key slice of its block) loops over the
+    item's queries; stores the block's rows, or fp32 partials (``PK``/``PV``) when the block has several items.
+    ``WITH_DQ``: also adds each query's ``dS K`` to the fp32 dq with atomics."""
     # dk/dv share k/v's strides (contiguous); do shares o's strides; DQ (fp32, WITH_DQ only) shares q's
     b, h, start, end, slot, cs, kpos, k_ok, koff, kt, vt, k_off, v_off = _item_block(
         ITEMS, BLK, K, V, tl.program_id(0).to(tl.int64), tl.program_id(1), s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, H,
@@ -314,10 +322,12 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PK, PV, DQ, ITEMS, QLIST, BLK,
 
 
 @triton.jit
-def _reduce_kernel(DK, DV, PK, PV, MULTI, BLK,
-                   s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, H, NB,
-                   SEL: tl.constexpr, LP: tl.constexpr, BS: tl.constexpr, DKD: tl.constexpr, DVD: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr):
+def selected_bwd_reduce_kernel(DK, DV, PK, PV, MULTI, BLK,
+                               s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, H, NB,
+                               SEL: tl.constexpr, LP: tl.constexpr, BS: tl.constexpr, DKD: tl.constexpr,
+                               DVD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """dK/dV of a block split into several work items: the sum of their fp32 partials in slot order
+    (deterministic)."""
     m = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     key = tl.load(MULTI + m * 3)
@@ -446,8 +456,16 @@ def _invert_selection(canon: torch.Tensor, tok_base: torch.Tensor, NB: int, chun
     return items, multi_tab, qlist, n_slots
 
 
-def _strides3(x: torch.Tensor):
-    return x.stride(0), x.stride(1), x.stride(2)
+def _qkv_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+    """The batch, token and head strides of ``q``, ``k`` and ``v`` as the kernels' keyword arguments."""
+    return dict(**stride_args(q, "s_qb", "s_qt", "s_qh"), **stride_args(k, "s_kb", "s_kt", "s_kh"),
+                **stride_args(v, "s_vb", "s_vt", "s_vh"))
+
+
+def _query_tile_constexprs(cfg: _Config, G: int, n: int, select_len: int, Dk: int, Dv: int) -> dict:
+    """The constexprs the forward and dq kernels share: query tiling, selection-block walk and head dims."""
+    return dict(G=G, BQ=cfg.BQ, ROWS=cfg.ROWS, NP=_pow2(n), SEL=select_len, BS=cfg.BS, NCH=cfg.NCH, DK=Dk, DV=Dv,
+                BK=cfg.BK, BV=cfg.BV)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -456,7 +474,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _dq_in_dkdv(G: int, need_dq: bool, need_dkdv: bool) -> bool:
     """Whether dq comes from the block-centric dK/dV pass (fp32 ``atomic_add`` of each (query, block) term
-    ``dS K``) instead of the query-centric ``_dq_kernel``.
+    ``dS K``) instead of the query-centric ``selected_bwd_dq_kernel``.
 
     The dq kernel reads every selected K/V block once per (query, KV head): ``l' * (Dk + Dv)`` bytes whatever G
     is, so at small G it costs as much as at G = 16 for a quarter of the work. The dK/dV pass already holds the
@@ -504,11 +522,10 @@ def selected_forward(q, k, v, block_idx, select_len: int, scale: float, cu_seqle
     NT, n, UL = tiles.shape[0], canon.shape[-1], uni.shape[-1]
     o = new_output((B, T, HQ, Dv), q.dtype, dev)
     lse = new_output((B, T, HQ), torch.float32, dev)
-    _fwd_kernel[(NT, B * H)](
-        q, k, v, o, lse, canon, uni, ucnt, tiles, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
-        T, H, NT, n, UL, scale * LOG2E,
-        G=G, BQ=cfg.BQ, ROWS=cfg.ROWS, NP=_pow2(n), SEL=select_len, BS=cfg.BS, NCH=cfg.NCH,
-        DK=Dk, DV=Dv, BK=cfg.BK, BV=cfg.BV, PREC=_precision(q.dtype), num_warps=cfg.fwd_warps,
+    selected_fwd_kernel[(NT, B * H)](
+        Q=q, K=k, V=v, O=o, LSE=lse, IDX=canon, UNI=uni, UCNT=ucnt, TILES=tiles, **_qkv_strides(q, k, v),
+        **stride_args(o, "s_ob", "s_ot", "s_oh"), T=T, H=H, NT=NT, N_IDX=n, UL=UL, scale_log2=scale * LOG2E,
+        **_query_tile_constexprs(cfg, G, n, select_len, Dk, Dv), PREC=_precision(q.dtype), num_warps=cfg.fwd_warps,
         num_stages=cfg.fwd_stages)
     return o, SelectedState(q, k, v, o, lse, canon, uni, ucnt, tiles, select_len, scale, cu_seqlens, cu_seqlens_k)
 
@@ -539,12 +556,11 @@ def selected_backward(state: SelectedState, do: torch.Tensor, delta: Optional[to
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev)
     elif need_dq:
         dq = new_output(q.shape, q.dtype, dev)
-        _dq_kernel[(NT, B * H)](
-            q, k, v, do, lse, delta, dq, canon, uni, ucnt, tiles,
-            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do),
-            T, H, NT, n, UL, scale * LOG2E, scale,
-            G=G, BQ=cfg.BQ, ROWS=cfg.ROWS, NP=_pow2(n), SEL=select_len, BS=cfg.BS, NCH=cfg.NCH,
-            DK=Dk, DV=Dv, BK=cfg.BK, BV=cfg.BV, PREC=prec, num_warps=cfg.fwd_warps, num_stages=2)
+        selected_bwd_dq_kernel[(NT, B * H)](
+            Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DQ=dq, IDX=canon, UNI=uni, UCNT=ucnt, TILES=tiles,
+            **_qkv_strides(q, k, v), **stride_args(do, "s_ob", "s_ot", "s_oh"), T=T, H=H, NT=NT, N_IDX=n, UL=UL,
+            scale_log2=scale * LOG2E, scale=scale, **_query_tile_constexprs(cfg, G, n, select_len, Dk, Dv),
+            PREC=prec, num_warps=cfg.fwd_warps, num_stages=2)
     if need_dkdv:
         blk, tok_base, NB = _block_table(cu_seqlens, cu_seqlens_k, T, select_len, dev)
         chunk_q = max(cfg.QB, int(math.ceil(CHUNK_FACTOR * n * select_len / cfg.QB)) * cfg.QB)
@@ -555,17 +571,18 @@ def selected_backward(state: SelectedState, do: torch.Tensor, delta: Optional[to
         pk = torch.empty((max(n_slots, 1), LP, Dk), dtype=torch.float32, device=dev)
         pv = torch.empty((max(n_slots, 1), LP, Dv), dtype=torch.float32, device=dev)
         if items.shape[0] > 0:
-            _dkdv_kernel[(items.shape[0], cfg.NCHB)](
-                q, k, v, do, lse, delta, dk, dv, pk, pv, dk if dq_acc is None else dq_acc, items, qlist, blk,
-                *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do),
-                T, H, NB, scale * LOG2E, scale,
+            selected_bwd_dkdv_kernel[(items.shape[0], cfg.NCHB)](
+                Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DK=dk, DV=dv, PK=pk, PV=pv,
+                DQ=dk if dq_acc is None else dq_acc, ITEMS=items, QLIST=qlist, BLK=blk, **_qkv_strides(q, k, v),
+                **stride_args(do, "s_ob", "s_ot", "s_oh"), T=T, H=H, NB=NB, scale_log2=scale * LOG2E, scale=scale,
                 G=G, QB=cfg.QB, ROWS=cfg.BROWS, SEL=select_len, LP=LP, BS=cfg.BSB, DKD=Dk, DVD=Dv,
                 BK=cfg.BK, BV=cfg.BV, WITH_DQ=dq_in_dkdv, PREC=prec, num_warps=cfg.bwd_warps,
                 num_stages=BWD_STAGES)
         if multi.shape[0] > 0:
-            _reduce_kernel[(multi.shape[0], cfg.NCHB)](
-                dk, dv, pk, pv, multi, blk, *_strides3(dk), *_strides3(dv), H, NB,
-                SEL=select_len, LP=LP, BS=cfg.BSB, DKD=Dk, DVD=Dv, BK=cfg.BK, BV=cfg.BV, num_warps=cfg.bwd_warps)
+            selected_bwd_reduce_kernel[(multi.shape[0], cfg.NCHB)](
+                DK=dk, DV=dv, PK=pk, PV=pv, MULTI=multi, BLK=blk, **stride_args(dk, "s_kb", "s_kt", "s_kh"),
+                **stride_args(dv, "s_vb", "s_vt", "s_vh"), H=H, NB=NB, SEL=select_len, LP=LP, BS=cfg.BSB, DKD=Dk,
+                DVD=Dv, BK=cfg.BK, BV=cfg.BV, num_warps=cfg.bwd_warps)
     if dq_acc is not None:
         dq = dq_acc if fp32_dq_ok else dq_acc.to(q.dtype)
     return dq, dk, dv

@@ -119,6 +119,12 @@ def query_positions(cu_seqlens: Optional[torch.Tensor], seq_len: int, cu_seqlens
     return torch.arange(seq_len, device=device) - host_table_to(base, device, torch.long)
 
 
+def stride_args(x: torch.Tensor, *names: str) -> dict:
+    """The first ``len(names)`` strides of ``x`` as keyword arguments of a kernel launch, e.g.
+    ``stride_args(q, "sq_b", "sq_t", "sq_h")`` for the batch, token and head strides of ``q [B, T, HQ, D]``."""
+    return dict(zip(names, x.stride()))
+
+
 def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernels compute on for inputs of ``dtype`` (outputs are cast back): fp64 runs in fp32
     (there are no fp64 kernels), and under the CPU interpreter bf16 runs in fp32 too, because the
