@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .bitonic import sort_rows
 from .tile_loads import tile_row
-from .utils import new_output, query_positions
+from .utils import new_output, pow2, query_positions
 
 EMPTY = 2 ** 30  # canonical "no block" entry: sorts after every real index, never equals one
 TILE_ELEMS = 2048  # entries per program (rows x padded row length)
@@ -40,39 +40,39 @@ def _distinct_sorted(x, N_DIMS: tl.constexpr, EMPTY_ID: tl.constexpr):
 
 
 @triton.jit
-def canonical_block_rows_kernel(IDX, POS, OUT, n_rows, T, H, N, SEL,
-                                R: tl.constexpr, N_DIMS: tl.constexpr, EMPTY_ID: tl.constexpr):
-    """Canonical rows (module docstring) of ``R`` rows of the flattened ``block_idx [B, T, H, N]`` per program;
-    row ``r`` is token ``(r // H) % T``, whose position is ``POS[token]``."""
-    r = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+def canonical_block_rows_kernel(IDX, POS, OUT, n_rows, T, H, N_IDX, SELECT_LEN,
+                                BLOCK_R: tl.constexpr, N_DIMS: tl.constexpr, EMPTY_ID: tl.constexpr):
+    """Canonical rows (module docstring) of ``BLOCK_R`` rows of the flattened ``block_idx [B, T, H, N_IDX]`` per
+    program; row ``r`` is token ``(r // H) % T``, whose position is ``POS[token]``."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < n_rows
-    limit = tl.load(POS + (r // H) % T, mask=r_ok, other=0) // SEL  # the last block holding a visible key
+    limit = tl.load(POS + (r // H) % T, mask=r_ok, other=0) // SELECT_LEN  # the last block holding a visible key
     c = tl.arange(0, 2 ** N_DIMS)
-    m = r_ok[:, None] & (c[None, :] < N)
-    e = tl.load(IDX + r[:, None] * N + c[None, :], mask=m, other=-1).to(tl.int64)
+    m = r_ok[:, None] & (c[None, :] < N_IDX)
+    e = tl.load(IDX + r[:, None] * N_IDX + c[None, :], mask=m, other=-1).to(tl.int64)
     e = tl.where((e >= 0) & (e <= limit[:, None]), e, EMPTY_ID).to(tl.int32)
-    tl.store(OUT + r[:, None] * N + c[None, :], _distinct_sorted(e, N_DIMS, EMPTY_ID), mask=m)
+    tl.store(OUT + r[:, None] * N_IDX + c[None, :], _distinct_sorted(e, N_DIMS, EMPTY_ID), mask=m)
 
 
 @triton.jit
-def tile_block_unions_kernel(CANON, TILES, UNI, UCNT, n_unions, T, H, NT, N, UL,
-                             R: tl.constexpr, BQ: tl.constexpr, BQP: tl.constexpr, NP: tl.constexpr,
+def tile_block_unions_kernel(CANON, TILES, UNI, UCNT, n_unions, T, H, NT, N_IDX, UL,
+                             BLOCK_R: tl.constexpr, BQ: tl.constexpr, BQP: tl.constexpr, NP: tl.constexpr,
                              U_DIMS: tl.constexpr, EMPTY_ID: tl.constexpr):
-    """Union of the canonical rows of each query tile's ``BQ`` queries and its length, ``R`` unions of the
+    """Union of the canonical rows of each query tile's ``BQ`` queries and its length, ``BLOCK_R`` unions of the
     flattened ``[B, NT, H]`` per program; union ``u`` = (tile ``(u // H) % NT``, KV head ``u % H``)."""
-    u = tl.program_id(0) * R + tl.arange(0, R)
+    u = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     u_ok = u < n_unions
     h = u % H
     tile = (u // H) % NT
     b = (u // (H * NT)).to(tl.int64)
     _, q_end, tile_start, _, _, _ = tile_row(TILES, tile)
     i = tl.arange(0, BQP)[None, :]
-    t = tile_start[:, None] + i  # [R, BQP] the tile's query rows (BQ of them)
+    t = tile_start[:, None] + i  # [BLOCK_R, BQP] the tile's query rows (BQ of them)
     c = tl.arange(0, NP)
-    ok = (u_ok[:, None] & (i < BQ) & (t < q_end[:, None]))[:, :, None] & (c < N)[None, None, :]
+    ok = (u_ok[:, None] & (i < BQ) & (t < q_end[:, None]))[:, :, None] & (c < N_IDX)[None, None, :]
     row = (b[:, None] * T + t) * H + h[:, None]
-    x = tl.load(CANON + row[:, :, None] * N + c[None, None, :], mask=ok, other=EMPTY_ID)
-    x = _distinct_sorted(tl.reshape(x, [R, BQP * NP]), U_DIMS, EMPTY_ID)
+    x = tl.load(CANON + row[:, :, None] * N_IDX + c[None, None, :], mask=ok, other=EMPTY_ID)
+    x = _distinct_sorted(tl.reshape(x, [BLOCK_R, BQP * NP]), U_DIMS, EMPTY_ID)
     cu = tl.arange(0, BQP * NP)
     tl.store(UNI + u.to(tl.int64)[:, None] * UL + cu[None, :], x, mask=u_ok[:, None] & (cu[None, :] < UL))
     tl.store(UCNT + u, tl.sum((x < EMPTY_ID).to(tl.int32), 1), mask=u_ok)
@@ -80,7 +80,7 @@ def tile_block_unions_kernel(CANON, TILES, UNI, UCNT, n_unions, T, H, NT, N, UL,
 
 def _log2_pow2(x: int) -> int:
     """``log2`` of the smallest power of two ``>= x``."""
-    return (triton.next_power_of_2(max(int(x), 1))).bit_length() - 1
+    return pow2(x).bit_length() - 1
 
 
 def canonical_rows(block_idx: torch.Tensor, select_len: int, cu_seqlens: Optional[torch.Tensor],
@@ -97,8 +97,8 @@ def canonical_rows(block_idx: torch.Tensor, select_len: int, cu_seqlens: Optiona
     n_dims = _log2_pow2(n)
     R = max(1, TILE_ELEMS >> n_dims)
     canonical_block_rows_kernel[(triton.cdiv(n_rows, R),)](
-        IDX=block_idx.contiguous(), POS=pos, OUT=out, n_rows=n_rows, T=T, H=H, N=n, SEL=select_len, R=R,
-        N_DIMS=n_dims, EMPTY_ID=EMPTY, num_warps=4)
+        IDX=block_idx.contiguous(), POS=pos, OUT=out, n_rows=n_rows, T=T, H=H, N_IDX=n, SELECT_LEN=select_len,
+        BLOCK_R=R, N_DIMS=n_dims, EMPTY_ID=EMPTY, num_warps=4)
     return out
 
 
@@ -120,6 +120,6 @@ def tile_unions(canon: torch.Tensor, tiles: torch.Tensor, BQ: int):
     u_dims = _log2_pow2(BQP * NP)
     R = max(1, TILE_ELEMS >> u_dims)
     tile_block_unions_kernel[(triton.cdiv(n_unions, R),)](
-        CANON=canon, TILES=tiles, UNI=uni, UCNT=ucnt, n_unions=n_unions, T=T, H=H, NT=NT, N=n, UL=BQ * n, R=R, BQ=BQ,
-        BQP=BQP, NP=NP, U_DIMS=u_dims, EMPTY_ID=EMPTY, num_warps=4)
+        CANON=canon, TILES=tiles, UNI=uni, UCNT=ucnt, n_unions=n_unions, T=T, H=H, NT=NT, N_IDX=n, UL=BQ * n,
+        BLOCK_R=R, BQ=BQ, BQP=BQP, NP=NP, U_DIMS=u_dims, EMPTY_ID=EMPTY, num_warps=4)
     return uni, ucnt

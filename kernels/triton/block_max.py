@@ -15,31 +15,31 @@ import triton.language as tl
 from ..reference.tiles import default_scale
 from ..validation import check_block_max_inputs
 from .range_attention import prepare_inputs
-from .utils import stride_args
+from .utils import scoring_dot_precision, stride_args
 
 ROWS_PER_PROGRAM = 128  # stacked (head, query) rows per program
 
 
 @triton.jit
-def _block_max(q, k_base, stride_kt, pos, j, L, scale, DOT_PRECISION: tl.constexpr, SEL: tl.constexpr,
-               SEL_PAD: tl.constexpr, DK: tl.constexpr, D_PAD: tl.constexpr):
+def _block_max(q, k_base, stride_kt, pos, j, L, scale, PREC: tl.constexpr, SELECT_LEN: tl.constexpr,
+               SELECT_PAD: tl.constexpr, DK: tl.constexpr, D_PAD: tl.constexpr):
     """fp32 ``[rows]``: the maximum over block ``j``'s keys at or before each row's position ``pos`` of
     ``scale * q . k``; ``-inf`` where none."""
-    key_pos = j * SEL + tl.arange(0, SEL_PAD)
+    key_pos = j * SELECT_LEN + tl.arange(0, SELECT_PAD)
     offs_d = tl.arange(0, D_PAD)
-    key_ok = (tl.arange(0, SEL_PAD) < SEL) & (key_pos < L)
+    key_ok = (tl.arange(0, SELECT_PAD) < SELECT_LEN) & (key_pos < L)
     k = tl.load(k_base + key_pos[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
                 mask=key_ok[:, None] & (offs_d < DK)[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
     s = tl.where(key_ok[None, :] & (key_pos[None, :] <= pos[:, None]), s, float("-inf"))
     return tl.max(s, axis=1)
 
 
 @triton.jit
-def block_max_logits_kernel(Q, K, Out, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+def block_max_logits_kernel(Q, K, OUT, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                             tq, L, num_sel, first_pos, scale, H: tl.constexpr, G: tl.constexpr,
-                            BLOCK_Q: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr, SEL_PAD: tl.constexpr,
-                            DK: tl.constexpr, D_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                            BLOCK_Q: tl.constexpr, ROWS: tl.constexpr, SELECT_LEN: tl.constexpr,
+                            SELECT_PAD: tl.constexpr, DK: tl.constexpr, D_PAD: tl.constexpr, PREC: tl.constexpr):
     """Rows ``r = g * BLOCK_Q + i``: query ``pid_q * BLOCK_Q + i`` of head ``h * G + g``; writes every block up
     to the tile's last causal one (the host fills the rest with ``-inf``)."""
     pid_q = tl.program_id(0)
@@ -57,9 +57,9 @@ def block_max_logits_kernel(Q, K, Out, stride_qb, stride_qt, stride_qh, stride_k
     pos = first_pos + t
     last_pos = first_pos + tl.minimum((pid_q + 1) * BLOCK_Q, tq) - 1
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    out_rows = Out + ((b * H + h) * G + g).to(tl.int64) * tq * num_sel + t.to(tl.int64) * num_sel
-    for j in range(0, tl.minimum(last_pos // SEL + 1, num_sel)):
-        m = _block_max(q, k_base, stride_kt, pos, j, L, scale, DOT_PRECISION, SEL, SEL_PAD, DK, D_PAD)
+    out_rows = OUT + ((b * H + h) * G + g).to(tl.int64) * tq * num_sel + t.to(tl.int64) * num_sel
+    for j in range(0, tl.minimum(last_pos // SELECT_LEN + 1, num_sel)):
+        m = _block_max(q, k_base, stride_kt, pos, j, L, scale, PREC, SELECT_LEN, SELECT_PAD, DK, D_PAD)
         tl.store(out_rows + j, m, mask=row_ok)
 
 
@@ -80,11 +80,11 @@ def block_max_logits(q: torch.Tensor, k: torch.Tensor, select_len: int, scale: O
     block_q = max(1, ROWS_PER_PROGRAM // g_pad)
     grid = (triton.cdiv(dims.T, block_q), dims.B * dims.H)
     block_max_logits_kernel[grid](
-        Q=q, K=k, Out=out, **stride_args(q, "stride_qb", "stride_qt", "stride_qh"),
+        Q=q, K=k, OUT=out, **stride_args(q, "stride_qb", "stride_qt", "stride_qh"),
         **stride_args(k, "stride_kb", "stride_kt", "stride_kh"), tq=dims.T, L=L, num_sel=num_sel,
         first_pos=first_pos, scale=scale, H=dims.H, G=dims.G, BLOCK_Q=block_q, ROWS=g_pad * block_q,
-        SEL=select_len, SEL_PAD=max(16, triton.next_power_of_2(select_len)), DK=dims.Dk,
+        SELECT_LEN=select_len, SELECT_PAD=max(16, triton.next_power_of_2(select_len)), DK=dims.Dk,
         D_PAD=max(16, triton.next_power_of_2(dims.Dk)),
-        DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",  # fp32 inputs: ~fp32-exact on tensor cores
+        PREC=scoring_dot_precision(q.dtype),
         num_warps=4, num_stages=2)
     return out

@@ -30,28 +30,28 @@ def _rows(X, r64, offs_d, ok, D: tl.constexpr):
 
 
 @triton.jit
-def gate_combine_fwd_kernel(G, OC, OS, OW, O, n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr, BR: tl.constexpr,
-                            HAS_WIN: tl.constexpr):
-    """``o = g_cmp * o_cmp + g_slc * o_slc (+ g_win * o_win)`` for ``BR`` (token, head) rows per program."""
-    r64 = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+def gate_combine_fwd_kernel(GATES, OC, OS, OW, O, n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                            HAS_WINDOW: tl.constexpr):
+    """``o = g_cmp * o_cmp + g_slc * o_slc (+ g_win * o_win)`` for ``BLOCK_R`` (token, head) rows per program."""
+    r64 = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = r64 < n_rows
     ok = row_ok[:, None] & (offs_d[None, :] < D)
-    g0 = tl.load(G + r64 * 3, mask=row_ok, other=0.0).to(tl.float32)
-    g1 = tl.load(G + r64 * 3 + 1, mask=row_ok, other=0.0).to(tl.float32)
+    g0 = tl.load(GATES + r64 * 3, mask=row_ok, other=0.0).to(tl.float32)
+    g1 = tl.load(GATES + r64 * 3 + 1, mask=row_ok, other=0.0).to(tl.float32)
     o = g0[:, None] * _rows(OC, r64, offs_d, ok, D) + g1[:, None] * _rows(OS, r64, offs_d, ok, D)
-    if HAS_WIN:
-        g2 = tl.load(G + r64 * 3 + 2, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_WINDOW:
+        g2 = tl.load(GATES + r64 * 3 + 2, mask=row_ok, other=0.0).to(tl.float32)
         o += g2[:, None] * _rows(OW, r64, offs_d, ok, D)
     tl.store(O + r64[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _branch_bwd(X, DX, DELTA, do, G, c: tl.constexpr, r64, row_ok, n_rows, offs_d, ok, D: tl.constexpr,
+def _branch_bwd(X, DX, DELTA, do, GATES, c: tl.constexpr, r64, row_ok, n_rows, offs_d, ok, D: tl.constexpr,
                 WITH_DELTA: tl.constexpr):
     """Branch ``c``: store ``dO_c = g_c * dO`` and return ``sum_d dO * o_c`` per row; with ``WITH_DELTA`` also
     store ``delta_c = sum_d dO_c * o_c`` (``dO_c`` rounded to its stored dtype) in row ``c`` of ``DELTA``."""
-    g = tl.load(G + r64 * 3 + c, mask=row_ok, other=0.0).to(tl.float32)
+    g = tl.load(GATES + r64 * 3 + c, mask=row_ok, other=0.0).to(tl.float32)
     d_branch = (g[:, None] * do).to(DX.dtype.element_ty)
     tl.store(DX + r64[:, None] * D + offs_d[None, :], d_branch, mask=ok)
     x = _rows(X, r64, offs_d, ok, D)
@@ -61,21 +61,21 @@ def _branch_bwd(X, DX, DELTA, do, G, c: tl.constexpr, r64, row_ok, n_rows, offs_
 
 
 @triton.jit
-def gate_combine_bwd_kernel(G, OC, OS, OW, DO, DG, DOC, DOS, DOW, DELTA, n_rows, D: tl.constexpr,
-                            BLOCK_D: tl.constexpr, BR: tl.constexpr, HAS_WIN: tl.constexpr,
+def gate_combine_bwd_kernel(GATES, OC, OS, OW, DO, DG, DOC, DOS, DOW, DELTA, n_rows, D: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_WINDOW: tl.constexpr,
                             WITH_DELTA: tl.constexpr):
     """Each branch's ``dO_c = g_c * dO``, the gate gradient ``dg_c = sum_d dO * o_c`` and, with ``WITH_DELTA``,
-    each branch's ``delta_c`` (:func:`_branch_bwd`), ``BR`` (token, head) rows per program."""
-    r64 = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    each branch's ``delta_c`` (:func:`_branch_bwd`), ``BLOCK_R`` (token, head) rows per program."""
+    r64 = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = r64 < n_rows
     ok = row_ok[:, None] & (offs_d[None, :] < D)
     do = _rows(DO, r64, offs_d, ok, D)
-    dg0 = _branch_bwd(OC, DOC, DELTA, do, G, 0, r64, row_ok, n_rows, offs_d, ok, D, WITH_DELTA)
-    dg1 = _branch_bwd(OS, DOS, DELTA, do, G, 1, r64, row_ok, n_rows, offs_d, ok, D, WITH_DELTA)
-    dg2 = tl.zeros([BR], dtype=tl.float32)
-    if HAS_WIN:
-        dg2 = _branch_bwd(OW, DOW, DELTA, do, G, 2, r64, row_ok, n_rows, offs_d, ok, D, WITH_DELTA)
+    dg0 = _branch_bwd(OC, DOC, DELTA, do, GATES, 0, r64, row_ok, n_rows, offs_d, ok, D, WITH_DELTA)
+    dg1 = _branch_bwd(OS, DOS, DELTA, do, GATES, 1, r64, row_ok, n_rows, offs_d, ok, D, WITH_DELTA)
+    dg2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if HAS_WINDOW:
+        dg2 = _branch_bwd(OW, DOW, DELTA, do, GATES, 2, r64, row_ok, n_rows, offs_d, ok, D, WITH_DELTA)
     tl.store(DG + r64 * 3, dg0.to(DG.dtype.element_ty), mask=row_ok)
     tl.store(DG + r64 * 3 + 1, dg1.to(DG.dtype.element_ty), mask=row_ok)
     tl.store(DG + r64 * 3 + 2, dg2.to(DG.dtype.element_ty), mask=row_ok)
@@ -84,7 +84,7 @@ def gate_combine_bwd_kernel(G, OC, OS, OW, DO, DG, DOC, DOS, DOW, DELTA, n_rows,
 def _launch_meta(o: torch.Tensor):
     n_rows = o.numel() // o.shape[-1]
     return n_rows, (triton.cdiv(n_rows, BLOCK_ROWS),), dict(D=o.shape[-1], BLOCK_D=triton.next_power_of_2(
-        o.shape[-1]), BR=BLOCK_ROWS, num_warps=4)
+        o.shape[-1]), BLOCK_R=BLOCK_ROWS, num_warps=4)
 
 
 def combine_forward(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor,
@@ -92,8 +92,8 @@ def combine_forward(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tenso
     """``sum_c g_c * o_c`` of contiguous ``gates [B, T, HQ, 3]`` and branch outputs ``[B, T, HQ, Dv]``."""
     out = new_output(o_cmp.shape, o_cmp.dtype, o_cmp.device)
     n_rows, grid, meta = _launch_meta(o_cmp)
-    gate_combine_fwd_kernel[grid](G=gates, OC=o_cmp, OS=o_slc, OW=o_cmp if o_win is None else o_win, O=out,
-                                  n_rows=n_rows, HAS_WIN=o_win is not None, **meta)
+    gate_combine_fwd_kernel[grid](GATES=gates, OC=o_cmp, OS=o_slc, OW=o_cmp if o_win is None else o_win, O=out,
+                                  n_rows=n_rows, HAS_WINDOW=o_win is not None, **meta)
     return out
 
 
@@ -107,9 +107,9 @@ def combine_backward(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tens
     d_outs = [new_output(o_cmp.shape, o_cmp.dtype, o_cmp.device) for _ in range(3 if has_win else 2)]
     delta = new_output((3, *o_cmp.shape[:-1]), torch.float32, o_cmp.device) if with_delta else None
     n_rows, grid, meta = _launch_meta(o_cmp)
-    gate_combine_bwd_kernel[grid](G=gates, OC=o_cmp, OS=o_slc, OW=o_win if has_win else o_cmp, DO=do, DG=dg,
+    gate_combine_bwd_kernel[grid](GATES=gates, OC=o_cmp, OS=o_slc, OW=o_win if has_win else o_cmp, DO=do, DG=dg,
                                   DOC=d_outs[0], DOS=d_outs[1], DOW=d_outs[-1], DELTA=dg if delta is None else delta,
-                                  n_rows=n_rows, HAS_WIN=has_win, WITH_DELTA=with_delta, **meta)
+                                  n_rows=n_rows, HAS_WINDOW=has_win, WITH_DELTA=with_delta, **meta)
     return dg, d_outs + ([] if has_win else [None]), delta
 
 

@@ -13,9 +13,8 @@ from ..reference.tiles import default_scale
 from .nsa_decode_compressed import (TOKENS, nsa_decode_compressed_kernel, nsa_decode_scores_kernel,
                                     nsa_decode_top_kernel)
 from .nsa_decode_kernels import nsa_decode_combine_kernel, nsa_decode_selected_kernel, nsa_decode_window_kernel
-from .range_attention import _dot_precision, _pow2
-from .select_blocks import LOG2E, selection_config
-from .utils import kernel_dtype, new_output
+from .select_blocks import selection_config
+from .utils import LOG2E, dot_precision, kernel_dtype, new_output, pow2
 
 INTERPRETER_PROGRAMS = 8  # programs to aim for under the CPU interpreter, so that small tests split too
 PROGRAMS_PER_SM = 4
@@ -93,8 +92,8 @@ def nsa_decode(q: torch.Tensor, positions: torch.Tensor, kv, gates: torch.Tensor
     q_ = q.to(kd).contiguous()
     base = dict(Q=q_, POS=positions.to(device=q.device, dtype=torch.int64).contiguous(), H=H, G=G, S=S,
                 sq_b=q_.stride(0), sq_s=q_.stride(1), sq_h=q_.stride(2), qk_scale=default_scale(scale, Dk) * LOG2E,
-                DK=Dk, BLOCK_DK=_pow2(Dk), PREC=_dot_precision(kd))
-    dims = dict(DV=Dv, BLOCK_DV=_pow2(Dv))
+                DK=Dk, BLOCK_DK=pow2(Dk, 16), PREC=dot_precision(kd))
+    dims = dict(DV=Dv, BLOCK_DV=pow2(Dv, 16))
     cmp, idx = _compressed(base, dims, kv, geometry, block_idx)
     branches = dict(C=cmp, S=_selected(base, dims, kv, geometry, idx))
     if geometry.window:
@@ -108,7 +107,7 @@ def nsa_decode(q: torch.Tensor, positions: torch.Tensor, kv, gates: torch.Tensor
                          f"SPLITS_{name}_P2": triton.next_power_of_2(splits)})
     nsa_decode_combine_kernel[(triton.cdiv(rows, COMBINE_ROWS),)](
         **partials, GATES=gates.to(torch.float32).contiguous(), O=out, n_rows=rows, **dims,
-        HAS_WINDOW=bool(geometry.window), BR=COMBINE_ROWS)
+        HAS_WINDOW=bool(geometry.window), BLOCK_R=COMBINE_ROWS)
     return (out, idx) if return_indices else out
 
 
@@ -129,7 +128,7 @@ def _compressed(base: dict, dims: dict, kv, geometry: NSAGeometry, block_idx: Op
     if k.shape[1] == 0:  # no compressed block yet: valid (never read) pointers
         k, v = k.new_zeros(B, 1, H, k.shape[3]), v.new_zeros(B, 1, H, v.shape[3])
     sel = selection_config(G, base["DK"], geometry.block_len, geometry.stride, geometry.select_len, geometry.top_n)
-    chunk_rows = sel["S"] * geometry.select_len // geometry.stride  # compressed rows of one chunk of blocks
+    chunk_rows = sel["CHUNK"] * geometry.select_len // geometry.stride  # compressed rows of one chunk of blocks
     chunks = triton.cdiv(k.shape[1], chunk_rows)
     splits = decode_splits(B * H, chunks, device)
     cps = triton.cdiv(chunks, splits)  # chunks per split
@@ -144,8 +143,8 @@ def _compressed(base: dict, dims: dict, kv, geometry: NSAGeometry, block_idx: Op
     if block_idx is not None:
         return (op, lp, splits), block_idx.to(torch.int32)
     idx = new_output((B, S, H, geometry.top_n), torch.int32, device)
-    tops = new_output((B * H, splits, TOKENS, sel["S"]), torch.int64, device)
-    chunk = dict(CHUNK=sel["S"], LOG_CHUNK=sel["S"].bit_length() - 1, SPLITS=splits, TOKENS=TOKENS)
+    tops = new_output((B * H, splits, TOKENS, sel["CHUNK"]), torch.int64, device)
+    chunk = dict(CHUNK=sel["CHUNK"], LOG_CHUNK=sel["CHUNK"].bit_length() - 1, SPLITS=splits, TOKENS=TOKENS)
     nsa_decode_scores_kernel[(B * H, splits)](
         **args, LP=lp, TOPS=tops, SELECT_LEN=geometry.select_len, INIT_BLOCKS=geometry.init_blocks,
         LOCAL_BLOCKS=geometry.local_blocks, KSPLIT=sel["KSPLIT"], CPS=cps, **chunk,
@@ -165,7 +164,7 @@ def _selected(base: dict, dims: dict, kv, geometry: NSAGeometry, idx: torch.Tens
     nsa_decode_selected_kernel[(programs, splits)](
         **base, **dims, **strides, K=k, V=v, IDX=idx, OP=op, LP=lp, si_b=idx.stride(0), si_s=idx.stride(1),
         si_h=idx.stride(2), SELECT_LEN=geometry.select_len, TOP_N=geometry.top_n,
-        SLOTS=triton.cdiv(geometry.top_n, splits), HEADS=_pow2(base["G"]),
+        SLOTS=triton.cdiv(geometry.top_n, splits), HEADS=pow2(base["G"], 16),
         BLOCK_S=max(16, min(64, triton.next_power_of_2(geometry.select_len))))
     return op, lp, splits
 
@@ -186,6 +185,7 @@ def _window(base: dict, dims: dict, kv, window: int):
     op, lp = _partials(B * S * HQ, splits, dims["DV"], device)
     nsa_decode_window_kernel[(programs, splits)](
         **base, **dims, **strides, K=k, V=v, KPOS=kpos, OP=op, LP=lp, n_rows=k.shape[1], skp_b=kpos.stride(0),
-        WINDOW=window, ROW_IS_POSITION=by_position, CHUNK=triton.cdiv(triton.cdiv(span, splits), block_s) * block_s,
-        HEADS=_pow2(base["G"]), BLOCK_S=block_s)
+        WINDOW_SIZE=window, ROW_IS_POSITION=by_position,
+        SPLIT_ROWS=triton.cdiv(triton.cdiv(span, splits), block_s) * block_s,
+        HEADS=pow2(base["G"], 16), BLOCK_S=block_s)
     return op, lp, splits

@@ -22,8 +22,8 @@ import triton.language as tl
 
 from .bitonic import bitonic_merge, sort_rows
 from .nsa_decode_kernels import _attend, _store_partial, merged_lse
-from .range_attention import _load_rows
 from .select_blocks import _merge_chunk, _overlap_weights
+from .tile_loads import load_rows
 
 TOKENS = 16  # stacked tokens of the scoring kernel (its tl.dot needs 16): the most queries per sequence and launch
 
@@ -56,7 +56,7 @@ def nsa_decode_compressed_kernel(Q, POS, KC, VC, OP, LP, H, G, S,
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     tok, g, row_ok, hq, nvis = _stacked_rows(POS, b, h, G, S, TOKENS_ATT, HEADS, BLOCK_LEN, STRIDE)
-    q = _load_rows(Q + b * sq_b + tok.to(tl.int64)[:, None] * sq_s + hq[:, None] * sq_h + offs_dk[None, :], row_ok,
+    q = load_rows(Q + b * sq_b + tok.to(tl.int64)[:, None] * sq_s + hq[:, None] * sq_h + offs_dk[None, :], row_ok,
                    offs_dk, DK, BLOCK_DK, True)
     acc = tl.zeros([TOKENS_ATT * HEADS, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([TOKENS_ATT * HEADS], dtype=tl.float32)
@@ -90,7 +90,7 @@ def nsa_decode_scores_kernel(Q, POS, KC, LP, TOPS, H, G, S, sq_b, sq_s, sq_h, sk
     h = (pid % H).to(tl.int64)
     offs_dk = tl.arange(0, BLOCK_DK)
     tok, g, row_ok, hq, nvis = _stacked_rows(POS, b, h, G, S, TOKENS, HEADS, BLOCK_LEN, STRIDE)
-    q = _load_rows(Q + b * sq_b + tok.to(tl.int64)[:, None] * sq_s + hq[:, None] * sq_h + offs_dk[None, :], row_ok,
+    q = load_rows(Q + b * sq_b + tok.to(tl.int64)[:, None] * sq_s + hq[:, None] * sq_h + offs_dk[None, :], row_ok,
                    offs_dk, DK, BLOCK_DK, True)
     lse2 = merged_lse(LP, (b * S + tok) * H * G + hq, row_ok, SPLITS, SPLITS_P2)
     lse0 = tl.where(row_ok, lse2, float("inf"))  # padded rows: probability 0

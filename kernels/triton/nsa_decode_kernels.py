@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .range_attention import _load_rows, _store_rows
+from .tile_loads import load_rows, store_rows
 
 
 @triton.jit
@@ -34,8 +34,8 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, rows, row_ok, visible, stride_ks, 
     """One online-softmax step (log2 domain) of query rows ``q [M, BLOCK_DK]`` over key rows ``rows`` (those with
     ``row_ok`` are read) where ``visible`` (broadcast to ``[M, len(rows)]``)."""
     r64 = rows.to(tl.int64)
-    k = _load_rows(k_base + r64[:, None] * stride_ks + offs_dk[None, :], row_ok, offs_dk, DK, BLOCK_DK, True)
-    v = _load_rows(v_base + r64[:, None] * stride_vs + offs_dv[None, :], row_ok, offs_dv, DV, BLOCK_DV, True)
+    k = load_rows(k_base + r64[:, None] * stride_ks + offs_dk[None, :], row_ok, offs_dk, DK, BLOCK_DK, True)
+    v = load_rows(v_base + r64[:, None] * stride_vs + offs_dv[None, :], row_ok, offs_dv, DV, BLOCK_DV, True)
     qk = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet: no -inf - -inf
@@ -73,7 +73,7 @@ def _group_rows(Q, POS, pid_row, H, G, S, sq_b, sq_s, sq_h, offs_dk, DK: tl.cons
     row_ok = g < G
     hq = (h * G + g).to(tl.int64)
     t = tl.load(POS + bs.to(tl.int64))
-    q = _load_rows(Q + b.to(tl.int64) * sq_b + s.to(tl.int64) * sq_s + hq[:, None] * sq_h + offs_dk[None, :],
+    q = load_rows(Q + b.to(tl.int64) * sq_b + s.to(tl.int64) * sq_s + hq[:, None] * sq_h + offs_dk[None, :],
                    row_ok, offs_dk, DK, BLOCK_DK, True)
     return b.to(tl.int64), h.to(tl.int64), t, bs.to(tl.int64) * H * G + hq, row_ok, q
 
@@ -84,7 +84,7 @@ def _store_partial(OP, LP, acc, l_i, m_i, out_rows, row_ok, split, offs_dv, DV: 
     """Partial ``o`` (``OP [rows, splits, DV]``) and log2-domain ``lse`` (``LP [rows, splits]``) of one split."""
     splits = tl.num_programs(1)
     o, lse2 = _finish(acc, l_i, m_i)
-    _store_rows(OP + (out_rows * splits + split)[:, None] * DV + offs_dv[None, :], o, row_ok, offs_dv, DV, BLOCK_DV)
+    store_rows(OP + (out_rows * splits + split)[:, None] * DV + offs_dv[None, :], o, row_ok, offs_dv, DV, BLOCK_DV)
     tl.store(LP + out_rows * splits + split, lse2, mask=row_ok)
 
 
@@ -119,7 +119,8 @@ def nsa_decode_selected_kernel(Q, POS, K, V, IDX, OP, LP, H, G, S,
 @triton.jit
 def nsa_decode_window_kernel(Q, POS, K, V, KPOS, OP, LP, H, G, S, n_rows,
                              sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, skp_b,
-                             qk_scale, WINDOW: tl.constexpr, ROW_IS_POSITION: tl.constexpr, CHUNK: tl.constexpr,
+                             qk_scale, WINDOW_SIZE: tl.constexpr, ROW_IS_POSITION: tl.constexpr,
+                             SPLIT_ROWS: tl.constexpr,
                              DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                              HEADS: tl.constexpr, BLOCK_S: tl.constexpr, PREC: tl.constexpr):
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -129,13 +130,13 @@ def nsa_decode_window_kernel(Q, POS, K, V, KPOS, OP, LP, H, G, S, n_rows,
     split = tl.program_id(1)
     b, h, t, out_rows, row_ok, q = _group_rows(Q, POS, pid, H, G, S, sq_b, sq_s, sq_h, offs_dk, DK, BLOCK_DK, HEADS)
     if ROW_IS_POSITION:  # rows are positions: only the window's own rows
-        lo = tl.maximum(t - WINDOW + 1, 0)
+        lo = tl.maximum(t - WINDOW_SIZE + 1, 0)
         hi = t + 1
     else:  # a ring and the step's tokens, in any order: every row, masked by its position
         lo = t * 0
         hi = t * 0 + n_rows
-    r0 = lo + split * CHUNK
-    r1 = tl.minimum(r0 + CHUNK, hi)
+    r0 = lo + split * SPLIT_ROWS
+    r1 = tl.minimum(r0 + SPLIT_ROWS, hi)
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
     acc, l_i, m_i = _empty_state(HEADS, BLOCK_DV)
@@ -146,7 +147,7 @@ def nsa_decode_window_kernel(Q, POS, K, V, KPOS, OP, LP, H, G, S, n_rows,
             kp = rows
         else:
             kp = tl.load(KPOS + b * skp_b + rows, mask=ok, other=-1)
-        visible = ok & (kp >= 0) & (kp <= t) & (kp > t - WINDOW)
+        visible = ok & (kp >= 0) & (kp <= t) & (kp > t - WINDOW_SIZE)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, rows, ok, visible[None, :], sk_s, sv_s, qk_scale,
                                 offs_dk, offs_dv, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
     _store_partial(OP, LP, acc, l_i, m_i, out_rows, row_ok, split, offs_dv, DV, BLOCK_DV)
@@ -154,7 +155,8 @@ def nsa_decode_window_kernel(Q, POS, K, V, KPOS, OP, LP, H, G, S, n_rows,
 
 @triton.jit
 def _split_lses(LP, rows, ok, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
-    """The splits' log2-domain ``lse`` of ``rows`` (``LP [rows, SPLITS]``), ``[BR, SPLITS_P2]`` padded with -inf."""
+    """The splits' log2-domain ``lse`` of ``rows`` (``LP [rows, SPLITS]``), ``[BLOCK_R, SPLITS_P2]`` padded with
+    -inf."""
     offs_k = tl.arange(0, SPLITS_P2)
     return tl.load(LP + rows[:, None] * SPLITS + offs_k[None, :], mask=ok[:, None] & (offs_k < SPLITS)[None, :],
                    other=float("-inf"))
@@ -162,7 +164,7 @@ def _split_lses(LP, rows, ok, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
 
 @triton.jit
 def _safe_max(lse):
-    """The largest ``lse`` of each row of ``lse [BR, K]``, 0 where all are -inf."""
+    """The largest ``lse`` of each row of ``lse [BLOCK_R, K]``, 0 where all are -inf."""
     m = tl.max(lse, 1)
     return tl.where(m == float("-inf"), 0.0, m)
 
@@ -178,14 +180,14 @@ def merged_lse(LP, rows, ok, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
 
 @triton.jit
 def _merge_partials(OP, LP, rows, ok, offs_dv, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, DV: tl.constexpr):
-    """fp32 ``[BR, BLOCK_DV]``: the splits' partial outputs of ``rows`` (``OP [rows, SPLITS, DV]``) weighted by
+    """fp32 ``[BLOCK_R, BLOCK_DV]``: the splits' partial outputs of ``rows`` (``OP [rows, SPLITS, DV]``) weighted by
     ``exp2(lse_k)`` (0 where no split saw a key), one split at a time."""
     m = _safe_max(_split_lses(LP, rows, ok, SPLITS, SPLITS_P2))
     o = tl.zeros([rows.shape[0], offs_dv.shape[0]], dtype=tl.float32)
     denom = tl.zeros([rows.shape[0]], dtype=tl.float32)
     for k in range(0, SPLITS):
         w = tl.exp2(tl.load(LP + rows * SPLITS + k, mask=ok, other=float("-inf")) - m)
-        o += w[:, None] * _load_rows(OP + (rows * SPLITS + k)[:, None] * DV + offs_dv[None, :], ok, offs_dv, DV,
+        o += w[:, None] * load_rows(OP + (rows * SPLITS + k)[:, None] * DV + offs_dv[None, :], ok, offs_dv, DV,
                                      offs_dv.shape[0], True)
         denom += w
     return o / tl.where(denom == 0.0, 1.0, denom)[:, None]
@@ -195,8 +197,8 @@ def _merge_partials(OP, LP, rows, ok, offs_dv, SPLITS: tl.constexpr, SPLITS_P2: 
 def nsa_decode_combine_kernel(OPC, LPC, OPS, LPS, OPW, LPW, GATES, O, n_rows, DV: tl.constexpr,
                               BLOCK_DV: tl.constexpr, SPLITS_C: tl.constexpr, SPLITS_C_P2: tl.constexpr,
                               SPLITS_S: tl.constexpr, SPLITS_S_P2: tl.constexpr, SPLITS_W: tl.constexpr,
-                              SPLITS_W_P2: tl.constexpr, HAS_WINDOW: tl.constexpr, BR: tl.constexpr):
-    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+                              SPLITS_W_P2: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_R: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     ok = rows < n_rows
     offs_dv = tl.arange(0, BLOCK_DV)
     gate = GATES + rows * 3
@@ -207,4 +209,4 @@ def nsa_decode_combine_kernel(OPC, LPC, OPS, LPS, OPW, LPW, GATES, O, n_rows, DV
     if HAS_WINDOW:
         o += tl.load(gate + 2, mask=ok, other=0.0)[:, None] * _merge_partials(OPW, LPW, rows, ok, offs_dv, SPLITS_W,
                                                                               SPLITS_W_P2, DV)
-    _store_rows(O + rows[:, None] * DV + offs_dv[None, :], o.to(O.dtype.element_ty), ok, offs_dv, DV, BLOCK_DV)
+    store_rows(O + rows[:, None] * DV + offs_dv[None, :], o.to(O.dtype.element_ty), ok, offs_dv, DV, BLOCK_DV)

@@ -47,13 +47,13 @@ import triton
 import triton.language as tl
 
 from .delta import attention_delta
-from .tile_loads import load_tile, tile_row
-from .utils import host_table_to, kernel_dtype, new_output, query_tile_table, stride_args, tile_table
+from .tile_loads import load_rows, load_tile, store_rows, tile_row
+from .utils import (LOG2E, dot_precision, host_table_to, kernel_dtype, new_output, pow2, query_tile_table,
+                    stride_args, tile_table)
 
 WINDOW = 0
 COMPRESSED = 1
 
-LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,12 +61,12 @@ LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _visible_rows(kr, k_start, cmp_start, MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr,
+def _visible_rows(kr, k_start, cmp_start, MODE: tl.constexpr, WINDOW_SIZE: tl.constexpr, BLOCK_LEN: tl.constexpr,
                   STRIDE: tl.constexpr):
     """``[lo, hi)``: the key rows a query sees whose own position is raw key row ``kr`` (scalar or tensor,
     ``t + koff``) of the key segment starting at row ``k_start``."""
     if MODE == 0:
-        lo = tl.maximum(kr - WINDOW + 1, k_start)
+        lo = tl.maximum(kr - WINDOW_SIZE + 1, k_start)
         hi = kr + 1
     else:
         p = kr - k_start
@@ -77,14 +77,14 @@ def _visible_rows(kr, k_start, cmp_start, MODE: tl.constexpr, WINDOW: tl.constex
 
 
 @triton.jit
-def _seeing_queries(s, q_start, q_end, k_start, koff, cmp_start, MODE: tl.constexpr, WINDOW: tl.constexpr,
+def _seeing_queries(s, q_start, q_end, k_start, koff, cmp_start, MODE: tl.constexpr, WINDOW_SIZE: tl.constexpr,
                     BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr):
     """``[qlo, qhi)``: the query tokens (rows of q) that see key row ``s`` of their key segment: the inverse of
     :func:`_visible_rows` (query row ``t`` has position row ``t + koff``), clipped to ``[q_start, q_end)``; empty
     (``qhi <= qlo``) when no query of the segment sees it."""
     if MODE == 0:
         qlo = tl.maximum(s - koff, q_start)
-        qhi = tl.minimum(s - koff + WINDOW, q_end)
+        qhi = tl.minimum(s - koff + WINDOW_SIZE, q_end)
     else:
         qlo = tl.maximum(k_start - koff + (s - cmp_start) * STRIDE + BLOCK_LEN - 1, q_start)
         qhi = q_end + 0 * s
@@ -98,30 +98,6 @@ def _split_range(u0, u1, i0, i1, STEP: tl.constexpr):
     a = tl.minimum(u0 + tl.cdiv(tl.maximum(i0 - u0, 0), STEP) * STEP, u1)
     b = a + tl.maximum(i1 - a, 0) // STEP * STEP
     return a, b
-
-
-@triton.jit
-def _load_rows(ptrs, row_ok, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_MASK: tl.constexpr):
-    """Load a ``[rows, BLOCK_D]`` tile; masked rows and padded columns read 0."""
-    if ROW_MASK:
-        if D == BLOCK_D:
-            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-        else:
-            x = tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    else:
-        if D == BLOCK_D:
-            x = tl.load(ptrs)
-        else:
-            x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
-    return x
-
-
-@triton.jit
-def _store_rows(ptrs, x, row_ok, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    if D == BLOCK_D:
-        tl.store(ptrs, x, mask=row_ok[:, None])
-    else:
-        tl.store(ptrs, x, mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
@@ -151,8 +127,8 @@ def _key_tile_scores(q, k_base, v_base, s_start, stride_ks, stride_vs, kv_end, l
     s = s_start + offs_s
     s64 = s.to(tl.int64)
     kv_ok = s < kv_end
-    k = _load_rows(k_base + s64[:, None] * stride_ks + offs_dk[None, :], kv_ok, offs_dk, DK, BLOCK_DK, MASKED)
-    v = _load_rows(v_base + s64[:, None] * stride_vs + offs_dv[None, :], kv_ok, offs_dv, DV, BLOCK_DV, MASKED)
+    k = load_rows(k_base + s64[:, None] * stride_ks + offs_dk[None, :], kv_ok, offs_dk, DK, BLOCK_DK, MASKED)
+    v = load_rows(v_base + s64[:, None] * stride_vs + offs_dv[None, :], kv_ok, offs_dv, DV, BLOCK_DV, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     if MASKED:
         vis = (s[None, :] >= lo[:, None]) & (s[None, :] < hi[:, None])
@@ -181,7 +157,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_lo, s_hi, stride_ks, stride_v
 
 
 @triton.jit
-def _query_tile(TILES, n_tiles, BHC, H, NGC, REVERSE: tl.constexpr, MODE: tl.constexpr, WINDOW: tl.constexpr,
+def _query_tile(TILES, n_tiles, BHC, H, NGC, REVERSE: tl.constexpr, MODE: tl.constexpr, WINDOW_SIZE: tl.constexpr,
                 BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr, G: tl.constexpr, GB: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
     """This program's rows (``BLOCK_T`` tokens x ``GB`` heads of one KV head) and the key rows they visit.
@@ -196,10 +172,10 @@ def _query_tile(TILES, n_tiles, BHC, H, NGC, REVERSE: tl.constexpr, MODE: tl.con
     t = t0 + offs_m // GB
     g = gc * GB + offs_m % GB
     row_ok = (t < q_end) & (g < G)
-    lo, hi = _visible_rows(t + koff, k_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+    lo, hi = _visible_rows(t + koff, k_start, cmp_start, MODE, WINDOW_SIZE, BLOCK_LEN, STRIDE)
     t_last = tl.minimum(t0 + BLOCK_T, q_end) - 1
-    u0, i1 = _visible_rows(t0 + koff, k_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
-    i0, u1 = _visible_rows(t_last + koff, k_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+    u0, i1 = _visible_rows(t0 + koff, k_start, cmp_start, MODE, WINDOW_SIZE, BLOCK_LEN, STRIDE)
+    i0, u1 = _visible_rows(t_last + koff, k_start, cmp_start, MODE, WINDOW_SIZE, BLOCK_LEN, STRIDE)
     u1 = tl.maximum(u1, u0)
     a, bnd = _split_range(u0, u1, i0, i1, BLOCK_S)
     return (b.to(tl.int64), h.to(tl.int64), t.to(tl.int64), (h * G + g).to(tl.int64), row_ok, lo, hi, u0, u1,
@@ -210,7 +186,7 @@ def _query_tile(TILES, n_tiles, BHC, H, NGC, REVERSE: tl.constexpr, MODE: tl.con
 def range_attention_fwd_kernel(Q, K, V, O, LSE, TILES, n_tiles, BHC, H, T,
                                sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_t, so_h,
                                qk_scale,
-                               MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr,
+                               MODE: tl.constexpr, WINDOW_SIZE: tl.constexpr, BLOCK_LEN: tl.constexpr,
                                STRIDE: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, NGC: tl.constexpr,
                                BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
@@ -223,9 +199,9 @@ def range_attention_fwd_kernel(Q, K, V, O, LSE, TILES, n_tiles, BHC, H, T,
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     b64, h64, t64, hq64, row_ok, lo, hi, u0, u1, a, bnd = _query_tile(
-        TILES, n_tiles, BHC, H, NGC, REVERSE, MODE, WINDOW, BLOCK_LEN, STRIDE, G, GB, BLOCK_T, BLOCK_S)
+        TILES, n_tiles, BHC, H, NGC, REVERSE, MODE, WINDOW_SIZE, BLOCK_LEN, STRIDE, G, GB, BLOCK_T, BLOCK_S)
 
-    q = _load_rows(Q + b64 * sq_b + t64[:, None] * sq_t + hq64[:, None] * sq_h + offs_dk[None, :], row_ok,
+    q = load_rows(Q + b64 * sq_b + t64[:, None] * sq_t + hq64[:, None] * sq_h + offs_dk[None, :], row_ok,
                    offs_dk, DK, BLOCK_DK, True)
 
     k_base = K + b64 * sk_b + h64 * sk_h
@@ -245,7 +221,7 @@ def range_attention_fwd_kernel(Q, K, V, O, LSE, TILES, n_tiles, BHC, H, T,
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    _store_rows(O + b64 * so_b + t64[:, None] * so_t + hq64[:, None] * so_h + offs_dv[None, :],
+    store_rows(O + b64 * so_b + t64[:, None] * so_t + hq64[:, None] * so_h + offs_dv[None, :],
                 o.to(O.dtype.element_ty), row_ok, offs_dv, DV, BLOCK_DV)
     tl.store(LSE + (b64 * T + t64) * (H * G) + hq64, lse, mask=row_ok)
 
@@ -283,7 +259,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, s_lo, s_hi, stride_ks, str
 def range_attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TILES, n_tiles, BHC, H, T,
                                   sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_t, sdo_h,
                                   sdq_b, sdq_t, sdq_h, qk_scale, scale,
-                                  MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr,
+                                  MODE: tl.constexpr, WINDOW_SIZE: tl.constexpr, BLOCK_LEN: tl.constexpr,
                                   STRIDE: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, NGC: tl.constexpr,
                                   BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, DK: tl.constexpr,
                                   DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -295,11 +271,11 @@ def range_attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TILES, n_tiles, B
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     b64, h64, t64, hq64, row_ok, lo, hi, u0, u1, a, bnd = _query_tile(
-        TILES, n_tiles, BHC, H, NGC, REVERSE, MODE, WINDOW, BLOCK_LEN, STRIDE, G, GB, BLOCK_T, BLOCK_S)
+        TILES, n_tiles, BHC, H, NGC, REVERSE, MODE, WINDOW_SIZE, BLOCK_LEN, STRIDE, G, GB, BLOCK_T, BLOCK_S)
 
-    q = _load_rows(Q + b64 * sq_b + t64[:, None] * sq_t + hq64[:, None] * sq_h + offs_dk[None, :], row_ok,
+    q = load_rows(Q + b64 * sq_b + t64[:, None] * sq_t + hq64[:, None] * sq_h + offs_dk[None, :], row_ok,
                    offs_dk, DK, BLOCK_DK, True)
-    do = _load_rows(DO + b64 * sdo_b + t64[:, None] * sdo_t + hq64[:, None] * sdo_h + offs_dv[None, :], row_ok,
+    do = load_rows(DO + b64 * sdo_b + t64[:, None] * sdo_t + hq64[:, None] * sdo_h + offs_dv[None, :], row_ok,
                     offs_dv, DV, BLOCK_DV, True)
     lse2, delta = _load_lse2(LSE, DELTA, (b64 * T + t64) * (H * G) + hq64, row_ok)
 
@@ -313,14 +289,14 @@ def range_attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TILES, n_tiles, B
                    offs_dv, False, BLOCK_S, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bnd, u1, sk_s, sv_s, u1, lo, hi, qk_scale, offs_s, offs_dk,
                    offs_dv, True, BLOCK_S, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
-    _store_rows(DQ + b64 * sdq_b + t64[:, None] * sdq_t + hq64[:, None] * sdq_h + offs_dk[None, :],
+    store_rows(DQ + b64 * sdq_b + t64[:, None] * sdq_t + hq64[:, None] * sdq_h + offs_dk[None, :],
                 (dq * scale).to(DQ.dtype.element_ty), row_ok, offs_dk, DK, BLOCK_DK)
 
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, t_lo, t_hi, q_end, koff, k_start,
                 cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk, offs_dv,
-                MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
+                MODE: tl.constexpr, WINDOW_SIZE: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
                 G: tl.constexpr, MASKED: tl.constexpr, BLOCK_TQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
     """The dK/dV pass's query loop over the ``BLOCK_TQ``-token query tiles starting in ``[t_lo, t_hi)``: the key
@@ -330,14 +306,14 @@ def _dkdv_inner(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, t
         t = t_start + tq
         row_ok = (t < q_end) & g_ok
         t64 = t.to(tl.int64)
-        q = _load_rows(Q + b64 * sq_b + t64[:, None] * sq_t + hq64[:, None] * sq_h + offs_dk[None, :], row_ok,
+        q = load_rows(Q + b64 * sq_b + t64[:, None] * sq_t + hq64[:, None] * sq_h + offs_dk[None, :], row_ok,
                        offs_dk, DK, BLOCK_DK, True)
-        do = _load_rows(DO + b64 * sdo_b + t64[:, None] * sdo_t + hq64[:, None] * sdo_h + offs_dv[None, :], row_ok,
+        do = load_rows(DO + b64 * sdo_b + t64[:, None] * sdo_t + hq64[:, None] * sdo_h + offs_dv[None, :], row_ok,
                         offs_dv, DV, BLOCK_DV, True)
         lse2, delta = _load_lse2(LSE, DELTA, (b64 * T + t64) * (H * G) + hq64, row_ok)
         qk_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_S, BLOCK_M]
         if MASKED:
-            lo, hi = _visible_rows(t + koff, k_start, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+            lo, hi = _visible_rows(t + koff, k_start, cmp_start, MODE, WINDOW_SIZE, BLOCK_LEN, STRIDE)
             vis = (s[:, None] >= lo[None, :]) & (s[:, None] < hi[None, :])
             qk_t = tl.where(vis, qk_t, float("-inf"))
         p_t = tl.exp2(qk_t - lse2[None, :])
@@ -362,21 +338,21 @@ def _key_rows_end(q_start, q_end, cmp_start, k_start, shift, MODE: tl.constexpr,
 
 
 @triton.jit
-def _store_kv_grads(DK_, DV_, dk, dv, b64, h64, s64, s_ok, sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, scale,
+def _store_kv_grads(DK_OUT, DV_OUT, dk, dv, b64, h64, s64, s_ok, sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, scale,
                     offs_dk, offs_dv, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
                     BLOCK_DV: tl.constexpr):
     """Store fp32 accumulators ``dk * scale`` and ``dv`` into rows ``s64`` of the gradient tensors."""
-    _store_rows(DK_ + b64 * sdk_b + h64 * sdk_h + s64[:, None] * sdk_s + offs_dk[None, :],
-                (dk * scale).to(DK_.dtype.element_ty), s_ok, offs_dk, DK, BLOCK_DK)
-    _store_rows(DV_ + b64 * sdv_b + h64 * sdv_h + s64[:, None] * sdv_s + offs_dv[None, :],
-                dv.to(DV_.dtype.element_ty), s_ok, offs_dv, DV, BLOCK_DV)
+    store_rows(DK_OUT + b64 * sdk_b + h64 * sdk_h + s64[:, None] * sdk_s + offs_dk[None, :],
+                (dk * scale).to(DK_OUT.dtype.element_ty), s_ok, offs_dk, DK, BLOCK_DK)
+    store_rows(DV_OUT + b64 * sdv_b + h64 * sdv_h + s64[:, None] * sdv_s + offs_dv[None, :],
+                dv.to(DV_OUT.dtype.element_ty), s_ok, offs_dv, DV, BLOCK_DV)
 
 
 @triton.jit
-def range_attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, ITEMS, n_items, BH, H, T,
+def range_attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, ITEMS, n_items, BH, H, T,
                                     sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_t, sdo_h,
                                     sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, qk_scale, scale,
-                                    MODE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_LEN: tl.constexpr,
+                                    MODE: tl.constexpr, WINDOW_SIZE: tl.constexpr, BLOCK_LEN: tl.constexpr,
                                     STRIDE: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, NGC: tl.constexpr,
                                     BLOCK_TQ: tl.constexpr, BLOCK_S: tl.constexpr, DK: tl.constexpr,
                                     DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -385,8 +361,8 @@ def range_attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, ITEMS, n_
 
     One program per (work item, batch x KV head): the item's ``BLOCK_S`` key rows against the query tokens
     ``[q_lo, q_hi)`` of their seeing range. ``PARTIAL``: store the unscaled fp32 sums in the item's slot of
-    ``DK_``/``DV_`` (``[n_items * BH, BLOCK_S, BLOCK_D]``, summed by ``range_attention_bwd_reduce_kernel``), else the
-    final ``dk``/``dv`` rows."""
+    ``DK_OUT``/``DV_OUT`` (``[n_items * BH, BLOCK_S, BLOCK_D]``, summed by
+    ``range_attention_bwd_reduce_kernel``), else the final ``dk``/``dv`` rows."""
     BLOCK_M: tl.constexpr = BLOCK_TQ * GB
     item, b, h, _ = _program_ids(n_items, BH, H, 1, False)
     row = ITEMS + item * 8  # the key tile's row, then q_lo, q_hi (see dkdv_work_items)
@@ -405,14 +381,14 @@ def range_attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, ITEMS, n_
     s64 = s.to(tl.int64)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    k = _load_rows(K + b64 * sk_b + h64 * sk_h + s64[:, None] * sk_s + offs_dk[None, :], s_ok, offs_dk, DK,
+    k = load_rows(K + b64 * sk_b + h64 * sk_h + s64[:, None] * sk_s + offs_dk[None, :], s_ok, offs_dk, DK,
                    BLOCK_DK, True)
-    v = _load_rows(V + b64 * sv_b + h64 * sv_h + s64[:, None] * sv_s + offs_dv[None, :], s_ok, offs_dv, DV,
+    v = load_rows(V + b64 * sv_b + h64 * sv_h + s64[:, None] * sv_s + offs_dv[None, :], s_ok, offs_dv, DV,
                    BLOCK_DV, True)
 
     s_last = tl.minimum(s0 + BLOCK_S, s_end) - 1
-    u0, i1 = _seeing_queries(s0, q_start, q_end, k_start, koff, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
-    i0, u1 = _seeing_queries(s_last, q_start, q_end, k_start, koff, cmp_start, MODE, WINDOW, BLOCK_LEN, STRIDE)
+    u0, i1 = _seeing_queries(s0, q_start, q_end, k_start, koff, cmp_start, MODE, WINDOW_SIZE, BLOCK_LEN, STRIDE)
+    i0, u1 = _seeing_queries(s_last, q_start, q_end, k_start, koff, cmp_start, MODE, WINDOW_SIZE, BLOCK_LEN, STRIDE)
     # the item's share of the queries: clamp the union and the intersection of the rows' ranges
     u0 = tl.maximum(u0, q_lo)
     u1 = tl.maximum(tl.minimum(u1, q_hi), u0)
@@ -427,25 +403,25 @@ def range_attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, ITEMS, n_
         hq64 = (h * G + g).to(tl.int64)
         # boundary tiles [u0, a) masked, interior tiles [a, bnd) unmasked, boundary tiles [bnd, u1) masked
         dk, dv = _dkdv_inner(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, u0, a, u1, koff, k_start,
-                             cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk, offs_dv, MODE, WINDOW,
-                             BLOCK_LEN, STRIDE, G, True, BLOCK_TQ, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+                             cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk, offs_dv, MODE,
+                             WINDOW_SIZE, BLOCK_LEN, STRIDE, G, True, BLOCK_TQ, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
         dk, dv = _dkdv_inner(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, a, bnd, u1, koff, k_start,
-                             cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk, offs_dv, MODE, WINDOW,
-                             BLOCK_LEN, STRIDE, G, False, BLOCK_TQ, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+                             cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk, offs_dv, MODE,
+                             WINDOW_SIZE, BLOCK_LEN, STRIDE, G, False, BLOCK_TQ, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
         dk, dv = _dkdv_inner(dk, dv, k, v, s, Q, DO, LSE, DELTA, b64, T, H, hq64, g_ok, tq, bnd, u1, u1, koff, k_start,
-                             cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk, offs_dv, MODE, WINDOW,
-                             BLOCK_LEN, STRIDE, G, True, BLOCK_TQ, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
+                             cmp_start, sq_b, sq_t, sq_h, sdo_b, sdo_t, sdo_h, qk_scale, offs_dk, offs_dv, MODE,
+                             WINDOW_SIZE, BLOCK_LEN, STRIDE, G, True, BLOCK_TQ, DK, DV, BLOCK_DK, BLOCK_DV, PREC)
     if PARTIAL:
         slot = (item * BH + b * H + h).to(tl.int64) * BLOCK_S + offs_s
-        tl.store(DK_ + slot[:, None] * BLOCK_DK + offs_dk[None, :], dk)
-        tl.store(DV_ + slot[:, None] * BLOCK_DV + offs_dv[None, :], dv)
+        tl.store(DK_OUT + slot[:, None] * BLOCK_DK + offs_dk[None, :], dk)
+        tl.store(DV_OUT + slot[:, None] * BLOCK_DV + offs_dv[None, :], dv)
     else:
-        _store_kv_grads(DK_, DV_, dk, dv, b64, h64, s64, s_ok, sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, scale,
+        _store_kv_grads(DK_OUT, DV_OUT, dk, dv, b64, h64, s64, s_ok, sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, scale,
                         offs_dk, offs_dv, DK, DV, BLOCK_DK, BLOCK_DV)
 
 
 @triton.jit
-def range_attention_bwd_reduce_kernel(PK, PV, DK_, DV_, KTILES, TILE_ITEMS, BH, H,
+def range_attention_bwd_reduce_kernel(PK, PV, DK_OUT, DV_OUT, KTILES, TILE_ITEMS, BH, H,
                                       sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, scale,
                                       BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr, BLOCK_S: tl.constexpr,
                                       DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
@@ -470,7 +446,7 @@ def range_attention_bwd_reduce_kernel(PK, PV, DK_, DV_, KTILES, TILE_ITEMS, BH, 
     s = s0 + offs_s
     s_ok = s < s_end
     s64 = s.to(tl.int64)
-    _store_kv_grads(DK_, DV_, dk, dv, b64, h64, s64, s_ok, sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, scale,
+    _store_kv_grads(DK_OUT, DV_OUT, dk, dv, b64, h64, s64, s_ok, sdk_b, sdk_s, sdk_h, sdv_b, sdv_s, sdv_h, scale,
                     offs_dk, offs_dv, DK, DV, BLOCK_DK, BLOCK_DV)
 
 
@@ -506,10 +482,6 @@ CONFIG_OVERRIDE: Optional[dict] = None
 #: Compressed dK/dV: query tokens per work item (at least), and at most this many items per key tile.
 DKDV_QUERY_CHUNK = 4096
 DKDV_MAX_CHUNKS = 16
-
-
-def _pow2(x: int, least: int = 16) -> int:
-    return max(least, triton.next_power_of_2(x))
 
 
 def pick_config(geom: RangeGeometry, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16) -> RangeConfig:
@@ -556,12 +528,6 @@ def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: exact IEEE dots. tf32x3 compiled, but on Triton 3.6 (H100) the dq kernel built with it
-    # faulted with an illegal memory access (2026-11-23); half inputs ignore this setting.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _qkv_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
     """The batch, row and head strides of ``q``, ``k`` and ``v`` as the kernels' keyword arguments."""
     return dict(**stride_args(q, "sq_b", "sq_t", "sq_h"), **stride_args(k, "sk_b", "sk_s", "sk_h"),
@@ -570,8 +536,8 @@ def _qkv_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
 
 def _mode_constexprs(geom: RangeGeometry) -> dict:
     if geom.mode == WINDOW:
-        return dict(MODE=WINDOW, WINDOW=geom.window, BLOCK_LEN=1, STRIDE=1)
-    return dict(MODE=COMPRESSED, WINDOW=1, BLOCK_LEN=geom.block_len, STRIDE=geom.stride)
+        return dict(MODE=WINDOW, WINDOW_SIZE=geom.window, BLOCK_LEN=1, STRIDE=1)
+    return dict(MODE=COMPRESSED, WINDOW_SIZE=1, BLOCK_LEN=geom.block_len, STRIDE=geom.stride)
 
 
 def key_tile_table(geom: RangeGeometry, cu_seqlens: Optional[torch.Tensor], seq_len: int, block_s: int,
@@ -632,8 +598,8 @@ def range_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
     range_attention_fwd_kernel[(n_tiles * bhc,)](
         Q=q, K=k, V=v, O=o, LSE=lse, TILES=tiles, n_tiles=n_tiles, BHC=bhc, H=H, T=T, **_qkv_strides(q, k, v),
         **stride_args(o, "so_b", "so_t", "so_h"), qk_scale=scale * LOG2E, **_mode_constexprs(geom), G=G, GB=gb,
-        NGC=ngc, BLOCK_T=block_t, BLOCK_S=cfg.fwd_keys, DK=Dk, DV=Dv, BLOCK_DK=_pow2(Dk), BLOCK_DV=_pow2(Dv),
-        PREC=_dot_precision(q.dtype), REVERSE=geom.mode == COMPRESSED, num_warps=cfg.fwd_warps,
+        NGC=ngc, BLOCK_T=block_t, BLOCK_S=cfg.fwd_keys, DK=Dk, DV=Dv, BLOCK_DK=pow2(Dk, 16), BLOCK_DV=pow2(Dv, 16),
+        PREC=dot_precision(q.dtype), REVERSE=geom.mode == COMPRESSED, num_warps=cfg.fwd_warps,
         num_stages=cfg.fwd_stages)
     return o, lse, tiles
 
@@ -652,7 +618,7 @@ def range_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
-    bdk, bdv, prec = _pow2(Dk), _pow2(Dv), _dot_precision(q.dtype)
+    bdk, bdv, prec = pow2(Dk, 16), pow2(Dv, 16), dot_precision(q.dtype)
     modes = _mode_constexprs(geom)
     qkv_strides = _qkv_strides(q, k, v)
     kv_grad_strides = dict(**stride_args(dk, "sdk_b", "sdk_s", "sdk_h"),
@@ -686,14 +652,14 @@ def range_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         dk_out, dv_out = dk, dv
     gb2, block_tq, ngc2 = _group_split(G, cfg.dkdv_rows)
     range_attention_bwd_dkdv_kernel[(items.shape[0] * B * H,)](
-        Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DK_=dk_out, DV_=dv_out, ITEMS=host_table_to(items, q.device),
+        Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DK_OUT=dk_out, DV_OUT=dv_out, ITEMS=host_table_to(items, q.device),
         n_items=items.shape[0], BH=B * H, H=H, T=T, **qkv_strides, **stride_args(do, "sdo_b", "sdo_t", "sdo_h"),
         **kv_grad_strides, qk_scale=scale * LOG2E, scale=scale, **modes, G=G, GB=gb2, NGC=ngc2, BLOCK_TQ=block_tq,
         BLOCK_S=cfg.dkdv_keys, DK=Dk, DV=Dv, BLOCK_DK=bdk, BLOCK_DV=bdv, PREC=prec, PARTIAL=partial,
         num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages)
     if partial:
         range_attention_bwd_reduce_kernel[(k_tiles.shape[0], B * H)](
-            PK=dk_out, PV=dv_out, DK_=dk, DV_=dv, KTILES=host_table_to(k_tiles, q.device),
+            PK=dk_out, PV=dv_out, DK_OUT=dk, DV_OUT=dv, KTILES=host_table_to(k_tiles, q.device),
             TILE_ITEMS=host_table_to(tile_items, q.device), BH=B * H, H=H, **kv_grad_strides, scale=scale,
             BLOCK_LEN=geom.block_len, STRIDE=geom.stride, BLOCK_S=cfg.dkdv_keys, DK=Dk, DV=Dv, BLOCK_DK=bdk,
             BLOCK_DV=bdv, num_warps=4)

@@ -56,10 +56,9 @@ from ..validation import check_attention_inputs, check_block_idx, check_positive
 from .block_lists import EMPTY, canonical_rows, tile_unions
 from .delta import attention_delta
 from .tile_loads import tile_row
-from .utils import (host_offsets, host_table_to, kernel_dtype, new_output, query_tile_table,
-                    segment_offsets, stride_args, tile_table)
+from .utils import (LOG2E, dot_precision, host_offsets, host_table_to, kernel_dtype, new_output, pow2,
+                    query_tile_table, segment_offsets, stride_args, tile_table)
 
-LOG2E = 1.4426950408889634
 # Tunables (host heuristics; see _config)
 FWD_MIN_ROWS = 16  # forward / dq: rows per program (queries x G) at least this (tensor-core tile height)
 BWD_ROWS = 64  # dK/dV: rows per batch of queries (queries x G)
@@ -88,7 +87,7 @@ def _row_indices(IDX, b, T, t64, H, h, N_IDX, row_ok, BQ: tl.constexpr, ROWS: tl
 
 @triton.jit
 def _key_slice(k_base, v_base, blocks, i, cs, ck, cv, k_start, last, pos, idx, s_kt, s_vt,
-               SEL: tl.constexpr, BS: tl.constexpr, NCH: tl.constexpr, BQ: tl.constexpr,
+               SELECT_LEN: tl.constexpr, BS: tl.constexpr, NCH: tl.constexpr, BQ: tl.constexpr,
                DK: tl.constexpr, DV: tl.constexpr):
     """Step ``i`` of a program's walk over its selected blocks (``blocks``, ascending): K ``[BS, BK]`` and V
     ``[BS, BV]`` of slice ``i % NCH`` of block ``blocks[i // NCH]`` of the key segment starting at K row
@@ -96,8 +95,8 @@ def _key_slice(k_base, v_base, blocks, i, cs, ck, cv, k_start, last, pos, idx, s
     the row's query at position ``pos``, and, when queries are packed, selected by that query)."""
     j = tl.load(blocks + i // NCH)
     c = (i % NCH) * BS + cs
-    kp = j * SEL + c
-    k_ok = (c < SEL) & (kp <= last)
+    kp = j * SELECT_LEN + c
+    k_ok = (c < SELECT_LEN) & (kp <= last)
     krow = (k_start + kp).to(tl.int64)
     kt = tl.load(k_base + krow[:, None] * s_kt + ck[None, :], mask=k_ok[:, None] & (ck[None, :] < DK), other=0.0)
     vt = tl.load(v_base + krow[:, None] * s_vt + cv[None, :], mask=k_ok[:, None] & (cv[None, :] < DV), other=0.0)
@@ -124,9 +123,9 @@ def _tile_queries(TILES, tile, h, BQ: tl.constexpr, ROWS: tl.constexpr, G: tl.co
 @triton.jit
 def selected_fwd_kernel(Q, K, V, O, LSE, IDX, UNI, UCNT, TILES,
                         s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
-                        T, H, NT, N_IDX, UL, scale_log2,
+                        T, H, NT, N_IDX, UL, qk_scale,
                         G: tl.constexpr, BQ: tl.constexpr, ROWS: tl.constexpr, NP: tl.constexpr,
-                        SEL: tl.constexpr, BS: tl.constexpr, NCH: tl.constexpr,
+                        SELECT_LEN: tl.constexpr, BS: tl.constexpr, NCH: tl.constexpr,
                         DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """Forward: program (query tile, batch x KV head) walks the union of its ``BQ`` queries' selected blocks;
     writes ``o`` and ``lse`` (base 2, fp32)."""
@@ -151,8 +150,8 @@ def selected_fwd_kernel(Q, K, V, O, LSE, IDX, UNI, UCNT, TILES,
     acc = tl.zeros([ROWS, BV], dtype=tl.float32)
     for i in range(0, cnt * NCH):
         kt, vt, vis = _key_slice(k_base, v_base, UNI + ubase * UL, i, cs, ck, cv, k_start, last, pos, idx, s_kt,
-                                 s_vt, SEL, BS, NCH, BQ, DK, DV)
-        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
+                                 s_vt, SELECT_LEN, BS, NCH, BQ, DK, DV)
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -173,9 +172,9 @@ def selected_fwd_kernel(Q, K, V, O, LSE, IDX, UNI, UCNT, TILES,
 @triton.jit
 def selected_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, UNI, UCNT, TILES,
                            s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
-                           T, H, NT, N_IDX, UL, scale_log2, scale,
+                           T, H, NT, N_IDX, UL, qk_scale, scale,
                            G: tl.constexpr, BQ: tl.constexpr, ROWS: tl.constexpr, NP: tl.constexpr,
-                           SEL: tl.constexpr, BS: tl.constexpr, NCH: tl.constexpr,
+                           SELECT_LEN: tl.constexpr, BS: tl.constexpr, NCH: tl.constexpr,
                            DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                            PREC: tl.constexpr):
     """dq with the forward's tiling: ``P`` recomputed from ``lse``, ``dq = scale * dS K`` over the selected
@@ -207,8 +206,8 @@ def selected_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, UNI, UCNT, TILES,
     dq = tl.zeros([ROWS, BK], dtype=tl.float32)
     for i in range(0, cnt * NCH):
         kt, vt, vis = _key_slice(k_base, v_base, UNI + ubase * UL, i, cs, ck, cv, k_start, last, pos, idx, s_kt,
-                                 s_vt, SEL, BS, NCH, BQ, DK, DV)
-        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
+                                 s_vt, SELECT_LEN, BS, NCH, BQ, DK, DV)
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
         p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -217,18 +216,18 @@ def selected_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, UNI, UCNT, TILES,
 
 
 @triton.jit
-def _block_rows(BLK, gb, SEL: tl.constexpr):
+def _block_rows(BLK, gb, SELECT_LEN: tl.constexpr):
     """Selection block ``gb`` (a row of the key-tile table of :func:`_block_table`): its K rows
     ``[blk_start, blk_end)`` (clipped to its key segment) and ``koff``, which maps a query row ``t`` of its
     segment to the K row of the query's position (``t + koff``)."""
     q_start, q_end, blk_start, _, k_start, shift = tile_row(BLK, gb)
-    blk_end = tl.minimum(blk_start + SEL, k_start + q_end - q_start + shift)
+    blk_end = tl.minimum(blk_start + SELECT_LEN, k_start + q_end - q_start + shift)
     return blk_start, blk_end, k_start + shift - q_start
 
 
 @triton.jit
 def _item_block(ITEMS, BLK, K, V, item, chunk, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, H, NB,
-                SEL: tl.constexpr, BS: tl.constexpr, DKD: tl.constexpr, DVD: tl.constexpr,
+                SELECT_LEN: tl.constexpr, BS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr):
     """Work item ``item`` of the inverted selection (see :func:`_invert_selection`) and key slice ``chunk`` of its
     selection block: batch ``b``, KV head ``h``, the item's query-list range ``[start, end)`` and partial slot,
@@ -241,23 +240,23 @@ def _item_block(ITEMS, BLK, K, V, item, chunk, s_kb, s_kt, s_kh, s_vb, s_vt, s_v
     bh = key // NB
     b = (bh // H).to(tl.int64)
     h = bh % H
-    blk_start, blk_end, koff = _block_rows(BLK, key % NB, SEL)
+    blk_start, blk_end, koff = _block_rows(BLK, key % NB, SELECT_LEN)
     cs = chunk * BS + tl.arange(0, BS)  # key rows of this program inside the selection block
     kpos = blk_start + cs
-    k_ok = (cs < SEL) & (kpos < blk_end)
+    k_ok = (cs < SELECT_LEN) & (kpos < blk_end)
     krow = kpos.to(tl.int64)
     ck = tl.arange(0, BK)
     cv = tl.arange(0, BV)
     k_off = b * s_kb + h * s_kh + krow[:, None] * s_kt + ck[None, :]
     v_off = b * s_vb + h * s_vh + krow[:, None] * s_vt + cv[None, :]
-    kt = tl.load(K + k_off, mask=k_ok[:, None] & (ck[None, :] < DKD), other=0.0)
-    vt = tl.load(V + v_off, mask=k_ok[:, None] & (cv[None, :] < DVD), other=0.0)
+    kt = tl.load(K + k_off, mask=k_ok[:, None] & (ck[None, :] < DK), other=0.0)
+    vt = tl.load(V + v_off, mask=k_ok[:, None] & (cv[None, :] < DV), other=0.0)
     return b, h, start, end, slot, cs, kpos, k_ok, koff, kt, vt, k_off, v_off
 
 
 @triton.jit
-def _batch_probs(Q, LSE, QLIST, kt, qs, end, b, h, kpos, k_ok, koff, s_qb, s_qt, s_qh, T, H, scale_log2,
-                 G: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, DKD: tl.constexpr, BK: tl.constexpr,
+def _batch_probs(Q, LSE, QLIST, kt, qs, end, b, h, kpos, k_ok, koff, s_qb, s_qt, s_qh, T, H, qk_scale,
+                 G: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr,
                  PREC: tl.constexpr):
     """The batch of queries ``QLIST[qs : qs + QB]`` (``< end``) of a work item, as ``ROWS`` rows (query x its G
     heads): row validity ``ok``, query tokens ``t64``, heads ``hq``, q ``[ROWS, BK]`` and its offsets, the
@@ -270,22 +269,22 @@ def _batch_probs(Q, LSE, QLIST, kt, qs, end, b, h, kpos, k_ok, koff, s_qb, s_qt,
     t64 = t.to(tl.int64)
     ck = tl.arange(0, BK)
     q_off = b * s_qb + t64[:, None] * s_qt + hq[:, None] * s_qh + ck[None, :]
-    q = tl.load(Q + q_off, mask=ok[:, None] & (ck[None, :] < DKD), other=0.0)
+    q = tl.load(Q + q_off, mask=ok[:, None] & (ck[None, :] < DK), other=0.0)
     lrow = (b * T + t64) * (H * G) + hq
     lse = tl.load(LSE + lrow, mask=ok, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)  # such rows see no key: every p below is masked to 0
-    st = tl.dot(kt, tl.trans(q), input_precision=PREC) * scale_log2  # [BS, ROWS]
+    st = tl.dot(kt, tl.trans(q), input_precision=PREC) * qk_scale  # [BS, ROWS]
     vis = k_ok[:, None] & ok[None, :] & (kpos[:, None] <= t[None, :] + koff)  # causal in positions
     pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
     return ok, t64, hq, q, q_off, lrow, pt
 
 
 @triton.jit
-def selected_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PK, PV, DQ, ITEMS, QLIST, BLK,
+def selected_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, PK, PV, DQ, ITEMS, QLIST, BLK,
                              s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
-                             T, H, NB, scale_log2, scale,
-                             G: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr,
-                             LP: tl.constexpr, BS: tl.constexpr, DKD: tl.constexpr, DVD: tl.constexpr,
+                             T, H, NB, qk_scale, scale,
+                             G: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, SELECT_LEN: tl.constexpr,
+                             SLOT_ROWS: tl.constexpr, BS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                              BK: tl.constexpr, BV: tl.constexpr, WITH_DQ: tl.constexpr, PREC: tl.constexpr):
     """dK/dV: one program per (work item of the inverted selection, key slice of its block) loops over the
     item's queries; stores the block's rows, or fp32 partials (``PK``/``PV``) when the block has several items.
@@ -293,16 +292,16 @@ def selected_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PK, PV, DQ, ITEMS,
     # dk/dv share k/v's strides (contiguous); do shares o's strides; DQ (fp32, WITH_DQ only) shares q's
     b, h, start, end, slot, cs, kpos, k_ok, koff, kt, vt, k_off, v_off = _item_block(
         ITEMS, BLK, K, V, tl.program_id(0).to(tl.int64), tl.program_id(1), s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, H,
-        NB, SEL, BS, DKD, DVD, BK, BV)
+        NB, SELECT_LEN, BS, DK, DV, BK, BV)
     ck = tl.arange(0, BK)
     cv = tl.arange(0, BV)
     dk = tl.zeros([BS, BK], dtype=tl.float32)
     dv = tl.zeros([BS, BV], dtype=tl.float32)
     for qs in range(start, end, QB):
         ok, t64, hq, q, q_off, lrow, p = _batch_probs(Q, LSE, QLIST, kt, qs, end, b, h, kpos, k_ok, koff, s_qb, s_qt,
-                                                      s_qh, T, H, scale_log2, G, QB, ROWS, DKD, BK, PREC)
+                                                      s_qh, T, H, qk_scale, G, QB, ROWS, DK, BK, PREC)
         do = tl.load(DO + b * s_ob + t64[:, None] * s_ot + hq[:, None] * s_oh + cv[None, :],
-                     mask=ok[:, None] & (cv[None, :] < DVD), other=0.0)
+                     mask=ok[:, None] & (cv[None, :] < DV), other=0.0)
         delta = tl.load(DELTA + lrow, mask=ok, other=0.0)
         dv += tl.dot(p.to(do.dtype), do, input_precision=PREC)
         dpt = tl.dot(vt, tl.trans(do), input_precision=PREC)
@@ -310,22 +309,22 @@ def selected_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PK, PV, DQ, ITEMS,
         dk += tl.dot(ds, q, input_precision=PREC)
         if WITH_DQ:  # these rows' dq from this block's keys, added in fp32 (see selected_backward)
             dq = tl.dot(tl.trans(ds), kt, input_precision=PREC) * scale
-            tl.atomic_add(DQ + q_off, dq, mask=ok[:, None] & (ck[None, :] < DKD), sem="relaxed")
+            tl.atomic_add(DQ + q_off, dq, mask=ok[:, None] & (ck[None, :] < DK), sem="relaxed")
     dk = dk * scale
     if slot < 0:
-        tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=k_ok[:, None] & (ck[None, :] < DKD))
-        tl.store(DV + v_off, dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & (cv[None, :] < DVD))
+        tl.store(DK_OUT + k_off, dk.to(DK_OUT.dtype.element_ty), mask=k_ok[:, None] & (ck[None, :] < DK))
+        tl.store(DV_OUT + v_off, dv.to(DV_OUT.dtype.element_ty), mask=k_ok[:, None] & (cv[None, :] < DV))
     else:
-        prow = (slot * LP + cs).to(tl.int64)
-        tl.store(PK + prow[:, None] * DKD + ck[None, :], dk, mask=(cs < SEL)[:, None] & (ck[None, :] < DKD))
-        tl.store(PV + prow[:, None] * DVD + cv[None, :], dv, mask=(cs < SEL)[:, None] & (cv[None, :] < DVD))
+        prow = (slot * SLOT_ROWS + cs).to(tl.int64)
+        tl.store(PK + prow[:, None] * DK + ck[None, :], dk, mask=(cs < SELECT_LEN)[:, None] & (ck[None, :] < DK))
+        tl.store(PV + prow[:, None] * DV + cv[None, :], dv, mask=(cs < SELECT_LEN)[:, None] & (cv[None, :] < DV))
 
 
 @triton.jit
-def selected_bwd_reduce_kernel(DK, DV, PK, PV, MULTI, BLK,
+def selected_bwd_reduce_kernel(DK_OUT, DV_OUT, PK, PV, MULTI, BLK,
                                s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, H, NB,
-                               SEL: tl.constexpr, LP: tl.constexpr, BS: tl.constexpr, DKD: tl.constexpr,
-                               DVD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                               SELECT_LEN: tl.constexpr, SLOT_ROWS: tl.constexpr, BS: tl.constexpr, DK: tl.constexpr,
+                               DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """dK/dV of a block split into several work items: the sum of their fp32 partials in slot order
     (deterministic)."""
     m = tl.program_id(0).to(tl.int64)
@@ -337,23 +336,23 @@ def selected_bwd_reduce_kernel(DK, DV, PK, PV, MULTI, BLK,
     gb = key % NB
     b = (bh // H).to(tl.int64)
     h = bh % H
-    blk_start, blk_end, _ = _block_rows(BLK, gb, SEL)
+    blk_start, blk_end, _ = _block_rows(BLK, gb, SELECT_LEN)
     cs = chunk * BS + tl.arange(0, BS)
     kpos = blk_start + cs
-    k_ok = (cs < SEL) & (kpos < blk_end)
+    k_ok = (cs < SELECT_LEN) & (kpos < blk_end)
     ck = tl.arange(0, BK)
     cv = tl.arange(0, BV)
     dk = tl.zeros([BS, BK], dtype=tl.float32)
     dv = tl.zeros([BS, BV], dtype=tl.float32)
     for p in range(p0, p1):  # fixed order: deterministic
-        prow = (p * LP + cs).to(tl.int64)
-        dk += tl.load(PK + prow[:, None] * DKD + ck[None, :], mask=k_ok[:, None] & (ck[None, :] < DKD), other=0.0)
-        dv += tl.load(PV + prow[:, None] * DVD + cv[None, :], mask=k_ok[:, None] & (cv[None, :] < DVD), other=0.0)
+        prow = (p * SLOT_ROWS + cs).to(tl.int64)
+        dk += tl.load(PK + prow[:, None] * DK + ck[None, :], mask=k_ok[:, None] & (ck[None, :] < DK), other=0.0)
+        dv += tl.load(PV + prow[:, None] * DV + cv[None, :], mask=k_ok[:, None] & (cv[None, :] < DV), other=0.0)
     krow = kpos.to(tl.int64)
-    tl.store(DK + b * s_kb + h * s_kh + krow[:, None] * s_kt + ck[None, :], dk.to(DK.dtype.element_ty),
-             mask=k_ok[:, None] & (ck[None, :] < DKD))
-    tl.store(DV + b * s_vb + h * s_vh + krow[:, None] * s_vt + cv[None, :], dv.to(DV.dtype.element_ty),
-             mask=k_ok[:, None] & (cv[None, :] < DVD))
+    tl.store(DK_OUT + b * s_kb + h * s_kh + krow[:, None] * s_kt + ck[None, :], dk.to(DK_OUT.dtype.element_ty),
+             mask=k_ok[:, None] & (ck[None, :] < DK))
+    tl.store(DV_OUT + b * s_vb + h * s_vh + krow[:, None] * s_vt + cv[None, :], dv.to(DV_OUT.dtype.element_ty),
+             mask=k_ok[:, None] & (cv[None, :] < DV))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -375,10 +374,6 @@ class _Config(NamedTuple):
     bwd_warps: int
 
 
-def _pow2(x: int) -> int:
-    return triton.next_power_of_2(max(int(x), 1))
-
-
 def _config(G: int, Dk: int, Dv: int, select_len: int, dq_in_dkdv: bool = False) -> _Config:
     """Host heuristic (register counts from ptxas for sm_90 at Dk = Dv = 128: forward ~100, dq ~85-136,
     dK/dV ~240 with 8 warps, no spills).
@@ -390,10 +385,10 @@ def _config(G: int, Dk: int, Dv: int, select_len: int, dq_in_dkdv: bool = False)
     128k: 127.3 ms with 32 rows against 135.6 with 64 and 138.3 with 128), the whole 64-key block per program
     (32 keys for Dk > 128, where 64 spills), 4 warps for heads up to 128 wide (H100, 128k, G = 16: selected
     fwd+bwd 122.0 ms against 129.6 with 8; G = 4 with dq: 127.3 against 135.7), 8 above."""
-    rows = max(FWD_MIN_ROWS, _pow2(G))
-    BK, BV = max(16, _pow2(Dk)), max(16, _pow2(Dv))
-    brows = max(ATOMIC_DQ_ROWS if dq_in_dkdv else BWD_ROWS, _pow2(G))
-    BS = max(16, min(_pow2(select_len), MAX_BLOCK_S))
+    rows = max(FWD_MIN_ROWS, pow2(G))
+    BK, BV = pow2(Dk, 16), pow2(Dv, 16)
+    brows = max(ATOMIC_DQ_ROWS if dq_in_dkdv else BWD_ROWS, pow2(G))
+    BS = max(16, min(pow2(select_len), MAX_BLOCK_S))
     BSB = min(BS, 32) if BK > 128 else BS
     wide = max(BK, BV) >= 128
     return _Config(BQ=rows // G, ROWS=rows, QB=brows // G, BROWS=brows, BS=BS, NCH=-(-select_len // BS),
@@ -464,12 +459,8 @@ def _qkv_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
 
 def _query_tile_constexprs(cfg: _Config, G: int, n: int, select_len: int, Dk: int, Dv: int) -> dict:
     """The constexprs the forward and dq kernels share: query tiling, selection-block walk and head dims."""
-    return dict(G=G, BQ=cfg.BQ, ROWS=cfg.ROWS, NP=_pow2(n), SEL=select_len, BS=cfg.BS, NCH=cfg.NCH, DK=Dk, DV=Dv,
+    return dict(G=G, BQ=cfg.BQ, ROWS=cfg.ROWS, NP=pow2(n), SELECT_LEN=select_len, BS=cfg.BS, NCH=cfg.NCH, DK=Dk, DV=Dv,
                 BK=cfg.BK, BV=cfg.BV)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _dq_in_dkdv(G: int, need_dq: bool, need_dkdv: bool) -> bool:
@@ -524,8 +515,8 @@ def selected_forward(q, k, v, block_idx, select_len: int, scale: float, cu_seqle
     lse = new_output((B, T, HQ), torch.float32, dev)
     selected_fwd_kernel[(NT, B * H)](
         Q=q, K=k, V=v, O=o, LSE=lse, IDX=canon, UNI=uni, UCNT=ucnt, TILES=tiles, **_qkv_strides(q, k, v),
-        **stride_args(o, "s_ob", "s_ot", "s_oh"), T=T, H=H, NT=NT, N_IDX=n, UL=UL, scale_log2=scale * LOG2E,
-        **_query_tile_constexprs(cfg, G, n, select_len, Dk, Dv), PREC=_precision(q.dtype), num_warps=cfg.fwd_warps,
+        **stride_args(o, "s_ob", "s_ot", "s_oh"), T=T, H=H, NT=NT, N_IDX=n, UL=UL, qk_scale=scale * LOG2E,
+        **_query_tile_constexprs(cfg, G, n, select_len, Dk, Dv), PREC=dot_precision(q.dtype), num_warps=cfg.fwd_warps,
         num_stages=cfg.fwd_stages)
     return o, SelectedState(q, k, v, o, lse, canon, uni, ucnt, tiles, select_len, scale, cu_seqlens, cu_seqlens_k)
 
@@ -546,7 +537,7 @@ def selected_backward(state: SelectedState, do: torch.Tensor, delta: Optional[to
     dev = q.device
     do = do.to(q.dtype).contiguous()
     NT, n, UL = tiles.shape[0], canon.shape[-1], uni.shape[-1]
-    prec = _precision(q.dtype)
+    prec = dot_precision(q.dtype)
     if delta is None:
         delta = attention_delta(o, do)
 
@@ -559,30 +550,30 @@ def selected_backward(state: SelectedState, do: torch.Tensor, delta: Optional[to
         selected_bwd_dq_kernel[(NT, B * H)](
             Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DQ=dq, IDX=canon, UNI=uni, UCNT=ucnt, TILES=tiles,
             **_qkv_strides(q, k, v), **stride_args(do, "s_ob", "s_ot", "s_oh"), T=T, H=H, NT=NT, N_IDX=n, UL=UL,
-            scale_log2=scale * LOG2E, scale=scale, **_query_tile_constexprs(cfg, G, n, select_len, Dk, Dv),
+            qk_scale=scale * LOG2E, scale=scale, **_query_tile_constexprs(cfg, G, n, select_len, Dk, Dv),
             PREC=prec, num_warps=cfg.fwd_warps, num_stages=2)
     if need_dkdv:
         blk, tok_base, NB = _block_table(cu_seqlens, cu_seqlens_k, T, select_len, dev)
         chunk_q = max(cfg.QB, int(math.ceil(CHUNK_FACTOR * n * select_len / cfg.QB)) * cfg.QB)
         items, multi, qlist, n_slots = _invert_selection(canon, tok_base, NB, chunk_q)
-        LP = cfg.NCHB * cfg.BSB
+        slot_rows = cfg.NCHB * cfg.BSB
         dk = new_output(k.shape, k.dtype, dev)
         dv = new_output(v.shape, v.dtype, dev)
-        pk = torch.empty((max(n_slots, 1), LP, Dk), dtype=torch.float32, device=dev)
-        pv = torch.empty((max(n_slots, 1), LP, Dv), dtype=torch.float32, device=dev)
+        pk = torch.empty((max(n_slots, 1), slot_rows, Dk), dtype=torch.float32, device=dev)
+        pv = torch.empty((max(n_slots, 1), slot_rows, Dv), dtype=torch.float32, device=dev)
         if items.shape[0] > 0:
             selected_bwd_dkdv_kernel[(items.shape[0], cfg.NCHB)](
-                Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DK=dk, DV=dv, PK=pk, PV=pv,
+                Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DK_OUT=dk, DV_OUT=dv, PK=pk, PV=pv,
                 DQ=dk if dq_acc is None else dq_acc, ITEMS=items, QLIST=qlist, BLK=blk, **_qkv_strides(q, k, v),
-                **stride_args(do, "s_ob", "s_ot", "s_oh"), T=T, H=H, NB=NB, scale_log2=scale * LOG2E, scale=scale,
-                G=G, QB=cfg.QB, ROWS=cfg.BROWS, SEL=select_len, LP=LP, BS=cfg.BSB, DKD=Dk, DVD=Dv,
+                **stride_args(do, "s_ob", "s_ot", "s_oh"), T=T, H=H, NB=NB, qk_scale=scale * LOG2E, scale=scale,
+                G=G, QB=cfg.QB, ROWS=cfg.BROWS, SELECT_LEN=select_len, SLOT_ROWS=slot_rows, BS=cfg.BSB, DK=Dk, DV=Dv,
                 BK=cfg.BK, BV=cfg.BV, WITH_DQ=dq_in_dkdv, PREC=prec, num_warps=cfg.bwd_warps,
                 num_stages=BWD_STAGES)
         if multi.shape[0] > 0:
             selected_bwd_reduce_kernel[(multi.shape[0], cfg.NCHB)](
-                DK=dk, DV=dv, PK=pk, PV=pv, MULTI=multi, BLK=blk, **stride_args(dk, "s_kb", "s_kt", "s_kh"),
-                **stride_args(dv, "s_vb", "s_vt", "s_vh"), H=H, NB=NB, SEL=select_len, LP=LP, BS=cfg.BSB, DKD=Dk,
-                DVD=Dv, BK=cfg.BK, BV=cfg.BV, num_warps=cfg.bwd_warps)
+                DK_OUT=dk, DV_OUT=dv, PK=pk, PV=pv, MULTI=multi, BLK=blk, **stride_args(dk, "s_kb", "s_kt", "s_kh"),
+                **stride_args(dv, "s_vb", "s_vt", "s_vh"), H=H, NB=NB, SELECT_LEN=select_len, SLOT_ROWS=slot_rows,
+                BS=cfg.BSB, DK=Dk, DV=Dv, BK=cfg.BK, BV=cfg.BV, num_warps=cfg.bwd_warps)
     if dq_acc is not None:
         dq = dq_acc if fp32_dq_ok else dq_acc.to(q.dtype)
     return dq, dk, dv

@@ -28,6 +28,7 @@ from ..layout import compressed_cu_seqlens
 
 TILE_COLUMNS = 6  # q_start, q_end, tile_start, cmp_start, k_start, shift (tile_loads.load_tile reads them)
 TILE_AXES = ("queries", "keys", "compressed")
+LOG2E = 1.4426950408889634  # log2(e): the kernels' softmax runs in base 2 with the scale times LOG2E
 
 
 def triton_interpreting() -> bool:
@@ -117,6 +118,25 @@ def query_positions(cu_seqlens: Optional[torch.Tensor], seq_len: int, cu_seqlens
     lengths = q[1:] - q[:-1]
     base = torch.repeat_interleave(q[:-1] - (k[1:] - k[:-1] - lengths), lengths, output_size=seq_len)
     return torch.arange(seq_len, device=device) - host_table_to(base, device, torch.long)
+
+
+def pow2(x: int, least: int = 1) -> int:
+    """The smallest power of two ``>= x`` (1 for ``x <= 1``), at least ``least``: padded tile sizes
+    (``tl.arange`` lengths are powers of two; ``tl.dot`` dims at least 16)."""
+    return max(least, 1 << max(0, int(x) - 1).bit_length())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the attention kernels' ``tl.dot`` for inputs of ``dtype``: exact IEEE dots for fp32
+    inputs (``tf32x3`` faulted in one kernel on an earlier Triton, see ``benchmarks/RESULTS.md``, "Tuning notes
+    behind the kernels' heuristics"); half inputs ignore the setting."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def scoring_dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the block-scoring kernels' ``q k^T`` dots (top-n selection, block max logits):
+    ``tf32x3`` for fp32 inputs, about fp32-exact on tensor cores; half inputs ignore the setting."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def stride_args(x: torch.Tensor, *names: str) -> dict:
