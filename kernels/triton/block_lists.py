@@ -9,8 +9,8 @@
 
 Both are one pass over their input: a program loads a register tile of rows, sorts each row with a bitonic
 network (:mod:`.bitonic`), replaces every entry equal to its left neighbour by ``EMPTY`` (``tl.gather`` of the
-row shifted by one) and sorts again. They replace batched torch sorts, cumsums and gathers whose short-row
-scans cost 1.9 ms per NSA forward+backward at 64k tokens, G = 4 (H100 profile, 2026-11-23).
+row shifted by one) and sorts again. They replace batched torch sorts, cumsums and gathers, whose short-row
+scans were slow on the GPU (``benchmarks/RESULTS.md``, "Tuning notes behind the kernels' heuristics").
 """
 from __future__ import annotations
 

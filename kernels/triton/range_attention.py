@@ -490,9 +490,10 @@ def pick_config(geom: RangeGeometry, dk: int, dv: int, dtype: torch.dtype = torc
     Half inputs, head dims <= 128: 128-row query tiles (BLOCK_T * GB) with 128-key (compressed) or 32-key
     (window) tiles for forward and dq; dk/dv: 128-key tiles and 64 query rows (G = 16: 4 tokens) per step;
     8 warps. Head dims above 128 halve the tiles; fp32 inputs (4-byte operands, tf32x3 dots) use smaller
-    tiles so shared memory fits. The half-precision tiles are chosen by measured time on an H100 (128-key
-    forward tiles reach 255 registers); they were not checked on GPUs with less shared memory per block than
-    Hopper's 227 KB, where an out-of-resource launch error asks for a smaller ``CONFIG_OVERRIDE``.
+    tiles so shared memory fits. The half-precision tiles are the fastest measured on an H100
+    (``benchmarks/RESULTS.md``, "Tuning notes behind the kernels' heuristics"); they were not checked on GPUs
+    with less shared memory per block than Hopper's 227 KB, where an out-of-resource launch error asks for a
+    smaller ``CONFIG_OVERRIDE``.
     """
     big = max(dk, dv) > 128
     if dtype == torch.float32:
@@ -500,11 +501,9 @@ def pick_config(geom: RangeGeometry, dk: int, dv: int, dtype: torch.dtype = torc
                           dq_keys=32, dq_warps=8, dq_stages=1, dkdv_keys=32, dkdv_rows=32, dkdv_warps=8,
                           dkdv_stages=1 if big else 2)
     else:
-        # measured on an H100 (benchmarks/tune_range.py and a joint dK/dV grid, 2026-11-23): compressed keys run
-        # best in 128-key tiles, window keys (a 512-token range) in 32-key tiles for forward and dq; dK/dV in
-        # 128-key tiles x 64 query rows, 8 warps, 3 stages (compressed fwd+bwd at 128k, G = 16: 169.8 ms against
-        # 194.8 with the earlier 64 x 64, 4 warps, 2 stages; 64k: 46.2 against 51.0; 64k, G = 4: 13.4 against
-        # 14.3; window at 128k: 27.2 against 30.1)
+        # compressed keys in 128-key tiles, window keys (a 512-token range) in 32-key tiles for forward and dq;
+        # dK/dV in 128-key tiles x 64 query rows, 8 warps, 3 stages (timings: benchmarks/RESULTS.md, "Tuning notes
+        # behind the kernels' heuristics")
         keys = 64 if big else (128 if geom.mode == COMPRESSED else 32)
         cfg = RangeConfig(
             fwd_rows=64 if big else 128,

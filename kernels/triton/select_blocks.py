@@ -47,10 +47,10 @@ from .bitonic import bitonic_merge, sort_rows
 from .tile_loads import tile_row
 from .utils import LOG2E, kernel_dtype, new_output, pow2, query_tile_table, scoring_dot_precision, stride_args
 
-# budgets of the heuristic: elements of the [M, BN] score tile, bytes of the [M, Dk] query tile of one pass.
-# Measured on an H100 (2026-11-23, paper geometry, D = 128, bf16): 512-row tiles beat 256-row ones, at 128k
-# with G = 16 (32 tokens x 16 heads: 40.6 ms against 48.8 with 16 tokens) and at 64k with G = 4 (128 tokens x 4
-# heads: 4.45 ms against 5.54 with 64 tokens); 64 tokens x 16 heads no longer fit in shared memory.
+# budgets of the heuristic: elements of the [M, BN] score tile, bytes of the [M, Dk] query tile of one pass. They
+# give 512-row tiles (32 tokens x 16 heads at G = 16, 128 tokens x 4 heads at G = 4), faster than 256-row ones;
+# 64 tokens x 16 heads no longer fit in shared memory (benchmarks/RESULTS.md, "Tuning notes behind the kernels'
+# heuristics").
 SCORE_TILE_ELEMS = 32768
 QUERY_TILE_BYTES = 131072
 KEY_TILE_BYTES = 32768  # one [Dk, BN] tile of compressed keys

@@ -36,7 +36,7 @@ Design
   G = 16 for a quarter of the work, so the dK/dV pass also adds each (query, block) term ``dS K`` to an fp32
   dq with atomics and the dq kernel does not run. Off under ``torch.use_deterministic_algorithms(True)``. (A
   forward done the same way, an lse-only pass over K then a block pass adding ``P V`` with atomics, was
-  slower on the H100: 27.6 against 24.0 ms for the NSA forward at 64k, G = 4.)
+  slower on the H100: ``benchmarks/RESULTS.md``, "Tuning notes behind the kernels' heuristics".)
 * Host side: inputs are made contiguous (``.contiguous()``), strides are passed, and every batch, token and
   row index is cast to int64 before it multiplies a stride. fp64 inputs (and bf16 under the CPU interpreter,
   whose bf16 ``tl.dot`` is wrong) run in fp32. Block sizes come from small heuristics (:func:`_config`), no
@@ -380,11 +380,10 @@ def _config(G: int, Dk: int, Dv: int, select_len: int, dq_in_dkdv: bool = False)
 
     Forward/dq: rows = max(FWD_MIN_ROWS, pow2(G)), BQ = rows // G queries (1 for G >= 16), K/V tiles of
     min(pow2(l'), MAX_BLOCK_S) keys, 4 warps (8 from 64 rows of 128-wide heads); the forward pipelines 3
-    stages when it packs several queries (G < 16: 15.7 ms against 17.4 with 2 at 64k, G = 4, H100), 2 for one.
-    dK/dV: BWD_ROWS rows per query batch (ATOMIC_DQ_ROWS when it also computes dq: H100, NSA fwd+bwd, G = 4,
-    128k: 127.3 ms with 32 rows against 135.6 with 64 and 138.3 with 128), the whole 64-key block per program
-    (32 keys for Dk > 128, where 64 spills), 4 warps for heads up to 128 wide (H100, 128k, G = 16: selected
-    fwd+bwd 122.0 ms against 129.6 with 8; G = 4 with dq: 127.3 against 135.7), 8 above."""
+    stages when it packs several queries (G < 16), 2 for one. dK/dV: BWD_ROWS rows per query batch
+    (ATOMIC_DQ_ROWS when it also computes dq), the whole 64-key block per program (32 keys for Dk > 128, where
+    64 spills), 4 warps for heads up to 128 wide, 8 above. Each choice was the fastest measured on an H100
+    (``benchmarks/RESULTS.md``, "Tuning notes behind the kernels' heuristics")."""
     rows = max(FWD_MIN_ROWS, pow2(G))
     BK, BV = pow2(Dk, 16), pow2(Dv, 16)
     brows = max(ATOMIC_DQ_ROWS if dq_in_dkdv else BWD_ROWS, pow2(G))
@@ -470,10 +469,10 @@ def _dq_in_dkdv(G: int, need_dq: bool, need_dkdv: bool) -> bool:
     The dq kernel reads every selected K/V block once per (query, KV head): ``l' * (Dk + Dv)`` bytes whatever G
     is, so at small G it costs as much as at G = 16 for a quarter of the work. The dK/dV pass already holds the
     block and each query's ``dS``; adding ``dS K`` costs one more dot and ``G * Dk`` fp32 atomics per pair
-    (H100, NSA fwd+bwd at G = 4: 48.4 against 58.6 ms at 64k, 129.5 against 152.6 at 128k; at G = 16 it is
-    slower, 151.9 against 126.8 ms at 64k). Used for ``G <= ATOMIC_DQ_MAX_G`` when both gradients are wanted,
-    unless ``torch.use_deterministic_algorithms(True)`` is on: fp32 atomics add in a run-dependent order, so dq
-    may differ in the last bits between runs (dK/dV stay deterministic either way)."""
+    (faster on an H100 at G = 4, slower at G = 16: ``benchmarks/RESULTS.md``, "Tuning notes behind the
+    kernels' heuristics"). Used for ``G <= ATOMIC_DQ_MAX_G`` when both gradients are wanted, unless
+    ``torch.use_deterministic_algorithms(True)`` is on: fp32 atomics add in a run-dependent order, so dq may
+    differ in the last bits between runs (dK/dV stay deterministic either way)."""
     return (need_dq and need_dkdv and G <= ATOMIC_DQ_MAX_G
             and not torch.are_deterministic_algorithms_enabled())
 

@@ -101,9 +101,9 @@ def host_table_to(table: torch.Tensor, device, dtype: torch.dtype = torch.int32)
     """A CPU host table as a contiguous ``dtype`` tensor on ``device``, copied without stalling the host.
 
     A plain ``.to("cuda")`` from pageable memory synchronises the stream: the GPU drains, then idles while the
-    host builds the next table (measured: 18 ms of idle GPU in one 128k NSA forward+backward, H100). The table is
-    staged in pinned memory instead and copied with ``non_blocking=True``; PyTorch's pinned-memory cache keeps
-    the staging buffer until the copy has run."""
+    host builds the next table (measured: ``benchmarks/RESULTS.md``, "Tuning notes behind the kernels'
+    heuristics"). The table is staged in pinned memory instead and copied with ``non_blocking=True``;
+    PyTorch's pinned-memory cache keeps the staging buffer until the copy has run."""
     table = table.to(dtype).contiguous()
     device = torch.device(device)
     if device.type != "cuda":
@@ -128,8 +128,8 @@ def pow2(x: int, least: int = 1) -> int:
 
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` of the attention kernels' ``tl.dot`` for inputs of ``dtype``: exact IEEE dots for fp32
-    inputs (``tf32x3`` faulted in one kernel on an earlier Triton, see ``benchmarks/RESULTS.md``, "Tuning notes
-    behind the kernels' heuristics"); half inputs ignore the setting."""
+    inputs (not ``tf32x3``, which made one kernel fault: ``benchmarks/RESULTS.md``, "Tuning notes behind the
+    kernels' heuristics"); half inputs ignore the setting."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
