@@ -103,7 +103,7 @@ def test_dockerfile_copies_entrypoint_and_dirs():
         if source != ".":
             assert (REPO / source).exists(), f"Dockerfile copies {source}, which the repository lacks"
     ignored = (REPO / ".dockerignore").read_text().split()
-    for needed in ("docker", "configs", "examples", "kernels", "nsa_dist", "pyproject.toml"):
+    for needed in ("docker", "configs", "examples", "nsa_kernels", "nsa_dist", "pyproject.toml"):
         assert needed not in ignored, f".dockerignore drops {needed}, which the build needs"
 
 

@@ -7,7 +7,7 @@ from typing import Dict, List, Set
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = {"nsa_dist": REPO / "nsa_dist", "nsa_kernels": REPO / "kernels"}
+PACKAGES = {"nsa_dist": REPO / "nsa_dist", "nsa_kernels": REPO / "nsa_kernels"}
 
 
 def module_names(package: str, root: Path) -> Dict[str, Path]:
