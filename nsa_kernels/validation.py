@@ -268,3 +268,39 @@ def check_lse(lse, dims: AttnDims) -> None:
     if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (dims.B, dims.T, dims.HQ):
         got = tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
         raise ValueError(f"lse must be [B, T, HQ] = [{dims.B}, {dims.T}, {dims.HQ}], got {got}")
+
+
+def check_compressed_attention_inputs(q, k_cmp, v_cmp, block_len, stride, cu_seqlens=None,
+                                     cu_seqlens_k=None) -> AttnDims:
+    """The inputs of ``compressed_attention`` (both backends): the compression geometry and
+    :func:`check_attention_inputs` with ``k_cmp``/``v_cmp`` holding the compressed blocks. Returns the sizes."""
+    check_compression_geometry(block_len, stride)
+    return check_attention_inputs(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_k=cu_seqlens_k,
+                                  compression=(block_len, stride), k_name="k_cmp", v_name="v_cmp")
+
+
+def check_select_blocks_inputs(q, k_cmp, lse, block_len, stride, select_len, top_n, init_blocks, local_blocks,
+                               cu_seqlens=None, cu_seqlens_k=None) -> AttnDims:
+    """The inputs of ``select_blocks`` (both backends): the selection geometry, ``q`` against the compressed keys
+    ``k_cmp`` (:func:`check_attention_inputs`) and the compressed branch's ``lse`` (:func:`check_lse`)."""
+    check_selection_geometry(block_len, stride, select_len, top_n, init_blocks, local_blocks)
+    dims = check_attention_inputs(q, k_cmp, k_cmp, cu_seqlens, cu_seqlens_k=cu_seqlens_k,
+                                  compression=(block_len, stride), k_name="k_cmp", v_name="k_cmp")
+    check_lse(lse, dims)
+    return dims
+
+
+def check_selected_attention_inputs(q, k, v, block_idx, select_len, cu_seqlens=None, cu_seqlens_k=None) -> AttnDims:
+    """The inputs of ``selected_attention`` (both backends): ``select_len``, :func:`check_attention_inputs` and
+    the block indices (:func:`check_block_idx`). Returns the sizes."""
+    check_positive_int("select_len", select_len)
+    dims = check_attention_inputs(q, k, v, cu_seqlens, cu_seqlens_k=cu_seqlens_k)
+    check_block_idx(block_idx, dims)
+    return dims
+
+
+def check_window_attention_inputs(q, k, v, window, cu_seqlens=None, cu_seqlens_k=None) -> AttnDims:
+    """The inputs of ``window_attention`` (both backends): a positive ``window`` and
+    :func:`check_attention_inputs`. Returns the sizes."""
+    check_positive_int("window", window)
+    return check_attention_inputs(q, k, v, cu_seqlens, cu_seqlens_k=cu_seqlens_k)

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..layout import compressed_cu_seqlens
-from ..validation import check_attention_inputs, check_compression_geometry
+from ..validation import check_compressed_attention_inputs
 from .tiles import compute_dtype, default_scale, key_segment_offsets, masked_gqa_attention, query_tiles, run_tile
 
 
@@ -50,9 +50,7 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
         query at position ``t`` attends block ``i`` iff ``i*stride + block_len - 1 <= t`` (positions in its
         document, or key segment). A query that sees no block gets ``o = 0`` and ``lse = -inf``.
     """
-    check_compression_geometry(block_len, stride)
-    dims = check_attention_inputs(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_k=cu_seqlens_k,
-                                  compression=(block_len, stride), k_name="k_cmp", v_name="v_cmp")
+    dims = check_compressed_attention_inputs(q, k_cmp, v_cmp, block_len, stride, cu_seqlens, cu_seqlens_k)
     scale = default_scale(scale, dims.Dk)
     ct = compute_dtype(q.dtype)
     q_, k_, v_ = q.to(ct), k_cmp.to(ct), v_cmp.to(ct)

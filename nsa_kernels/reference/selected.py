@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..validation import check_attention_inputs, check_block_idx, check_positive_int
+from ..validation import check_selected_attention_inputs
 from .tiles import compute_dtype, default_scale, masked_gqa_attention, query_tiles, run_tile
 
 
@@ -48,9 +48,7 @@ def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
         ``o [B, T, HQ, Dv]``: softmax over the selected blocks' keys ``s <= t`` (positions in the document,
         or key segment); ``o = 0`` for a query whose selection holds no such key.
     """
-    check_positive_int("select_len", select_len)
-    dims = check_attention_inputs(q, k, v, cu_seqlens, cu_seqlens_k=cu_seqlens_k)
-    check_block_idx(block_idx, dims)
+    dims = check_selected_attention_inputs(q, k, v, block_idx, select_len, cu_seqlens, cu_seqlens_k)
     scale = default_scale(scale, dims.Dk)
     ct = compute_dtype(q.dtype)
     q_, k_, v_ = q.to(ct), k.to(ct), v.to(ct)

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..validation import check_attention_inputs, check_lse, check_selection_geometry
+from ..validation import check_select_blocks_inputs
 from .compressed import compressed_block_visibility, compressed_doc_ranges
 from .tiles import compute_dtype, default_scale, key_segment_offsets, query_tiles
 
@@ -97,10 +97,8 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, block
         compressed blocks the query sees and ``w`` from :func:`overlap_weights`. Selection follows
         :func:`pick_blocks`. Not differentiable.
     """
-    check_selection_geometry(block_len, stride, select_len, top_n, init_blocks, local_blocks)
-    dims = check_attention_inputs(q, k_cmp, k_cmp, cu_seqlens, cu_seqlens_k=cu_seqlens_k,
-                                  compression=(block_len, stride), k_name="k_cmp", v_name="k_cmp")
-    check_lse(lse, dims)
+    dims = check_select_blocks_inputs(q, k_cmp, lse, block_len, stride, select_len, top_n, init_blocks, local_blocks,
+                                      cu_seqlens, cu_seqlens_k)
     scale = default_scale(scale, dims.Dk)
     ct = compute_dtype(q.dtype)
     q_, k_, lse_ = q.to(ct), k_cmp.to(ct), lse.to(ct)

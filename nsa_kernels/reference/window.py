@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..validation import check_attention_inputs, check_positive_int
+from ..validation import check_window_attention_inputs
 from .tiles import compute_dtype, default_scale, masked_gqa_attention, query_tiles, run_tile
 
 
@@ -27,8 +27,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     Returns:
         ``o [B, T, HQ, Dv]`` in q's dtype.
     """
-    check_positive_int("window", window)
-    dims = check_attention_inputs(q, k, v, cu_seqlens, cu_seqlens_k=cu_seqlens_k)
+    dims = check_window_attention_inputs(q, k, v, window, cu_seqlens, cu_seqlens_k)
     scale = default_scale(scale, dims.Dk)
     ct = compute_dtype(q.dtype)
     q_, k_, v_ = q.to(ct), k.to(ct), v.to(ct)

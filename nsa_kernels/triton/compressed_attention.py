@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..reference.tiles import default_scale
-from ..validation import check_attention_inputs, check_compression_geometry
+from ..validation import check_compressed_attention_inputs
 from .range_attention import (COMPRESSED, RangeGeometry, prepare_inputs, range_attention_backward,
                               range_attention_forward)
 
@@ -54,9 +54,7 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
         (natural log, no gradient). Query at position ``p`` (in its document, or key segment) attends block
         ``i`` iff ``i*stride + block_len - 1 <= p``; a query that sees no block gets ``o = 0`` and ``lse = -inf``.
     """
-    check_compression_geometry(block_len, stride)
-    dims = check_attention_inputs(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_k=cu_seqlens_k,
-                                  compression=(block_len, stride), k_name="k_cmp", v_name="v_cmp")
+    dims = check_compressed_attention_inputs(q, k_cmp, v_cmp, block_len, stride, cu_seqlens, cu_seqlens_k)
     scale = default_scale(scale, dims.Dk)
     dtype = q.dtype
     q, k_cmp, v_cmp = prepare_inputs(q, k_cmp, v_cmp)

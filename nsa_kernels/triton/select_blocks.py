@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ..reference.tiles import default_scale
-from ..validation import check_attention_inputs, check_lse, check_selection_geometry
+from ..validation import check_select_blocks_inputs
 from .bitonic import bitonic_merge, sort_rows
 from .tile_loads import tile_row
 from .utils import LOG2E, kernel_dtype, new_output, pow2, query_tile_table, scoring_dot_precision, stride_args
@@ -275,10 +275,8 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, block
         Scores are accumulated in fp32 in an order that differs from the reference, so blocks whose scores
         agree to ~1e-6 relative may be ranked differently. Not differentiable.
     """
-    check_selection_geometry(block_len, stride, select_len, top_n, init_blocks, local_blocks)
-    dims = check_attention_inputs(q, k_cmp, k_cmp, cu_seqlens, cu_seqlens_k=cu_seqlens_k,
-                                  compression=(block_len, stride), k_name="k_cmp", v_name="k_cmp")
-    check_lse(lse, dims)
+    dims = check_select_blocks_inputs(q, k_cmp, lse, block_len, stride, select_len, top_n, init_blocks, local_blocks,
+                                      cu_seqlens, cu_seqlens_k)
     scale = default_scale(scale, dims.Dk)
     out = new_output((dims.B, dims.T, dims.H, top_n), torch.int32, q.device)
     if dims.T == 0:

@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from ..reference.tiles import default_scale
-from ..validation import check_attention_inputs, check_block_idx, check_positive_int
+from ..validation import check_selected_attention_inputs
 from .block_lists import EMPTY, canonical_rows, tile_unions
 from .delta import attention_delta
 from .tile_loads import tile_row
@@ -620,9 +620,7 @@ def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
         ``o [B, T, HQ, Dv]`` in q's dtype: softmax over the selected blocks' keys ``s <= t`` (fp32 accumulation);
         ``o = 0`` (and zero gradients) for a query whose selection holds no such key. Differentiable in q, k, v.
     """
-    check_positive_int("select_len", select_len)
-    dims = check_attention_inputs(q, k, v, cu_seqlens, cu_seqlens_k=cu_seqlens_k)
-    check_block_idx(block_idx, dims)
+    dims = check_selected_attention_inputs(q, k, v, block_idx, select_len, cu_seqlens, cu_seqlens_k)
     scale = default_scale(scale, dims.Dk)
     if dims.T == 0:
         return q.new_zeros(dims.B, 0, dims.HQ, dims.Dv)

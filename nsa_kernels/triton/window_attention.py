@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from ..reference.tiles import default_scale
-from ..validation import check_attention_inputs, check_positive_int
+from ..validation import check_window_attention_inputs
 from .range_attention import (WINDOW, RangeGeometry, prepare_inputs, range_attention_backward,
                               range_attention_forward)
 
@@ -51,8 +51,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     Returns:
         ``o [B, T, HQ, Dv]`` in q's dtype, differentiable w.r.t. q, k and v.
     """
-    check_positive_int("window", window)
-    dims = check_attention_inputs(q, k, v, cu_seqlens, cu_seqlens_k=cu_seqlens_k)
+    dims = check_window_attention_inputs(q, k, v, window, cu_seqlens, cu_seqlens_k)
     scale = default_scale(scale, dims.Dk)
     dtype = q.dtype
     q, k, v = prepare_inputs(q, k, v)
