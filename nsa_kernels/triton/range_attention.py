@@ -48,8 +48,8 @@ import triton.language as tl
 
 from .delta import attention_delta
 from .tile_loads import load_rows, load_tile, store_rows, tile_row
-from .utils import (LOG2E, dot_precision, host_table_to, kernel_dtype, new_output, pow2, query_tile_table,
-                    stride_args, tile_table)
+from .utils import (LN2_CONSTEXPR, LOG2E, LOG2E_CONSTEXPR, dot_precision, host_table_to, kernel_dtype, new_output,
+                    pow2, query_tile_table, stride_args, tile_table)
 
 WINDOW = 0
 COMPRESSED = 1
@@ -220,7 +220,7 @@ def range_attention_fwd_kernel(Q, K, V, O, LSE, TILES, n_tiles, BHC, H, T,
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2_CONSTEXPR)
     store_rows(O + b64 * so_b + t64[:, None] * so_t + hq64[:, None] * so_h + offs_dv[None, :],
                 o.to(O.dtype.element_ty), row_ok, offs_dv, DV, BLOCK_DV)
     tl.store(LSE + (b64 * T + t64) * (H * G) + hq64, lse, mask=row_ok)
@@ -233,7 +233,7 @@ def range_attention_fwd_kernel(Q, K, V, O, LSE, TILES, n_tiles, BHC, H, T,
 @triton.jit
 def _load_lse2(LSE, DELTA, offs, ok):
     """``lse * log2(e)`` with ``+inf`` for padded rows and rows that see nothing (so ``P = 0``), and delta."""
-    lse2 = tl.load(LSE + offs, mask=ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + offs, mask=ok, other=float("inf")) * LOG2E_CONSTEXPR
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
     delta = tl.load(DELTA + offs, mask=ok, other=0.0)
     return lse2, delta

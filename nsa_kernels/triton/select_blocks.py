@@ -45,7 +45,8 @@ from ..reference.tiles import default_scale
 from ..validation import check_select_blocks_inputs
 from .bitonic import bitonic_merge, sort_rows
 from .tile_loads import tile_row
-from .utils import LOG2E, kernel_dtype, new_output, pow2, query_tile_table, scoring_dot_precision, stride_args
+from .utils import (LOG2E, LOG2E_CONSTEXPR, kernel_dtype, new_output, pow2, query_tile_table, scoring_dot_precision,
+                    stride_args)
 
 # budgets of the heuristic: elements of the [M, BN] score tile, bytes of the [M, Dk] query tile of one pass. They
 # give 512-row tiles (32 tokens x 16 heads at G = 16, 128 tokens x 4 heads at G = 4), faster than 256-row ones;
@@ -76,7 +77,6 @@ def _group_probs(rows, q0, lse0, q_rows, lse_rows, k_base, stride_qh, stride_kt,
     without a further mask; a query that sees no compressed row (``lse = -inf``) is masked by ``r_vis``.
     """
     BN: tl.constexpr = rows.shape[0]
-    LOG2E_C: tl.constexpr = 1.4426950408889634
     k_ptrs = k_base + rows[None, :].to(tl.int64) * stride_kt + offs_d[:, None]
     kt = tl.load(k_ptrs, mask=(offs_d < DK)[:, None] & (rows < n_vis)[None, :], other=0.0)  # [BLOCK_D, BN]
     row_seen = rows[None, :] < r_vis[:, None]  # [M, BN]: the stacked row's query sees compressed row i
@@ -92,7 +92,7 @@ def _group_probs(rows, q0, lse0, q_rows, lse_rows, k_base, stride_qh, stride_kt,
             hq = (h * G + g).to(tl.int64)
             q = tl.load(q_rows[:, None] + hq[:, None] * stride_qh + offs_d[None, :],
                         mask=ok[:, None] & (offs_d < DK)[None, :], other=0.0)
-            lse2 = tl.load(lse_rows + hq, mask=ok, other=float("inf")).to(tl.float32) * LOG2E_C
+            lse2 = tl.load(lse_rows + hq, mask=ok, other=float("inf")).to(tl.float32) * LOG2E_CONSTEXPR
             qk = tl.dot(q, kt, input_precision=PREC)
             prob = tl.exp2(tl.where(row_seen, qk * qk_scale - lse2[:, None], float("-inf")))
             psum += tl.sum(tl.reshape(prob, [BLOCK_T, HEADS, BN]), axis=1)
@@ -165,7 +165,6 @@ def select_blocks_kernel(
     R: tl.constexpr = BLOCK_LEN // STRIDE  # stride-d chunks covered by one compressed row
     BN: tl.constexpr = CHUNK * P // KSPLIT  # compressed rows per key tile (a chunk of CHUNK blocks has CHUNK * P rows)
     M: tl.constexpr = BLOCK_T * HEADS
-    LOG2E_C: tl.constexpr = 1.4426950408889634
 
     pid_tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (latest) query tiles start first
     pid_bh = tl.program_id(1)
@@ -203,7 +202,7 @@ def select_blocks_kernel(
         hq0 = (h * G + r_head).to(tl.int64)
         q0 = tl.load(q_rows[:, None] + hq0[:, None] * stride_qh + offs_d[None, :],
                      mask=ok0[:, None] & (offs_d < DK)[None, :], other=0.0)
-        lse0 = tl.load(lse_rows + hq0, mask=ok0, other=float("inf")).to(tl.float32) * LOG2E_C
+        lse0 = tl.load(lse_rows + hq0, mask=ok0, other=float("inf")).to(tl.float32) * LOG2E_CONSTEXPR
 
     # Eq. 9 weights of a chunk's rows with its own blocks and with the next chunk's blocks (KSPLIT == 1)
     w_cur = _overlap_weights(0, 0, BN, CHUNK, P, R)

@@ -23,12 +23,17 @@ import os
 from typing import Optional, Tuple
 
 import torch
+import triton.language as tl
 
 from ..layout import compressed_cu_seqlens
 
 TILE_COLUMNS = 6  # q_start, q_end, tile_start, cmp_start, k_start, shift (tile_loads.load_tile reads them)
 TILE_AXES = ("queries", "keys", "compressed")
 LOG2E = 1.4426950408889634  # log2(e): the kernels' softmax runs in base 2 with the scale times LOG2E
+LN2 = 0.6931471805599453  # ln(2) = 1 / LOG2E: a base-2 log-sum-exp times LN2 is the natural one
+# the two inside kernels, which may read a module global only when it is a tl.constexpr
+LOG2E_CONSTEXPR = tl.constexpr(LOG2E)
+LN2_CONSTEXPR = tl.constexpr(LN2)
 
 
 def triton_interpreting() -> bool:
