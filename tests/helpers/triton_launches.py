@@ -6,9 +6,9 @@ Triton's own compiler for ``sm_90`` (H100/H200) in a process without ``TRITON_IN
 (ptxas ships with triton), and returns each kernel's shared memory. So a kernel that the interpreter runs but the
 compiler rejects (a loop-carried value changing type, a non-constexpr in a ``tl.static_range``, a dot shape the
 MMA cannot take), or a tile configuration that needs more shared memory than an SM has, fails on the CPU instead
-of on the first GPU run. Arguments are specialised as the JIT would (pointers by dtype, ``int`` as i32/i64);
-the divisibility hints the JIT adds for aligned pointers and sizes are not, so a compile here is the slower,
-unaligned variant, which is the one with more masking.
+of on the first GPU run. Arguments are specialised as Triton's JIT specialises them (its own
+``native_specialize_impl``: pointer and integer types, 16-divisibility of pointers and sizes, integers equal to 1
+as constants), so registers and shared memory are those of the binary the GPU would run for the same inputs.
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List
 
 import torch
 
@@ -25,38 +26,38 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TRITON_PATH_VARIABLE = "NSA_COMPILE_TRITON_PATH"  # a folder holding another triton package to compile with
 SM90_SHARED_MEMORY = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
 
-_TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-                    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-                    torch.bool: "i1"}
-
-
-def _encode(value: Any) -> Tuple[str, Any]:
-    """A launch argument as JSON: ("pointer", element type), ("int" | "float" | "bool" | "str" | "none", value)."""
+def _encode(value: Any) -> Dict[str, Any]:
+    """A launch argument as JSON, specialised as Triton's JIT specialises it (``native_specialize_impl``, pointers
+    and integers checked for 16-alignment): ``{"type": "*bf16" | "i32" | ... | "constexpr", "attr": "D" (divisible
+    by 16) or "" or None, "value": the scalar (None for a tensor)}``."""
     import triton.language as tl
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
 
     if isinstance(value, tl.constexpr):
         value = value.value
-    if isinstance(value, torch.Tensor):
-        return "pointer", _TORCH_TO_TRITON[value.dtype]
-    if value is None:
-        return "none", None
-    for kind, types in (("bool", bool), ("int", int), ("float", float), ("str", str)):
-        if isinstance(value, types):
-            return kind, value
-    raise TypeError(f"cannot record a Triton launch argument of type {type(value).__name__}: {value!r}")
+    if isinstance(value, str):  # only ever a constexpr
+        return {"type": "constexpr", "attr": None, "value": value}
+    kind, attr = native_specialize_impl(BaseBackend, value, False, True, True)[:2]
+    return {"type": kind, "attr": attr, "value": None if isinstance(value, torch.Tensor) else value}
 
 
 @contextmanager
 def recorded_launches() -> Iterator[List[Dict[str, Any]]]:
     """Within the block, every kernel launched under ``TRITON_INTERPRET=1`` is appended to the yielded list as
-    ``{"module", "name", "args": {param: (kind, value)}, "options": {"num_warps", "num_stages"}}`` (and still
-    runs). RuntimeError when Triton is not in interpreter mode."""
+    ``{"module", "name", "args": {param: specialisation}, "options": {"num_warps", "num_stages"}}`` (and still
+    runs). The kernels get the dtypes they get on a GPU: bf16 stays bf16, where outside this block the interpreter
+    runs it in fp32 (:func:`nsa_kernels.triton.utils.kernel_dtype`), because the interpreter's bf16 ``tl.dot`` is
+    wrong; so the numbers computed inside the block are not to be used, only the launches. RuntimeError when
+    Triton is not in interpreter mode."""
     from triton.runtime.interpreter import InterpretedFunction
+
+    import nsa_kernels.triton.utils as kernel_utils
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("recorded_launches needs TRITON_INTERPRET=1 (set by tests/conftest.py)")
     launches: List[Dict[str, Any]] = []
-    run = InterpretedFunction.run
+    run, interpreting = InterpretedFunction.run, kernel_utils.triton_interpreting
 
     def recording_run(self, *args, grid, warmup, **kwargs):
         names = list(self.arg_names)
@@ -68,10 +69,13 @@ def recorded_launches() -> Iterator[List[Dict[str, Any]]]:
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = recording_run
+    kernel_utils.triton_interpreting = lambda: False  # bf16 stays bf16 (kernel_dtype) as on the GPU
     try:
-        yield launches
+        with warnings.catch_warnings():  # numpy's overflow warnings from those wrong bf16 numbers
+            warnings.simplefilter("ignore", RuntimeWarning)
+            yield launches
     finally:
-        InterpretedFunction.run = run
+        InterpretedFunction.run, kernel_utils.triton_interpreting = run, interpreting
 
 
 def compile_for_gpu(launches: List[Dict[str, Any]], tmp_dir: str, capability: int = 90) -> List[Dict[str, Any]]:

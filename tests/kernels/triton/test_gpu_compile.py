@@ -3,18 +3,22 @@
 The interpreter tests check what the kernels compute; this checks that Triton's compiler and ptxas accept them
 (:mod:`tests.helpers.triton_launches`): the launches of a few workloads (the paper configuration, the small-group
 training configuration with max-logit scoring and shared K/V, the key-bound scoring in fp32 as the GPU tests run
-it, the branch ops on their own, decoding) are recorded under the interpreter and compiled for sm_90, each within
-an SM's shared memory. The workloads are small in T, but the tile configurations depend on the group size, head
-dims and block sizes only, which are those of the GPU runs. And every ``*_kernel`` of ``nsa_kernels.triton``
+it, the branch ops on their own, decoding) are recorded under the interpreter, in the dtypes a GPU gets, and
+compiled for sm_90, each within an SM's shared memory. The workloads are small in T, but the tile configurations
+depend on the group size, head dims and block sizes only (and the selection's n), which are those of the GPU runs. And every ``*_kernel`` of ``nsa_kernels.triton``
 must be among the compiled ones, so that a new kernel is covered or this test says which is not.
 
 The compiler is this environment's Triton; ``NSA_COMPILE_TRITON_PATH=/tmp/triton36`` after ``pip install --no-deps
---target /tmp/triton36 triton==3.6.0`` compiles with the GPU image's Triton instead.
+--target /tmp/triton36 triton==3.6.0`` compiles with the GPU image's Triton instead; ``NSA_COMPILE_REPORT=path.json``
+writes every launch's record (shared memory, registers, stack and local bytes per thread) there.
 """
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import pkgutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,9 +33,10 @@ triton = pytest.importorskip("triton")
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
-PAPER = dict(block_len=32, stride=16, select_len=64, top_n=4, window=64)  # l, d, l' of the paper; small n and w
+PAPER = dict(block_len=32, stride=16, select_len=64, top_n=16, window=512)  # the paper's geometry
 SMALL = dict(block_len=16, stride=8, select_len=16, top_n=4, window=32)  # many blocks per query in a short T
 PACKED = [0, 70, 301]  # two documents, lengths not multiples of any block size
+REPORT_VARIABLE = "NSA_COMPILE_REPORT"  # a JSON path: every workload's compile records (shared memory, registers)
 
 
 def module_step(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, geometry: dict, **options) -> None:
@@ -100,7 +105,10 @@ def compiled(tmp_path_factory):
             workload()
     records = iter(compile_for_gpu([launch for runs in launches.values() for launch in runs],
                                    str(tmp_path_factory.mktemp("sm90"))))
-    return {name: [next(records) for _ in runs] for name, runs in launches.items()}
+    compiled = {name: [next(records) for _ in runs] for name, runs in launches.items()}
+    if os.environ.get(REPORT_VARIABLE):
+        Path(os.environ[REPORT_VARIABLE]).write_text(json.dumps(compiled, indent=1))
+    return compiled
 
 
 @pytest.mark.parametrize("workload", list(WORKLOADS))
