@@ -5,8 +5,9 @@ The interpreter tests check what the kernels compute; this checks that Triton's 
 training configuration with max-logit scoring and shared K/V, the key-bound scoring in fp32 as the GPU tests run
 it, the branch ops on their own, decoding) are recorded under the interpreter, in the dtypes a GPU gets, and
 compiled for sm_90, each within an SM's shared memory. The workloads are small in T, but the tile configurations
-depend on the group size, head dims and block sizes only (and the selection's n), which are those of the GPU runs. And every ``*_kernel`` of ``nsa_kernels.triton``
-must be among the compiled ones, so that a new kernel is covered or this test says which is not.
+depend on the group size, head dims and block sizes only (and the selection's n), which are those of the GPU runs.
+And every ``*_kernel`` of ``nsa_kernels.triton`` must be among the compiled ones, so that a new kernel is covered
+or this test says which is not.
 
 The compiler is this environment's Triton; ``NSA_COMPILE_TRITON_PATH=/tmp/triton36`` after ``pip install --no-deps
 --target /tmp/triton36 triton==3.6.0`` compiles with the GPU image's Triton instead; ``NSA_COMPILE_REPORT=path.json``
