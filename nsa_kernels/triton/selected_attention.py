@@ -107,17 +107,22 @@ def _key_slice(k_base, v_base, blocks, i, cs, ck, cv, k_start, last, pos, idx, s
 
 
 @triton.jit
-def _tile_queries(TILES, tile, h, BQ: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr):
-    """The rows of a forward / dq program: query ``t = tile_start + r // G``, head ``hq`` (int64), ``row_ok``, the
-    query's position ``pos`` in its key segment, the tile's last position ``last`` and the key segment's
-    first K row ``k_start``."""
+def _tile_queries(TILES, H, BQ: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr):
+    """The rows of a forward / dq program (query tile ``program_id(0)``, batch x KV head ``program_id(1)``): the
+    ``tile``, its batch ``b`` (int64) and KV head ``h``, query ``t = tile_start + r // G``, head ``hq`` (int64),
+    ``row_ok``, the query's position ``pos`` in its key segment, the tile's last position ``last`` and the key
+    segment's first K row ``k_start``."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
     q_start, q_end, tile_start, _, k_start, shift = tile_row(TILES, tile)
     last = tl.minimum(tile_start + BQ, q_end) - 1 - q_start + shift  # position of the tile's last query
     r = tl.arange(0, ROWS)
     t = tile_start + r // G
     hq = (h * G + r % G).to(tl.int64)
     row_ok = (r < BQ * G) & (t < q_end)
-    return t.to(tl.int64), hq, row_ok, t - q_start + shift, last, k_start
+    return tile, b, h, t.to(tl.int64), hq, row_ok, t - q_start + shift, last, k_start
 
 
 @triton.jit
@@ -129,11 +134,7 @@ def selected_fwd_kernel(Q, K, V, O, LSE, IDX, UNI, UCNT, TILES,
                         DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """Forward: program (query tile, batch x KV head) walks the union of its ``BQ`` queries' selected blocks;
     writes ``o`` and ``lse`` (base 2, fp32)."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    t64, hq, row_ok, pos, last, k_start = _tile_queries(TILES, tile, h, BQ, ROWS, G)
+    tile, b, h, t64, hq, row_ok, pos, last, k_start = _tile_queries(TILES, H, BQ, ROWS, G)
     ck = tl.arange(0, BK)
     cv = tl.arange(0, BV)
     cs = tl.arange(0, BS)
@@ -180,11 +181,7 @@ def selected_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, UNI, UCNT, TILES,
     """dq with the forward's tiling: ``P`` recomputed from ``lse``, ``dq = scale * dS K`` over the selected
     blocks' keys."""
     # q/dq share strides (contiguous [B, T, HQ, Dk]); do shares o's strides ([B, T, HQ, Dv])
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    t64, hq, row_ok, pos, last, k_start = _tile_queries(TILES, tile, h, BQ, ROWS, G)
+    tile, b, h, t64, hq, row_ok, pos, last, k_start = _tile_queries(TILES, H, BQ, ROWS, G)
     ck = tl.arange(0, BK)
     cv = tl.arange(0, BV)
     cs = tl.arange(0, BS)
