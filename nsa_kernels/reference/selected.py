@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from ..validation import check_selected_attention_inputs
-from .tiles import compute_dtype, default_scale, masked_gqa_attention, query_tiles, run_tile
+from .tiles import default_scale, tiled_masked_attention
 
 
 def selected_key_mask(block_idx: torch.Tensor, positions: torch.Tensor, num_keys: int, select_len: int) -> torch.Tensor:
@@ -49,20 +49,11 @@ def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
         or key segment); ``o = 0`` for a query whose selection holds no such key.
     """
     dims = check_selected_attention_inputs(q, k, v, block_idx, select_len, cu_seqlens, cu_seqlens_k)
-    scale = default_scale(scale, dims.Dk)
-    ct = compute_dtype(q.dtype)
-    q_, k_, v_ = q.to(ct), k.to(ct), v.to(ct)
 
-    def tile_fn(q_tile, k_keys, v_keys, mask):
-        return masked_gqa_attention(q_tile, k_keys, v_keys, mask, scale)[0]
-
-    outs = []
-    for tile in query_tiles(cu_seqlens, dims.T, cu_seqlens_k):
+    def tile_keys(tile):
         # the tile's queries can only see their key segment's keys up to the tile's last query
-        keys = tile.key_rows()
         mask = selected_key_mask(block_idx[:, tile.t0:tile.t1], tile.local_positions(q.device), tile.end_pos,
                                  select_len)
-        outs.append(run_tile(tile_fn, q_[:, tile.t0:tile.t1], k_[:, keys], v_[:, keys], mask))
-    if not outs:
-        return q.new_zeros(dims.B, 0, dims.HQ, dims.Dv)
-    return torch.cat(outs, 1).to(q.dtype)
+        return tile.key_rows(), mask
+
+    return tiled_masked_attention(q, k, v, default_scale(scale, dims.Dk), cu_seqlens, cu_seqlens_k, tile_keys)

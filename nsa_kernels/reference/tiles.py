@@ -6,7 +6,7 @@ tile is recomputed in backward (activation checkpointing) so backward memory sta
 """
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Optional, Tuple
+from typing import Callable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -110,6 +110,28 @@ def run_tile(fn, *args):
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
+
+
+def tiled_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                           cu_seqlens: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+                           tile_keys: Callable[[QueryTile], Tuple[slice, torch.Tensor]]) -> torch.Tensor:
+    """``o [B, T, HQ, Dv]`` in q's dtype: :func:`masked_gqa_attention` of ``q [B, T, HQ, Dk]`` over ``k``, ``v``
+    (``[B, S, H, D]``) tile by tile (:func:`query_tiles`, each under :func:`run_tile`), in the compute dtype.
+    ``tile_keys(tile)`` gives the tile's key rows (a slice of ``k``/``v``) and its mask over them (``[tq, keys]``
+    or ``[B, H, tq, keys]``); a query that sees no key gets ``o = 0``."""
+    ct = compute_dtype(q.dtype)
+    q_, k_, v_ = q.to(ct), k.to(ct), v.to(ct)
+
+    def tile_fn(q_tile, k_keys, v_keys, mask):
+        return masked_gqa_attention(q_tile, k_keys, v_keys, mask, scale)[0]
+
+    outs = []
+    for tile in query_tiles(cu_seqlens, q.shape[1], cu_seqlens_k):
+        keys, mask = tile_keys(tile)
+        outs.append(run_tile(tile_fn, q_[:, tile.t0:tile.t1], k_[:, keys], v_[:, keys], mask))
+    if not outs:
+        return q.new_zeros(*q.shape[:3], v.shape[-1])
+    return torch.cat(outs, 1).to(q.dtype)
 
 
 def default_scale(scale: Optional[float], head_dim: int) -> float:

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from ..validation import check_window_attention_inputs
-from .tiles import compute_dtype, default_scale, masked_gqa_attention, query_tiles, run_tile
+from .tiles import default_scale, tiled_masked_attention
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: Optional[float] = None,
@@ -28,21 +28,11 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
         ``o [B, T, HQ, Dv]`` in q's dtype.
     """
     dims = check_window_attention_inputs(q, k, v, window, cu_seqlens, cu_seqlens_k)
-    scale = default_scale(scale, dims.Dk)
-    ct = compute_dtype(q.dtype)
-    q_, k_, v_ = q.to(ct), k.to(ct), v.to(ct)
 
-    def tile_fn(q_tile, k_keys, v_keys, mask):
-        return masked_gqa_attention(q_tile, k_keys, v_keys, mask, scale)[0]
-
-    outs = []
-    for tile in query_tiles(cu_seqlens, dims.T, cu_seqlens_k):
+    def tile_keys(tile):
         first_key = max(0, tile.first_pos - window + 1)  # position of the first key any query of the tile sees
         q_pos = tile.local_positions(q.device)[:, None]
         k_pos = torch.arange(first_key, tile.end_pos, device=q.device)[None, :]
-        mask = (k_pos <= q_pos) & (k_pos > q_pos - window)
-        keys = tile.key_rows(first_key)
-        outs.append(run_tile(tile_fn, q_[:, tile.t0:tile.t1], k_[:, keys], v_[:, keys], mask))
-    if not outs:
-        return q.new_zeros(dims.B, 0, dims.HQ, dims.Dv)
-    return torch.cat(outs, 1).to(q.dtype)
+        return tile.key_rows(first_key), (k_pos <= q_pos) & (k_pos > q_pos - window)
+
+    return tiled_masked_attention(q, k, v, default_scale(scale, dims.Dk), cu_seqlens, cu_seqlens_k, tile_keys)
